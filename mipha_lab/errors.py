@@ -1,0 +1,21 @@
+"""Errors users see: each names the file, key or component at fault and what was expected."""
+from __future__ import annotations
+
+
+class MiphaLabError(Exception):
+    """Base class of every error mipha-lab raises on purpose."""
+
+
+class ConfigError(MiphaLabError, ValueError):
+    """A YAML file (card, experiment, profile) is malformed or does not match its schema."""
+
+
+class UnknownNameError(MiphaLabError, KeyError):
+    """A registry was asked for a name it does not hold."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class InputError(MiphaLabError, ValueError):
+    """Model inputs are inconsistent (image count, image size, sequence layout)."""

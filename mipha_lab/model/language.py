@@ -1,0 +1,68 @@
+"""Language-model backend: a Hugging Face causal LM and its tokenizer, built from a card."""
+from __future__ import annotations
+
+import logging
+
+from mipha_lab.registry import LLM_BACKENDS
+from mipha_lab.registry.cards import LLMCard
+
+log = logging.getLogger(__name__)
+
+TINY_TOKENIZER = "builtin:tiny-bpe"
+
+
+def resolve_attn_implementation(requested: str = "auto") -> str:
+    """`auto` picks flash-attention 2 when it imports and a GPU is present, else SDPA."""
+    if requested != "auto":
+        return requested
+    import torch
+
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return "sdpa"
+    return "flash_attention_2" if torch.cuda.is_available() else "sdpa"
+
+
+def lm_config(card: LLMCard, attn_implementation: str = "sdpa"):
+    from transformers import AutoConfig
+
+    arch = dict(card.architecture)
+    config = AutoConfig.for_model(arch.pop("model_type"), **arch)
+    config._attn_implementation = resolve_attn_implementation(attn_implementation)
+    return config
+
+
+@LLM_BACKENDS.register("transformers")
+def build_transformers_lm(card: LLMCard, pretrained: bool = False, attn_implementation: str = "sdpa"):
+    """`AutoModelForCausalLM` from the card's architecture; weights from `hub_id` (hub or folder) if asked."""
+    from transformers import AutoModelForCausalLM
+
+    config = lm_config(card, attn_implementation)
+    if pretrained and card.hub_id:
+        return AutoModelForCausalLM.from_pretrained(
+            card.hub_id, config=config, attn_implementation=config._attn_implementation
+        )
+    return AutoModelForCausalLM.from_config(config, attn_implementation=config._attn_implementation)
+
+
+def build_language_model(card: LLMCard, pretrained: bool = False, attn_implementation: str = "sdpa"):
+    return LLM_BACKENDS.build(card.builder, card=card, pretrained=pretrained, attn_implementation=attn_implementation)
+
+
+def load_tokenizer(card: LLMCard):
+    """The card's tokenizer (hub id, local folder or the built-in tiny BPE) with the card's special tokens."""
+    tokens = card.special_tokens
+    if card.tokenizer == TINY_TOKENIZER:
+        from mipha_lab.model.tiny_tokenizer import tiny_tokenizer
+
+        return tiny_tokenizer(eos=tokens.eos, bos=tokens.bos, pad=tokens.pad)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(card.tokenizer)
+    if tokenizer.eos_token != tokens.eos:
+        raise ValueError(
+            f"{card.source}: special_tokens.eos is {tokens.eos!r} but the tokenizer of "
+            f"{card.tokenizer} has eos {tokenizer.eos_token!r}"
+        )
+    return tokenizer

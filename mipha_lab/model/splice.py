@@ -1,0 +1,155 @@
+"""Vectorized splicing of image features into token embeddings.
+
+Input rows hold text token ids and one IMAGE_TOKEN_INDEX per image; `attention_mask` marks the real
+tokens (any padding side). Each image placeholder becomes the image's feature tokens. The output
+rows are compact (real tokens first for right padding, last for left padding), truncated to
+`max_length` *after* splicing, with the truncation counted per row. No Python loop over samples.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+
+from mipha_lab.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from mipha_lab.errors import InputError
+
+
+@dataclass
+class Spliced:
+    inputs_embeds: torch.Tensor  # (B, L, D)
+    attention_mask: torch.Tensor  # (B, L) long
+    position_ids: torch.Tensor  # (B, L)
+    labels: torch.Tensor | None  # (B, L), IGNORE_INDEX at images and padding
+    truncated: torch.Tensor  # (B,) tokens dropped per row
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.attention_mask.sum(1)
+
+
+def check_image_counts(
+    is_image: torch.Tensor,
+    num_images: int,
+    image_counts: torch.Tensor | Sequence[int] | None = None,
+    sample_ids: Sequence[str] | None = None,
+) -> None:
+    """Placeholders must match the images given: per sample when `image_counts` is known."""
+    placeholders = is_image.sum(1)
+    if image_counts is not None:
+        expected = torch.as_tensor(image_counts, device=placeholders.device)
+        bad = (expected != placeholders).nonzero().flatten().tolist()
+        if bad:
+            row = bad[0]
+            who = f"sample {sample_ids[row]!r}" if sample_ids else f"sample at batch row {row}"
+            raise InputError(
+                f"{who} has {int(placeholders[row])} image placeholder(s) but {int(expected[row])} image(s)"
+                + (f" ({len(bad)} such rows: {bad[:10]})" if len(bad) > 1 else "")
+            )
+    if int(placeholders.sum()) != num_images:
+        raise InputError(
+            f"the batch has {int(placeholders.sum())} image placeholder(s) (per row: {placeholders.tolist()}) "
+            f"but {num_images} image(s) were given"
+        )
+
+
+def splice(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    text_embeds: torch.Tensor,
+    image_features: torch.Tensor | None,
+    labels: torch.Tensor | None = None,
+    *,
+    padding_side: Literal["right", "left"] = "right",
+    max_length: int | None = None,
+    image_token_index: int = IMAGE_TOKEN_INDEX,
+) -> Spliced:
+    """Build the LM's input embeddings; `image_features` is (num_images, T, D) in row-major order."""
+    batch, _ = input_ids.shape
+    device = input_ids.device
+    valid = attention_mask.bool()
+    is_image = (input_ids == image_token_index) & valid
+    num_images = 0 if image_features is None else image_features.shape[0]
+    check_image_counts(is_image, num_images)
+    tokens_per_image = 0 if image_features is None else image_features.shape[1]
+
+    width = torch.where(is_image, tokens_per_image, 1) * valid
+    end = width.cumsum(1)
+    start = end - width
+    lengths = end[:, -1]
+    length = int(lengths.max()) if batch else 0
+    if max_length is not None and length > max_length:
+        if padding_side == "left":
+            raise InputError(f"prompt of {length} positions exceeds the model's {max_length} positions")
+        length = max_length
+    kept = lengths.clamp(max=length)
+    offset = (length - kept) if padding_side == "left" else torch.zeros_like(kept)
+
+    out = text_embeds.new_zeros(batch, length, text_embeds.shape[-1])
+    out_labels = None if labels is None else torch.full((batch, length), IGNORE_INDEX, dtype=labels.dtype, device=device)
+
+    rows, cols = (valid & ~is_image).nonzero(as_tuple=True)
+    pos = start[rows, cols] + offset[rows]
+    keep = pos < length
+    rows, cols, pos = rows[keep], cols[keep], pos[keep]
+    out = out.index_put((rows, pos), text_embeds[rows, cols])
+    if out_labels is not None and labels is not None:
+        out_labels[rows, pos] = labels[rows, cols]
+
+    if num_images:
+        assert image_features is not None
+        img_rows, img_cols = is_image.nonzero(as_tuple=True)
+        img_pos = (start[img_rows, img_cols] + offset[img_rows])[:, None] + torch.arange(tokens_per_image, device=device)
+        img_rows = img_rows[:, None].expand_as(img_pos)
+        keep = img_pos < length
+        out = out.index_put((img_rows[keep], img_pos[keep]), image_features.to(out.dtype)[keep])
+
+    arange = torch.arange(length, device=device)[None, :]
+    mask = ((arange >= offset[:, None]) & (arange < (offset + kept)[:, None])).long()
+    position_ids = (arange - offset[:, None]).clamp(min=0).masked_fill(mask == 0, 1)
+    return Spliced(out, mask, position_ids, out_labels, lengths - kept)
+
+
+def splice_reference(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    text_embeds: torch.Tensor,
+    image_features: torch.Tensor | None,
+    labels: torch.Tensor | None = None,
+    *,
+    max_length: int | None = None,
+    image_token_index: int = IMAGE_TOKEN_INDEX,
+) -> Spliced:
+    """The original's way, one sample at a time in Python (right padding); kept as the test oracle
+    and the baseline of the splice benchmark."""
+    rows_embeds, rows_labels, full = [], [], []
+    image_iter = iter(image_features if image_features is not None else [])
+    for b in range(input_ids.shape[0]):
+        real = attention_mask[b].bool()
+        ids, embeds = input_ids[b][real], text_embeds[b][real]
+        labs = labels[b][real] if labels is not None else torch.zeros_like(ids)
+        parts, part_labels = [], []
+        for i, token in enumerate(ids.tolist()):
+            if token == image_token_index:
+                feats = next(image_iter)
+                parts.append(feats.to(text_embeds.dtype))
+                part_labels.append(torch.full((feats.shape[0],), IGNORE_INDEX, dtype=labs.dtype))
+            else:
+                parts.append(embeds[i : i + 1])
+                part_labels.append(labs[i : i + 1])
+        row, lab = torch.cat(parts), torch.cat(part_labels)
+        full.append(row.shape[0])
+        rows_embeds.append(row[:max_length])
+        rows_labels.append(lab[:max_length])
+    length = max(r.shape[0] for r in rows_embeds)
+    out = text_embeds.new_zeros(len(rows_embeds), length, text_embeds.shape[-1])
+    out_labels = torch.full((len(rows_embeds), length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros(len(rows_embeds), length, dtype=torch.long)
+    for b, (row, lab) in enumerate(zip(rows_embeds, rows_labels)):
+        out[b, : row.shape[0]] = row
+        out_labels[b, : lab.shape[0]] = lab
+        mask[b, : row.shape[0]] = 1
+    position_ids = torch.arange(length)[None].expand(len(rows_embeds), -1).masked_fill(mask == 0, 1)
+    truncated = torch.tensor(full) - mask.sum(1)
+    return Spliced(out, mask, position_ids, out_labels if labels is not None else None, truncated)

@@ -1,0 +1,141 @@
+"""Vision backends: build a VisionTower from a card with transformers, timm or open_clip.
+
+Each backend builds the architecture from the card's values alone (offline, also on the meta device)
+and loads weights from the card's hub id or a local path when `pretrained` is set.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mipha_lab.model.vision import VisionTower
+from mipha_lab.registry import VISION_BACKENDS
+from mipha_lab.registry.cards import VisionCard
+
+log = logging.getLogger(__name__)
+
+
+def _tower_kwargs(card: VisionCard) -> dict:
+    return dict(
+        image_size=card.image.size,
+        feature_layer=card.features.layer,
+        select=card.features.select,
+        image_spec=card.image,
+        name=card.name,
+    )
+
+
+class TransformersVisionTower(VisionTower):
+    """A Hugging Face vision model (SigLIP, CLIP, DINOv2...) chosen by the card's `model_type`."""
+
+    def __init__(self, card: VisionCard, pretrained: bool = False) -> None:
+        from transformers import AutoConfig, AutoModel
+        from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+        arch = dict(card.architecture)
+        config = AutoConfig.for_model(arch.pop("model_type"), **arch)
+        model_type = config.model_type
+        prefix = 0 if model_type.startswith("siglip") else 1 + getattr(config, "num_register_tokens", 0)
+        super().__init__(
+            hidden_size=config.hidden_size, patch_size=config.patch_size, num_prefix_tokens=prefix,
+            **_tower_kwargs(card),
+        )
+        if pretrained and card.hub_id:
+            self.backbone = MODEL_MAPPING[type(config)].from_pretrained(card.hub_id, config=config)
+        else:
+            self.backbone = AutoModel.from_config(config)
+        self.num_layers = config.num_hidden_layers
+        self.absolute_layer(self.num_layers)
+        # SigLIP and CLIP interpolate position embeddings only when asked; DINOv2 always does.
+        self._interpolate = card.image.size != config.image_size and model_type != "dinov2"
+
+    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        kwargs = {"interpolate_pos_encoding": True} if self._interpolate else {}
+        out = self.backbone(pixel_values=pixel_values, output_hidden_states=True, **kwargs)
+        return out.hidden_states[self.absolute_layer(self.num_layers) + 1]
+
+
+class TimmVisionTower(VisionTower):
+    """A timm ViT: `architecture` holds `model_name` plus timm keyword arguments."""
+
+    def __init__(self, card: VisionCard, pretrained: bool = False) -> None:
+        import timm
+
+        arch = dict(card.architecture)
+        name = arch.pop("model_name")
+        load = bool(pretrained and card.hub_id)
+        if load:
+            assert card.hub_id is not None
+            source = "file" if Path(card.hub_id).exists() else "hf_hub_id"
+            arch["pretrained_cfg_overlay"] = {source: card.hub_id}
+        model = timm.create_model(name, pretrained=load, num_classes=0, **arch)
+        super().__init__(
+            hidden_size=model.embed_dim, patch_size=model.patch_embed.patch_size[0],
+            num_prefix_tokens=model.num_prefix_tokens, **_tower_kwargs(card),
+        )
+        self.backbone = model
+        self.absolute_layer(len(model.blocks))
+
+    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        index = self.absolute_layer(len(self.backbone.blocks))
+        (out,) = self.backbone.forward_intermediates(
+            pixel_values, indices=[index], return_prefix_tokens=True, norm=False,
+            output_fmt="NLC", intermediates_only=True,
+        )
+        if isinstance(out, tuple):
+            spatial, prefix = out
+            return spatial if prefix is None else torch.cat([prefix, spatial], dim=1)
+        return out
+
+
+class OpenClipVisionTower(VisionTower):
+    """The image tower of an open_clip model: `architecture` holds `embed_dim` and `vision_cfg`."""
+
+    def __init__(self, card: VisionCard, pretrained: bool = False) -> None:
+        from open_clip.model import _build_vision_tower
+
+        arch = dict(card.architecture)
+        visual = _build_vision_tower(arch["embed_dim"], arch["vision_cfg"])
+        patch = visual.patch_size[0] if isinstance(visual.patch_size, tuple) else visual.patch_size
+        super().__init__(
+            hidden_size=arch["vision_cfg"]["width"], patch_size=patch,
+            num_prefix_tokens=0 if arch["vision_cfg"].get("no_cls") else 1, **_tower_kwargs(card),
+        )
+        self.backbone = visual
+        self.absolute_layer(len(visual.transformer.resblocks))
+        if pretrained and card.hub_id:
+            self._load(card.hub_id)
+
+    def _load(self, hub_id: str) -> None:
+        from safetensors.torch import load_file
+
+        path = Path(hub_id)
+        if path.is_dir():
+            path = path / "open_clip_model.safetensors"
+        elif not path.exists():
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(hub_id, "open_clip_model.safetensors"))
+        state = {k[len("visual.") :]: v for k, v in load_file(path).items() if k.startswith("visual.")}
+        self.backbone.load_state_dict(state, strict=True)
+
+    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        index = self.absolute_layer(len(self.backbone.transformer.resblocks))
+        out = self.backbone.forward_intermediates(
+            pixel_values, indices=[index], intermediates_only=True, output_fmt="NLC", output_extra_tokens=True
+        )
+        spatial, prefix = out["image_intermediates"][0], out.get("image_intermediates_prefix")
+        return spatial if not prefix else torch.cat([prefix[0], spatial], dim=1)
+
+
+VISION_BACKENDS.add("transformers", TransformersVisionTower)
+VISION_BACKENDS.add("timm", TimmVisionTower)
+VISION_BACKENDS.add("open_clip", OpenClipVisionTower)
+
+
+def build_vision_tower(card: VisionCard, pretrained: bool = False) -> nn.Module:
+    """The tower a card describes, through the backend it names."""
+    return VISION_BACKENDS.build(card.builder, card=card, pretrained=pretrained)

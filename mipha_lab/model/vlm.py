@@ -1,0 +1,241 @@
+"""The assembled multimodal model: vision tower -> projector -> features spliced into a causal LM."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from mipha_lab.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from mipha_lab.model.splice import Spliced, check_image_counts, splice
+from mipha_lab.validation import StrictModel
+
+log = logging.getLogger(__name__)
+
+FORMAT = "mipha-lab"
+WEIGHTS_NAME = "model.safetensors"
+
+
+class ComponentSpec(StrictModel):
+    """How to rebuild one component: a registry name, the resolved card it was built from, arguments."""
+
+    name: str
+    card: dict[str, Any] | None = None
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class VLMConfig(StrictModel):
+    """What config.json of a saved model holds: enough to rebuild it without the registry's folders."""
+
+    format: Literal["mipha-lab"] = FORMAT
+    format_version: int = 1
+    vision: ComponentSpec
+    projector: ComponentSpec
+    llm: ComponentSpec
+    template: str | None = None
+    max_positions: int
+    image_token_index: int = IMAGE_TOKEN_INDEX
+    attn_implementation: str = "sdpa"
+
+
+@dataclass
+class VLMOutput:
+    loss: torch.Tensor | None  # mean over supervised tokens of this batch
+    loss_sum: torch.Tensor | None  # sum over supervised tokens (for global-batch normalisation)
+    num_supervised: torch.Tensor | None
+    logits: torch.Tensor | None  # (B, L, V) over the spliced sequence, when asked for
+    spliced: Spliced
+
+
+class MultimodalModel(nn.Module):
+    """A vision tower, a projector and a Hugging Face causal LM, assembled.
+
+    Inputs are token ids with one `IMAGE_TOKEN_INDEX` per image, an attention mask built from
+    sequence lengths, and the images of the batch in order of appearance. Any number of images per
+    sample works, including none.
+    """
+
+    def __init__(
+        self,
+        vision_tower: nn.Module,
+        projector: nn.Module,
+        language_model: nn.Module,
+        config: VLMConfig,
+        tokenizer: Any = None,
+    ) -> None:
+        super().__init__()
+        self.vision_tower = vision_tower
+        self.projector = projector
+        self.language_model = language_model
+        self.config = config
+        self.tokenizer = tokenizer
+        self.truncated_samples = 0
+        self.truncated_tokens = 0
+
+    # ----------------------------------------------------------------- inputs
+    @property
+    def num_image_tokens(self) -> int:
+        return self.projector.num_tokens(self.vision_tower.num_tokens)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) pixels -> (N, T, D_lm) projected features in the LM's dtype."""
+        dtype = next(self.vision_tower.parameters()).dtype
+        features = self.projector(self.vision_tower(pixel_values.to(dtype)))
+        return features.to(self.language_model.get_input_embeddings().weight.dtype)
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        *,
+        padding_side: Literal["right", "left"] = "right",
+        image_counts: Sequence[int] | torch.Tensor | None = None,
+        sample_ids: Sequence[str] | None = None,
+    ) -> Spliced:
+        """Token ids + images -> the LM's input embeddings (with labels, mask and positions)."""
+        idx = self.config.image_token_index
+        num_images = 0 if pixel_values is None else pixel_values.shape[0]
+        check_image_counts((input_ids == idx) & attention_mask.bool(), num_images, image_counts, sample_ids)
+        text = self.language_model.get_input_embeddings()(input_ids.clamp(min=0))
+        features = self.encode_images(pixel_values) if num_images else None
+        out = splice(
+            input_ids, attention_mask, text, features, labels,
+            padding_side=padding_side, max_length=self.config.max_positions, image_token_index=idx,
+        )
+        if features is None and self.training and torch.is_grad_enabled():
+            # Every rank runs the tower on every step (ZeRO-3 gathers its weights collectively).
+            size = self.vision_tower.image_size
+            dummy = self.encode_images(text.new_zeros(1, 3, size, size))
+            out.inputs_embeds = out.inputs_embeds + 0.0 * dummy.sum()
+        self._count_truncation(out.truncated)
+        return out
+
+    def _count_truncation(self, truncated: torch.Tensor) -> None:
+        rows = int((truncated > 0).sum())
+        if rows:
+            tokens = int(truncated.sum())
+            self.truncated_samples += rows
+            self.truncated_tokens += tokens
+            log.warning(
+                "truncated %d sample(s) by %d token(s) to the model's %d positions after splicing images "
+                "(so far: %d samples, %d tokens)",
+                rows, tokens, self.config.max_positions, self.truncated_samples, self.truncated_tokens,
+            )
+
+    # ----------------------------------------------------------------- forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        *,
+        image_counts: Sequence[int] | torch.Tensor | None = None,
+        sample_ids: Sequence[str] | None = None,
+        return_logits: bool = True,
+        padding_side: Literal["right", "left"] = "right",
+    ) -> VLMOutput:
+        """Loss over supervised tokens (the head runs only on those) and, if asked, all logits."""
+        spliced = self.embed(
+            input_ids, attention_mask, pixel_values, labels,
+            padding_side=padding_side, image_counts=image_counts, sample_ids=sample_ids,
+        )
+        body = self.language_model.get_decoder()
+        hidden = body(
+            inputs_embeds=spliced.inputs_embeds,
+            attention_mask=spliced.attention_mask,
+            position_ids=spliced.position_ids,
+            use_cache=False,
+        ).last_hidden_state
+        head = self.language_model.get_output_embeddings()
+        loss = loss_sum = count = None
+        if spliced.labels is not None:
+            targets = spliced.labels[:, 1:]
+            supervised = targets != IGNORE_INDEX
+            logits_sup = head(hidden[:, :-1][supervised]).float()
+            loss_sum = F.cross_entropy(logits_sup, targets[supervised], reduction="sum")
+            count = supervised.sum()
+            loss = loss_sum / count.clamp(min=1)
+        logits = head(hidden).float() if return_logits else None
+        return VLMOutput(loss, loss_sum, count, logits, spliced)
+
+    # ----------------------------------------------------------------- generation
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop_strings: Sequence[str] | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        streamer: Any = None,
+        output_scores: bool = False,
+    ) -> Any:
+        """Batched generation with KV cache: greedy when `temperature` is 0, else sampling with top-p.
+
+        Prompts are left-padded after splicing, so a batch gives each sample's answer alone.
+        Returns the new tokens (B, T) padded with the pad/eos id, or the full generate output when
+        `output_scores` is set.
+        """
+        spliced = self.embed(input_ids, attention_mask, pixel_values, padding_side="left")
+        tok = self.tokenizer
+        eos = eos_token_id if eos_token_id is not None else (tok.eos_token_id if tok is not None else None)
+        pad = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else eos
+        sampling = temperature > 0
+        kwargs: dict[str, Any] = dict(
+            inputs_embeds=spliced.inputs_embeds,
+            attention_mask=spliced.attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=sampling,
+            eos_token_id=eos,
+            pad_token_id=pad,
+            streamer=streamer,
+        )
+        if sampling:
+            kwargs.update(temperature=temperature, top_p=top_p, top_k=None)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        if stop_strings:
+            if tok is None:
+                raise ValueError("stop strings need the model's tokenizer")
+            kwargs.update(stop_strings=list(stop_strings), tokenizer=tok)
+        if output_scores:
+            kwargs.update(output_scores=True, output_logits=True, return_dict_in_generate=True)
+        return self.language_model.generate(**kwargs)
+
+    # ----------------------------------------------------------------- save / load
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """config.json (component specs and resolved cards), safetensors weights, tokenizer, image processor."""
+        from safetensors.torch import save_model
+
+        from mipha_lab.data.image_processing import ImageProcessor
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps(self.config.model_dump(mode="json"), indent=2) + "\n")
+        save_model(self, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(folder)
+        spec = getattr(self.vision_tower, "image_spec", None)
+        if spec is not None:
+            processor = ImageProcessor(spec).hf_config()
+            (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, dtype: torch.dtype | None = None) -> "MultimodalModel":
+        from mipha_lab.model.build import load_model_folder
+
+        return load_model_folder(folder, dtype=dtype)

@@ -1,0 +1,140 @@
+"""Component cards: small YAML files that carry everything needed to build a component offline.
+
+Cards live in folders laid out by kind (`vision/`, `llm/`, later `mixtures/`, `benchmarks/`); the
+file stem is the card's name. The built-in folder is the repository's top-level `registry/` (shipped
+inside the wheel as `mipha_lab/_cards`); users add folders with MIPHA_LAB_CARDS (os.pathsep
+separated) or `add_card_dir`.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import PrivateAttr
+
+from mipha_lab.validation import StrictModel, load_yaml, validate
+
+CARDS_ENV = "MIPHA_LAB_CARDS"
+
+
+class Card(StrictModel):
+    """Fields every card has."""
+
+    description: str
+    _name: str = PrivateAttr("")
+    _source: str = PrivateAttr("<python>")
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def source(self) -> str:
+        """The file the card was read from (or `<python>`), for error messages."""
+        return self._source
+
+    def named(self, name: str, source: str = "<python>") -> "Card":
+        self._name, self._source = name, source
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+class ImageSpec(StrictModel):
+    """The preprocessing of the encoder's own processor, as the original PIL pipelines do it."""
+
+    resize: Literal["square", "shortest_edge"]
+    resize_size: int
+    crop_size: int | None = None
+    resample: Literal["bicubic", "bilinear", "nearest", "lanczos"] = "bicubic"
+    rescale_factor: float = 1 / 255
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @property
+    def size(self) -> int:
+        """Side of the square tensor handed to the tower."""
+        return self.crop_size or self.resize_size
+
+    @property
+    def fill_color(self) -> tuple[int, int, int]:
+        """Background of the `pad` strategy: the mean colour, truncated as the original does."""
+        r, g, b = (int(m * 255) for m in self.mean)
+        return (r, g, b)
+
+
+class FeatureSpec(StrictModel):
+    layer: int = -2
+    select: Literal["patch", "cls_patch"] = "patch"
+
+
+class VisionCard(Card):
+    builder: str
+    hub_id: str | None
+    architecture: dict[str, Any]
+    image: ImageSpec
+    features: FeatureSpec = FeatureSpec()
+
+
+class SpecialTokens(StrictModel):
+    bos: str | None = None
+    eos: str
+    pad: str | None = None
+
+
+class LLMCard(Card):
+    builder: str = "transformers"
+    hub_id: str | None
+    architecture: dict[str, Any]
+    tokenizer: str
+    template: str
+    special_tokens: SpecialTokens
+
+
+CARD_SCHEMAS: dict[str, type[Card]] = {"vision": VisionCard, "llm": LLMCard}
+
+
+def builtin_card_dir() -> Path:
+    package = Path(__file__).resolve().parents[1]
+    shipped = package / "_cards"
+    return shipped if shipped.is_dir() else package.parent / "registry"
+
+
+_extra_dirs: list[Path] = []
+
+
+def card_dirs() -> list[Path]:
+    """Built-in folder first, then MIPHA_LAB_CARDS, then folders added in code (later ones win)."""
+    from_env = [Path(p) for p in os.environ.get(CARDS_ENV, "").split(os.pathsep) if p]
+    return [builtin_card_dir(), *from_env, *_extra_dirs]
+
+
+def read_card(path: str | Path, kind: str) -> Card:
+    """Read and validate one card file; errors name the file and the field."""
+    path = Path(path)
+    card = validate(CARD_SCHEMAS[kind], load_yaml(path), source=path)
+    return card.named(path.stem, str(path))
+
+
+def iter_card_files(kind: str, dirs: list[Path] | None = None) -> list[Path]:
+    files: list[Path] = []
+    for folder in dirs if dirs is not None else card_dirs():
+        files += sorted((folder / kind).glob("*.yaml"))
+    return files
+
+
+def add_card_dir(path: str | Path) -> None:
+    """Make the cards of another folder (with `vision/`, `llm/`... inside) available by name."""
+    from mipha_lab import registry
+
+    folder = Path(path).resolve()
+    if not folder.is_dir():
+        from mipha_lab.errors import ConfigError
+
+        raise ConfigError(f"card folder {folder} does not exist")
+    if folder in _extra_dirs:
+        return
+    _extra_dirs.append(folder)
+    registry.load_cards_from([folder])

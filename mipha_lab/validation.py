@@ -1,0 +1,69 @@
+"""Strict YAML loading and schema validation with messages that name the file and the key."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from mipha_lab.errors import ConfigError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class StrictModel(BaseModel):
+    """Base of every schema: unknown keys are errors, values are not silently coerced to strings."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping with the safe loader; errors name the file and line."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read ({err.strerror})") from err
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: invalid YAML ({getattr(err, 'problem', err)})") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, found {type(data).__name__}")
+    return data
+
+
+def _allowed_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The field names allowed at `loc` (the parent of an unknown key), when it is a nested model."""
+    current: Any = model
+    for part in loc:
+        fields = getattr(current, "model_fields", None)
+        if fields is None or part not in fields:
+            return []
+        current = fields[part].annotation
+    fields = getattr(current, "model_fields", None)
+    return sorted(fields) if fields else []
+
+
+def validate(model: type[M], data: dict[str, Any], source: str | Path) -> M:
+    """Validate `data` against `model`; on failure raise one ConfigError listing every bad key."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        lines = []
+        for problem in err.errors():
+            loc = tuple(problem["loc"])
+            key = ".".join(str(p) for p in loc) or "<top level>"
+            if problem["type"] == "extra_forbidden":
+                allowed = _allowed_fields(model, loc[:-1])
+                lines.append(f"unknown key '{key}' (allowed: {', '.join(allowed)})")
+            elif problem["type"] == "missing":
+                lines.append(f"missing required key '{key}'")
+            else:
+                lines.append(f"key '{key}': {problem['msg']} (got {problem.get('input')!r})")
+        raise ConfigError(f"{source}: " + "; ".join(lines)) from None
