@@ -50,6 +50,7 @@ class Registry(Generic[T]):
 
     def add(self, name: str, obj: T, description: str = "", *, replace: bool = False) -> T:
         """Add `obj` under `name`; a second entry of the same name is an error unless `replace`."""
+        self._ensure_loaded()
         if name in self._entries and not replace:
             raise ValueError(f"{self.kind} '{name}' is already registered; pass replace=True to override it")
         self._entries[name] = Entry(name, obj, description or _first_line(getattr(obj, "__doc__", None)))
