@@ -1,8 +1,12 @@
 """Image preprocessing from a vision card, reproducing the PIL pipelines the original used.
 
-`square` is the processor's own rule (SigLIP resizes to a square; CLIP resizes the short side and
-centre-crops); `pad` first pastes the image centred on a square of its longer side filled with the
-processor's mean colour (LLaVA's `expand2square`).
+Strategies (Prismatic's study adds the last two as an ablation axis):
+- `square`: the processor's own rule (SigLIP resizes to a square; CLIP resizes the short side and
+  centre-crops);
+- `pad`: paste the image centred on a square of its longer side filled with the processor's mean
+  colour (LLaVA's `expand2square`), then the processor's rule;
+- `resize-naive`: a plain resize to the square input size, whatever the encoder;
+- `resize-crop`: resize the short side to the input size, then centre-crop.
 """
 from __future__ import annotations
 
@@ -14,7 +18,8 @@ from PIL import Image
 
 from mipha_lab.registry.cards import ImageSpec
 
-Strategy = Literal["square", "pad"]
+Strategy = Literal["square", "pad", "resize-naive", "resize-crop"]
+STRATEGIES = ("square", "pad", "resize-naive", "resize-crop")
 _RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,
     "bilinear": Image.Resampling.BILINEAR,
@@ -37,36 +42,43 @@ class ImageProcessor:
     """PIL image -> normalized float tensor (3, S, S) for one vision card."""
 
     def __init__(self, spec: ImageSpec, strategy: Strategy = "square") -> None:
-        if strategy not in ("square", "pad"):
-            raise ValueError(f"unknown image strategy {strategy!r} (allowed: square, pad)")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown image strategy {strategy!r} (allowed: {', '.join(STRATEGIES)})")
         self.spec, self.strategy = spec, strategy
         self._mean = np.asarray(spec.mean, dtype=np.float32)
         self._std = np.asarray(spec.std, dtype=np.float32)
 
-    def _resize(self, image: Image.Image) -> Image.Image:
-        spec, resample = self.spec, _RESAMPLE[self.spec.resample]
-        if spec.resize == "square":
-            return image.resize((spec.resize_size, spec.resize_size), resample)
+    def _resize(self, image: Image.Image, mode: str, size: int) -> Image.Image:
+        resample = _RESAMPLE[self.spec.resample]
+        if mode == "square":
+            return image.resize((size, size), resample)
         width, height = image.size
         short, long = min(width, height), max(width, height)
-        new_short, new_long = spec.resize_size, int(spec.resize_size * long / short)
-        size = (new_short, new_long) if width <= height else (new_long, new_short)
-        return image.resize(size, resample)
+        new_long = int(size * long / short)
+        return image.resize((size, new_long) if width <= height else (new_long, size), resample)
 
-    def _center_crop(self, image: Image.Image) -> Image.Image:
-        crop = self.spec.crop_size
+    @staticmethod
+    def _center_crop(image: Image.Image, crop: int | None) -> Image.Image:
         if crop is None:
             return image
         width, height = image.size
         top, left = (height - crop) // 2, (width - crop) // 2
         return image.crop((left, top, left + crop, top + crop))
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def geometry(self, image: Image.Image) -> Image.Image:
+        """The resized and cropped RGB image, before rescaling and normalisation."""
         image = image.convert("RGB")
+        spec, size = self.spec, self.spec.size
+        if self.strategy == "resize-naive":
+            return self._resize(image, "square", size)
+        if self.strategy == "resize-crop":
+            return self._center_crop(self._resize(image, "shortest_edge", size), size)
         if self.strategy == "pad":
-            image = expand_to_square(image, self.spec.fill_color)
-        image = self._center_crop(self._resize(image))
-        pixels = np.asarray(image, dtype=np.float32) * np.float32(self.spec.rescale_factor)
+            image = expand_to_square(image, spec.fill_color)
+        return self._center_crop(self._resize(image, spec.resize, spec.resize_size), spec.crop_size)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        pixels = np.asarray(self.geometry(image), dtype=np.float32) * np.float32(self.spec.rescale_factor)
         pixels = (pixels - self._mean) / self._std
         return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
 

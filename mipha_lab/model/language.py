@@ -65,4 +65,16 @@ def load_tokenizer(card: LLMCard):
             f"{card.source}: special_tokens.eos is {tokens.eos!r} but the tokenizer of "
             f"{card.tokenizer} has eos {tokenizer.eos_token!r}"
         )
+    return with_image_token(tokenizer)
+
+
+def with_image_token(tokenizer):
+    """`<image>` as one special token, so a whole rendered conversation tokenizes in one call; its id is
+    replaced by IMAGE_TOKEN_INDEX before embedding (the LM's embedding matrix is never resized)."""
+    from tokenizers import AddedToken
+
+    from mipha_lab.constants import IMAGE_TOKEN
+
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
     return tokenizer

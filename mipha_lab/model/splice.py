@@ -23,6 +23,7 @@ class Spliced:
     position_ids: torch.Tensor  # (B, L)
     labels: torch.Tensor | None  # (B, L), IGNORE_INDEX at images and padding
     truncated: torch.Tensor  # (B,) tokens dropped per row
+    segment_ids: torch.Tensor | None = None  # (B, L) packed sample index per position, -1 at padding
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -64,8 +65,12 @@ def splice(
     padding_side: Literal["right", "left"] = "right",
     max_length: int | None = None,
     image_token_index: int = IMAGE_TOKEN_INDEX,
+    segment_ids: torch.Tensor | None = None,
 ) -> Spliced:
-    """Build the LM's input embeddings; `image_features` is (num_images, T, D) in row-major order."""
+    """Build the LM's input embeddings; `image_features` is (num_images, T, D) in row-major order.
+
+    With `segment_ids` (packed rows: the index of the sample each token belongs to), image tokens take
+    their placeholder's segment and position ids restart at 0 for every sample."""
     batch, _ = input_ids.shape
     device = input_ids.device
     valid = attention_mask.bool()
@@ -96,6 +101,9 @@ def splice(
     out = out.index_put((rows, pos), text_embeds[rows, cols])
     if out_labels is not None and labels is not None:
         out_labels[rows, pos] = labels[rows, cols]
+    out_segments = None if segment_ids is None else torch.full((batch, length), -1, dtype=torch.long, device=device)
+    if out_segments is not None and segment_ids is not None:
+        out_segments[rows, pos] = segment_ids[rows, cols]
 
     if num_images:
         assert image_features is not None
@@ -104,11 +112,29 @@ def splice(
         img_rows = img_rows[:, None].expand_as(img_pos)
         keep = img_pos < length
         out = out.index_put((img_rows[keep], img_pos[keep]), image_features.to(out.dtype)[keep])
+        if out_segments is not None and segment_ids is not None:
+            out_segments[img_rows[keep], img_pos[keep]] = segment_ids[img_rows, img_cols[:, None].expand_as(img_pos)][keep]
 
     arange = torch.arange(length, device=device)[None, :]
     mask = ((arange >= offset[:, None]) & (arange < (offset + kept)[:, None])).long()
     position_ids = (arange - offset[:, None]).clamp(min=0).masked_fill(mask == 0, 1)
-    return Spliced(out, mask, position_ids, out_labels, lengths - kept)
+    if out_segments is not None:
+        changed = torch.ones_like(out_segments, dtype=torch.bool)
+        changed[:, 1:] = out_segments[:, 1:] != out_segments[:, :-1]
+        segment_start = torch.where(changed, arange, 0).cummax(dim=1).values
+        position_ids = (arange - segment_start).masked_fill(mask == 0, 1)
+    return Spliced(out, mask, position_ids, out_labels, lengths - kept, out_segments)
+
+
+def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """(B, 1, L, L) boolean mask: causal attention within each packed sample, none across samples.
+    Padding positions (-1) attend only to themselves so that no softmax row is empty."""
+    length = segment_ids.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=segment_ids.device).tril()
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    real = (segment_ids >= 0)[:, :, None]
+    eye = torch.eye(length, dtype=torch.bool, device=segment_ids.device)
+    return ((same & causal & real) | eye)[:, None]
 
 
 def splice_reference(

@@ -11,7 +11,7 @@ import random
 
 SPECIAL_TOKENS = [
     "<|endoftext|>", "<pad>", "<bos>", "<eos>", "<|im_start|>", "<|im_end|>",
-    "<|system|>", "<|user|>", "<|assistant|>", "<|end|>",
+    "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<image>",
 ]
 VOCAB_SIZE = 1024
 

@@ -13,7 +13,7 @@ from pydantic import Field
 from torch import nn
 
 from mipha_lab.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from mipha_lab.model.splice import Spliced, check_image_counts, splice
+from mipha_lab.model.splice import Spliced, block_causal_mask, check_image_counts, splice
 from mipha_lab.validation import StrictModel
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,7 @@ class MultimodalModel(nn.Module):
         padding_side: Literal["right", "left"] = "right",
         image_counts: Sequence[int] | torch.Tensor | None = None,
         sample_ids: Sequence[str] | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> Spliced:
         """Token ids + images -> the LM's input embeddings (with labels, mask and positions)."""
         idx = self.config.image_token_index
@@ -109,6 +110,7 @@ class MultimodalModel(nn.Module):
         out = splice(
             input_ids, attention_mask, text, features, labels,
             padding_side=padding_side, max_length=self.config.max_positions, image_token_index=idx,
+            segment_ids=segment_ids,
         )
         if features is None and self.training and torch.is_grad_enabled():
             # Every rank runs the tower on every step (ZeRO-3 gathers its weights collectively).
@@ -142,16 +144,25 @@ class MultimodalModel(nn.Module):
         sample_ids: Sequence[str] | None = None,
         return_logits: bool = True,
         padding_side: Literal["right", "left"] = "right",
+        segment_ids: torch.Tensor | None = None,
     ) -> VLMOutput:
-        """Loss over supervised tokens (the head runs only on those) and, if asked, all logits."""
+        """Loss over supervised tokens (the head runs only on those) and, if asked, all logits.
+
+        `segment_ids` marks packed rows (several samples per row): positions restart per sample and
+        attention stays within each sample (flash-attention varlen from the position ids when it is
+        the attention implementation, else an explicit block-causal mask)."""
         spliced = self.embed(
             input_ids, attention_mask, pixel_values, labels,
-            padding_side=padding_side, image_counts=image_counts, sample_ids=sample_ids,
+            padding_side=padding_side, image_counts=image_counts, sample_ids=sample_ids, segment_ids=segment_ids,
         )
+        mask: torch.Tensor | None = spliced.attention_mask
+        if spliced.segment_ids is not None:
+            flash = self.config.attn_implementation.startswith("flash")
+            mask = None if flash else block_causal_mask(spliced.segment_ids)
         body = self.language_model.get_decoder()
         hidden = body(
             inputs_embeds=spliced.inputs_embeds,
-            attention_mask=spliced.attention_mask,
+            attention_mask=mask,
             position_ids=spliced.position_ids,
             use_cache=False,
         ).last_hidden_state

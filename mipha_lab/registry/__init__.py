@@ -14,6 +14,7 @@ from mipha_lab.registry.cards import (
     CARD_SCHEMAS,
     Card,
     LLMCard,
+    MixtureCard,
     VisionCard,
     add_card_dir,
     card_dirs,
@@ -45,8 +46,10 @@ VISION_BACKENDS: Registry[Any] = Registry(
 LLM_BACKENDS: Registry[Any] = Registry(
     "language-model backend", "libraries that build a language-model card", _import("mipha_lab.model.language")
 )
-TEMPLATES: Registry[Any] = Registry("chat template", "conversation templates with label masks (the data issue)")
-MIXTURES: Registry[Any] = Registry("data mixture", "weighted training data sources (the data issue)")
+TEMPLATES: Registry[Any] = Registry(
+    "chat template", "conversation templates with label masks", _import("mipha_lab.data.templates")
+)
+MIXTURES: Registry[Any] = Registry("data mixture", "weighted training data sources (cards in registry/mixtures/)", _load_cards("mixtures"))
 BENCHMARKS: Registry[Any] = Registry("benchmark", "evaluation benchmarks (the evaluation issue)")
 
 ALL: dict[str, Registry[Any]] = {
@@ -59,7 +62,7 @@ ALL: dict[str, Registry[Any]] = {
     "vision-backend": VISION_BACKENDS,
     "llm-backend": LLM_BACKENDS,
 }
-_CARD_REGISTRIES: dict[str, Registry[Any]] = {"vision": VISION, "llm": LLM}
+_CARD_REGISTRIES: dict[str, Registry[Any]] = {"vision": VISION, "llm": LLM, "mixtures": MIXTURES}
 
 
 def load_cards_from(dirs: list[Path]) -> None:
@@ -72,7 +75,7 @@ def load_cards_from(dirs: list[Path]) -> None:
 
 
 __all__ = [
-    "ALL", "BENCHMARKS", "CARD_SCHEMAS", "Card", "Entry", "LLM", "LLMCard", "LLM_BACKENDS", "MIXTURES",
+    "ALL", "BENCHMARKS", "CARD_SCHEMAS", "Card", "Entry", "LLM", "LLMCard", "LLM_BACKENDS", "MIXTURES", "MixtureCard",
     "PROJECTORS", "Registry", "TEMPLATES", "VISION", "VISION_BACKENDS", "VisionCard", "add_card_dir",
     "card_dirs", "read_card",
 ]

@@ -93,7 +93,34 @@ class LLMCard(Card):
     special_tokens: SpecialTokens
 
 
-CARD_SCHEMAS: dict[str, type[Card]] = {"vision": VisionCard, "llm": LLMCard}
+class FirstN(StrictModel):
+    first: int
+
+
+class RandomN(StrictModel):
+    random: int
+
+
+class Weight(StrictModel):
+    weight: float  # epoch size = weight x source size (random subset below 1, repeats above)
+
+
+class SourceSpec(StrictModel):
+    """One annotation file of a mixture; paths are relative to the data root given at launch."""
+
+    name: str
+    annotations: str
+    images: str | None = None
+    sample: Literal["all"] | FirstN | RandomN | Weight = "all"
+
+
+class MixtureCard(Card):
+    sources: list[SourceSpec]
+    generate: Literal["shapes"] | None = None  # synthetic data written into the data root on first use
+    url: str | None = None  # where the real data comes from (for error messages)
+
+
+CARD_SCHEMAS: dict[str, type[Card]] = {"vision": VisionCard, "llm": LLMCard, "mixtures": MixtureCard}
 
 
 def builtin_card_dir() -> Path:

@@ -1,0 +1,157 @@
+"""Batching: which samples form each micro-batch (padded, modality-grouped or packed), and collators.
+
+An epoch plan is a list of micro-batches (lists of sample indices) in global order; micro-batch i
+goes to rank i % world_size. Plans depend on the seed and epoch only (and, for grouping, on the
+world size, as in the original), never on worker timing.
+"""
+from __future__ import annotations
+
+import random
+from typing import Any, Literal, Sequence
+
+import torch
+
+from mipha_lab.constants import IGNORE_INDEX
+from mipha_lab.data.problems import Skipped
+
+Batching = Literal["padded", "modality-grouped", "packed"]
+
+
+def _rng(seed: int, epoch: int) -> random.Random:
+    return random.Random(seed * 1_000_003 + epoch)
+
+
+def plan_padded(num_samples: int, micro_batch: int, seed: int, epoch: int) -> list[list[int]]:
+    order = list(range(num_samples))
+    _rng(seed, epoch).shuffle(order)
+    return [order[i : i + micro_batch] for i in range(0, num_samples, micro_batch)]
+
+
+def _even_chunks(indices: list[int], lengths: Sequence[int], parts: int) -> list[list[int]]:
+    """Split longest-first into `parts` chunks of equal count with balanced total length (the original's
+    `split_to_even_chunks`)."""
+    per_part = len(indices) // parts if len(indices) % parts == 0 else None
+    chunks: list[list[int]] = [[] for _ in range(parts)]
+    totals = [0] * parts
+    for index in sorted(indices, key=lambda i: -abs(lengths[i])):
+        open_parts = [p for p in range(parts) if per_part is None or len(chunks[p]) < per_part]
+        target = min(open_parts, key=lambda p: totals[p])
+        chunks[target].append(index)
+        totals[target] += abs(lengths[index])
+    return chunks
+
+
+def plan_modality_grouped(
+    lengths: Sequence[int], micro_batch: int, world_size: int, seed: int, epoch: int
+) -> list[list[int]]:
+    """LLaVA's `group_by_modality_length`: every global micro-step (world_size micro-batches) is all-image
+    or all-text; within it, samples of similar length are grouped and balanced across ranks. `lengths`
+    are positive for image samples and negative for text-only ones."""
+    rng = _rng(seed, epoch)
+    mega = micro_batch * world_size
+    megabatches: list[list[int]] = []
+    leftovers: list[int] = []
+    for modality in (lambda n: n > 0, lambda n: n <= 0):
+        indices = [i for i, n in enumerate(lengths) if modality(n)]
+        rng.shuffle(indices)
+        groups = [sorted(indices[i : i + mega], key=lambda j: -abs(lengths[j])) for i in range(0, len(indices), mega)]
+        if groups and len(groups[-1]) < mega:
+            leftovers += groups.pop()
+        megabatches += groups
+    rng.shuffle(megabatches)
+    if leftovers:
+        megabatches.append(leftovers)
+    plan: list[list[int]] = []
+    for group in megabatches:
+        plan += [chunk for chunk in _even_chunks(group, lengths, world_size) if chunk]
+    return plan
+
+
+def plan_packed(token_lengths: Sequence[int], budget: int, seed: int, epoch: int) -> list[list[int]]:
+    """Shuffle, then first-fit-decreasing within windows: each micro-batch is one row of at most
+    `budget` tokens (sequence lengths after splicing)."""
+    order = list(range(len(token_lengths)))
+    _rng(seed, epoch).shuffle(order)
+    rows: list[list[int]] = []
+    window = 512
+    for start in range(0, len(order), window):
+        bins: list[list[int]] = []
+        space: list[int] = []
+        for index in sorted(order[start : start + window], key=lambda i: -token_lengths[i]):
+            size = min(token_lengths[index], budget)
+            slot = next((b for b, free in enumerate(space) if free >= size), None)
+            if slot is None:
+                bins.append([index])
+                space.append(budget - size)
+            else:
+                bins[slot].append(index)
+                space[slot] -= size
+        rows += bins
+    _rng(seed, epoch + 7919).shuffle(rows)
+    return rows
+
+
+class RankBatchSampler(torch.utils.data.Sampler):
+    """This rank's micro-batches of an epoch plan (so every rank runs the same number of steps)."""
+
+    def __init__(self, plan: list[list[int]], rank: int = 0, world_size: int = 1) -> None:
+        usable = len(plan) - len(plan) % world_size
+        self.batches = plan[rank:usable:world_size]
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _split_skipped(items: Sequence[dict | Skipped]) -> tuple[list[dict], list[Skipped]]:
+    good = [item for item in items if not isinstance(item, Skipped)]
+    return good, [item for item in items if isinstance(item, Skipped)]
+
+
+def _images(good: list[dict]) -> tuple[torch.Tensor | None, torch.Tensor]:
+    pixels = [item["pixel_values"] for item in good if item["pixel_values"] is not None]
+    counts = torch.tensor([0 if item["pixel_values"] is None else len(item["pixel_values"]) for item in good])
+    return (torch.cat(pixels) if pixels else None), counts
+
+
+def collate_padded(items: Sequence[dict | Skipped]) -> dict[str, Any]:
+    """Right-padded rows; the attention mask comes from the sequence lengths, never from pad ids."""
+    good, skipped = _split_skipped(items)
+    width = max((len(item["input_ids"]) for item in good), default=0)
+    input_ids = torch.zeros(len(good), width, dtype=torch.long)
+    labels = torch.full((len(good), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros(len(good), width, dtype=torch.long)
+    for row, item in enumerate(good):
+        n = len(item["input_ids"])
+        input_ids[row, :n], labels[row, :n], mask[row, :n] = item["input_ids"], item["labels"], 1
+    pixels, counts = _images(good)
+    return {
+        "input_ids": input_ids, "attention_mask": mask, "labels": labels, "pixel_values": pixels,
+        "image_counts": counts, "ids": [item["id"] for item in good], "skipped": skipped, "segment_ids": None,
+    }
+
+
+def collate_packed(items: Sequence[dict | Skipped]) -> dict[str, Any]:
+    """All samples of the micro-batch in one row; `segment_ids` keep them apart in attention."""
+    good, skipped = _split_skipped(items)
+    pixels, counts = _images(good)
+    cat = lambda key: torch.cat([item[key] for item in good]).unsqueeze(0) if good else torch.zeros(1, 0, dtype=torch.long)  # noqa: E731
+    segments = torch.cat([torch.full((len(item["input_ids"]),), i) for i, item in enumerate(good)]) if good else torch.zeros(0)
+    input_ids = cat("input_ids")
+    return {
+        "input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": cat("labels"),
+        "pixel_values": pixels, "image_counts": counts.sum().reshape(1), "ids": [item["id"] for item in good],
+        "skipped": skipped, "segment_ids": segments.long().unsqueeze(0),
+    }
+
+
+def real_token_fraction(plan: list[list[int]], token_lengths: Sequence[int], row_width: int | None = None) -> float:
+    """Real tokens over computed positions: padded rows cost width x rows, packed rows their budget."""
+    real = sum(token_lengths[i] for batch in plan for i in batch)
+    if row_width is not None:
+        computed = row_width * len(plan)
+    else:
+        computed = sum(len(batch) * max(token_lengths[i] for i in batch) for batch in plan)
+    return real / computed if computed else 1.0

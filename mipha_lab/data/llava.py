@@ -1,0 +1,196 @@
+"""LLaVA-format datasets: JSON or JSONL conversations with an image root, loaded lazily.
+
+A record is `{"id", "image": str | [str, ...] | absent, "conversations": [{"from": "human" | "gpt",
+"value"}...]}`. With one image, `<image>` is moved to the start of its turn as `<image>\\n<text>` (the
+original's behaviour); with several, the tags stay where they are (interleaved). Tag and image counts
+must agree. Bad samples follow the run's policy (`skip`: counted and reported; `error`: raised).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from mipha_lab.constants import IMAGE_TOKEN
+from mipha_lab.data.image_processing import ImageProcessor
+from mipha_lab.data.problems import BadSamplePolicy, SampleError, Skipped
+from mipha_lab.data.templates import MaskError, Template, check_tokenizer, encode
+from mipha_lab.errors import ConfigError, InputError
+
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+@dataclass(frozen=True)
+class Record:
+    """One annotation, before any image is opened."""
+
+    sample_id: str
+    images: tuple[str, ...]
+    messages: tuple[dict[str, str], ...]
+    words: int  # whitespace word count of all turns: the original's cheap length
+    root: str = ""  # the folder image paths are relative to
+
+    @property
+    def has_image(self) -> bool:
+        return bool(self.images)
+
+
+def read_annotations(path: str | Path, policy: BadSamplePolicy = "skip") -> tuple[list[Any], list[Skipped]]:
+    """Raw records of a JSON list or a JSONL file; an undecodable JSONL line is an error naming the line,
+    or under `skip` a skipped sample."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"annotation file {path} does not exist")
+    if path.suffix == ".jsonl":
+        records, skipped = [], []
+        with path.open() as lines:
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    if policy == "error":
+                        raise ConfigError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+                    skipped.append(Skipped(f"{path.name}:{number}", "bad_json", err.msg))
+        return records, skipped
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    if not isinstance(data, list):
+        raise ConfigError(f"{path}: expected a JSON list of samples, found {type(data).__name__}")
+    return data, []
+
+
+def normalize(raw: Any, index: int, source: str = "", root: str = "") -> Record:
+    """Validate one raw annotation and place its image tags; raises SampleError."""
+    sample_id = str(raw.get("id", f"{source}#{index}")) if isinstance(raw, dict) else f"{source}#{index}"
+    if not isinstance(raw, dict) or not isinstance(raw.get("conversations"), list):
+        raise SampleError(sample_id, "bad_conversation", "expected an object with a 'conversations' list")
+    turns = raw["conversations"]
+    if not turns:
+        raise SampleError(sample_id, "empty_conversation", "no turns")
+    messages = []
+    for turn in turns:
+        if not isinstance(turn, dict) or turn.get("from") not in ROLES or not isinstance(turn.get("value"), str):
+            raise SampleError(sample_id, "bad_conversation", f"bad turn {str(turn)[:80]!r} (expected from: human/gpt, value: str)")
+        messages.append({"role": ROLES[turn["from"]], "content": turn["value"]})
+    image = raw.get("image")
+    images = tuple([image] if isinstance(image, str) else image or [])
+    tags = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
+    if tags != len(images):
+        raise SampleError(sample_id, "image_tag_mismatch", f"{tags} <image> tag(s) for {len(images)} image(s)")
+    if len(images) == 1:
+        for message in messages:
+            if IMAGE_TOKEN in message["content"]:
+                text = message["content"].replace(IMAGE_TOKEN, "").strip()
+                message["content"] = f"{IMAGE_TOKEN}\n{text}"
+    words = sum(len(m["content"].split()) for m in messages)
+    return Record(sample_id, images, tuple(messages), words, root)
+
+
+def load_image(path: Path, sample_id: str) -> Image.Image:
+    if not path.is_file():
+        raise SampleError(sample_id, "missing_image", str(path))
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as err:
+        raise SampleError(sample_id, "unreadable_image", f"{path} ({err})") from None
+
+
+class LlavaDataset(torch.utils.data.Dataset):
+    """Records -> {input_ids, labels, pixel_values, id}; images open only in __getitem__.
+
+    `lengths` (words + image tokens, signed by modality like the original's `modality_lengths`) are
+    available without decoding any image, for the samplers.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[Record],
+        template: Template,
+        tokenizer: Any,
+        processor: ImageProcessor | None,
+        *,
+        max_length: int,
+        image_tokens: int,
+        policy: BadSamplePolicy = "skip",
+        mask_first_answer_token: bool = False,
+    ) -> None:
+        if policy not in ("skip", "error"):
+            raise ConfigError(f"bad-sample policy must be 'skip' or 'error', got {policy!r}")
+        check_tokenizer(template, tokenizer)
+        self.records = list(records)
+        self.template, self.tokenizer, self.processor = template, tokenizer, processor
+        self.max_length, self.image_tokens, self.policy = max_length, image_tokens, policy
+        self.mask_first_answer_token = mask_first_answer_token
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def lengths(self) -> list[int]:
+        """Approximate lengths, positive for samples with images and negative for text-only ones."""
+        return [
+            r.words + len(r.images) * self.image_tokens if r.has_image else -max(r.words, 1) for r in self.records
+        ]
+
+    def load(self, index: int) -> dict[str, Any]:
+        """The sample, or SampleError."""
+        record = self.records[index]
+        try:
+            encoded = encode(
+                self.template, self.tokenizer, record.messages,
+                sample_id=record.sample_id, mask_first_answer_token=self.mask_first_answer_token,
+            )
+        except MaskError as err:
+            raise SampleError(record.sample_id, "mask_error", str(err)) from None
+        except InputError as err:
+            raise SampleError(record.sample_id, "bad_conversation", str(err)) from None
+        length = len(encoded.input_ids) + len(record.images) * (self.image_tokens - 1)
+        if length > self.max_length:
+            raise SampleError(record.sample_id, "too_long", f"{length} positions > max length {self.max_length}")
+        pixels = None
+        if record.images:
+            if self.processor is None:
+                raise ConfigError("this dataset has images but no image processor")
+            images = [load_image(Path(record.root) / name, record.sample_id) for name in record.images]
+            pixels = torch.stack([self.processor(image) for image in images])
+        return {
+            "id": record.sample_id,
+            "input_ids": torch.tensor(encoded.input_ids),
+            "labels": torch.tensor(encoded.labels),
+            "pixel_values": pixels,
+            "length": length,
+        }
+
+    def __getitem__(self, index: int) -> dict[str, Any] | Skipped:
+        try:
+            return self.load(index)
+        except SampleError as err:
+            if self.policy == "error":
+                raise
+            return Skipped(err.sample_id, err.reason, err.detail)
+
+
+def read_records(
+    annotation_path: str | Path, image_root: str | Path = "", policy: BadSamplePolicy = "skip"
+) -> tuple[list[Record], list[Skipped]]:
+    """Annotations -> validated Records (bad ones raised or returned as Skipped)."""
+    raw, skipped = read_annotations(annotation_path, policy)
+    records: list[Record] = []
+    name = Path(annotation_path).name
+    for index, item in enumerate(raw):
+        try:
+            records.append(normalize(item, index, name, str(image_root)))
+        except SampleError as err:
+            if policy == "error":
+                raise SampleError(err.sample_id, err.reason, f"{err.detail} (in {annotation_path})") from None
+            skipped.append(Skipped(err.sample_id, err.reason, err.detail))
+    return records, skipped
