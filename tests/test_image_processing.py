@@ -95,5 +95,21 @@ def test_hf_config_round_trips_through_transformers(tmp_path):
 
 
 def test_unknown_strategy_is_refused():
-    with pytest.raises(ValueError, match="allowed: square, pad"):
+    with pytest.raises(ValueError, match="allowed: square, pad, resize-naive, resize-crop"):
         ImageProcessor(VISION.get("siglip-so400m-384").image, "stretch")
+
+
+@pytest.mark.parametrize("card_name", ["siglip-so400m-384", "clip-vit-l-336"])
+def test_resize_strategies_equal_the_pil_processors(card_name):
+    """`resize-naive` is a plain square resize, `resize-crop` short side then centre crop, for any encoder."""
+    from transformers import CLIPImageProcessorPil, SiglipImageProcessorPil
+
+    spec = VISION.get(card_name).image
+    common = dict(image_mean=list(spec.mean), image_std=list(spec.std), resample=3)
+    naive = SiglipImageProcessorPil(size={"height": spec.size, "width": spec.size}, **common)
+    crop = CLIPImageProcessorPil(size={"shortest_edge": spec.size}, crop_size={"height": spec.size, "width": spec.size}, **common)
+    for strategy, theirs in [("resize-naive", naive), ("resize-crop", crop)]:
+        ours = ImageProcessor(spec, strategy)
+        for image in images():
+            expected = torch.as_tensor(np.asarray(theirs(image.convert("RGB"), return_tensors="np")["pixel_values"][0]))
+            assert (ours(image) - expected).abs().max() < 1e-5, strategy
