@@ -45,8 +45,9 @@ class ImageProcessor:
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown image strategy {strategy!r} (allowed: {', '.join(STRATEGIES)})")
         self.spec, self.strategy = spec, strategy
-        self._mean = np.asarray(spec.mean, dtype=np.float32)
-        self._std = np.asarray(spec.std, dtype=np.float32)
+        self._scale = np.float32(spec.rescale_factor)
+        self._mean = np.asarray(spec.mean, dtype=np.float32)[:, None, None]
+        self._std = np.asarray(spec.std, dtype=np.float32)[:, None, None]
 
     def _resize(self, image: Image.Image, mode: str, size: int) -> Image.Image:
         resample = _RESAMPLE[self.spec.resample]
@@ -67,20 +68,37 @@ class ImageProcessor:
 
     def geometry(self, image: Image.Image) -> Image.Image:
         """The resized and cropped RGB image, before rescaling and normalisation."""
-        image = image.convert("RGB")
+        image = image if image.mode == "RGB" else image.convert("RGB")
         spec, size = self.spec, self.spec.size
         if self.strategy == "resize-naive":
             return self._resize(image, "square", size)
         if self.strategy == "resize-crop":
             return self._center_crop(self._resize(image, "shortest_edge", size), size)
         if self.strategy == "pad":
-            image = expand_to_square(image, spec.fill_color)
+            return self._center_crop(self._pad_then_resize(image), spec.crop_size)
         return self._center_crop(self._resize(image, spec.resize, spec.resize_size), spec.crop_size)
 
+    def _pad_then_resize(self, image: Image.Image) -> Image.Image:
+        """expand_to_square + resize to the processor's square. For landscape images the horizontal pass
+        runs on the image rows only and the fill rows are added before the vertical pass: PIL resizes in
+        two separable passes (horizontal first), so the pixels are identical (tested) at a quarter less
+        work and no full-size padded copy."""
+        width, height = image.size
+        target, resample = self.spec.resize_size, _RESAMPLE[self.spec.resample]
+        if width <= height:
+            return expand_to_square(image, self.spec.fill_color).resize((target, target), resample)
+        rows = image.resize((target, height), resample)
+        canvas = Image.new("RGB", (target, width), self.spec.fill_color)
+        canvas.paste(rows, (0, (width - height) // 2))
+        return canvas.resize((target, target), resample)
+
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        pixels = np.asarray(self.geometry(image), dtype=np.float32) * np.float32(self.spec.rescale_factor)
-        pixels = (pixels - self._mean) / self._std
-        return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+        pixels = np.asarray(self.geometry(image)).transpose(2, 0, 1)  # a view: channels first
+        out = np.empty(pixels.shape, dtype=np.float32)
+        np.multiply(pixels, self._scale, out=out)  # (x * rescale - mean) / std, in place
+        out -= self._mean
+        out /= self._std
+        return torch.from_numpy(out)
 
     def batch(self, images: Iterable[Image.Image]) -> torch.Tensor:
         return torch.stack([self(image) for image in images])

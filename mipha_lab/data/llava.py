@@ -99,7 +99,8 @@ def load_image(path: Path, sample_id: str) -> Image.Image:
         raise SampleError(sample_id, "missing_image", str(path))
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            image.load()
+            return image if image.mode == "RGB" else image.convert("RGB")
     except (UnidentifiedImageError, OSError) as err:
         raise SampleError(sample_id, "unreadable_image", f"{path} ({err})") from None
 
@@ -161,7 +162,8 @@ class LlavaDataset(torch.utils.data.Dataset):
             if self.processor is None:
                 raise ConfigError("this dataset has images but no image processor")
             images = [load_image(Path(record.root) / name, record.sample_id) for name in record.images]
-            pixels = torch.stack([self.processor(image) for image in images])
+            processed = [self.processor(image) for image in images]
+            pixels = processed[0][None] if len(processed) == 1 else torch.stack(processed)
         return {
             "id": record.sample_id,
             "input_ids": torch.tensor(encoded.input_ids),

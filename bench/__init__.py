@@ -1,0 +1,1 @@
+"""Benchmarks of our own speed; each prints a ratio against a baseline measured in the same run."""
