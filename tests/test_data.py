@@ -255,3 +255,18 @@ def test_packed_positions_restart_per_sample(shapes, model):
     starts = (spliced.position_ids[0] == 0).nonzero().flatten().tolist()
     lengths = [item["length"] for item in items]
     assert starts == [0, lengths[0], lengths[0] + lengths[1]]
+
+
+def test_plan_epoch_dispatches_and_packs_by_exact_lengths(shapes, model):
+    from mipha_lab.data.batching import plan_epoch
+
+    records, _ = load_mixture("shapes-instruct", shapes, seed=0)
+    data = dataset(model, records[:40])
+    exact = data.token_lengths()
+    assert exact[0] == data[0]["length"]
+    packed = plan_epoch("packed", data, micro_batch=2, world_size=1, seed=0, epoch=0, max_length=128)
+    assert all(sum(exact[i] for i in b) <= 256 for b in packed) and len(packed) < 20
+    grouped = plan_epoch("modality-grouped", data, micro_batch=4, world_size=2, seed=0, epoch=0, max_length=128)
+    assert sorted(i for b in grouped for i in b) == list(range(40))
+    with pytest.raises(ValueError, match="allowed: padded, modality-grouped, packed"):
+        plan_epoch("stacked", data, micro_batch=2, world_size=1, seed=0, epoch=0, max_length=128)

@@ -91,6 +91,31 @@ def plan_packed(token_lengths: Sequence[int], budget: int, seed: int, epoch: int
     return rows
 
 
+def plan_epoch(
+    batching: Batching,
+    dataset: Any,
+    *,
+    micro_batch: int,
+    world_size: int,
+    seed: int,
+    epoch: int,
+    max_length: int,
+) -> list[list[int]]:
+    """The epoch's micro-batches for the batching mode an experiment selects. A packed row holds up to
+    micro_batch x max_length positions."""
+    if batching == "padded":
+        return plan_padded(len(dataset), micro_batch, seed, epoch)
+    if batching == "modality-grouped":
+        return plan_modality_grouped(dataset.lengths, micro_batch, world_size, seed, epoch)
+    if batching == "packed":
+        return plan_packed(dataset.token_lengths(), micro_batch * max_length, seed, epoch)
+    raise ValueError(f"unknown batching {batching!r} (allowed: padded, modality-grouped, packed)")
+
+
+def collator(batching: Batching):
+    return collate_packed if batching == "packed" else collate_padded
+
+
 class RankBatchSampler(torch.utils.data.Sampler):
     """This rank's micro-batches of an epoch plan (so every rank runs the same number of steps)."""
 

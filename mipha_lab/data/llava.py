@@ -142,6 +142,18 @@ class LlavaDataset(torch.utils.data.Dataset):
             r.words + len(r.images) * self.image_tokens if r.has_image else -max(r.words, 1) for r in self.records
         ]
 
+    def token_lengths(self) -> list[int]:
+        """Exact positions per sample after splicing (tokenizes every conversation, opens no image);
+        what packing budgets need. Samples whose mask fails count as 0 (they are skipped later)."""
+        lengths = []
+        for record in self.records:
+            try:
+                ids = encode(self.template, self.tokenizer, record.messages, sample_id=record.sample_id).input_ids
+                lengths.append(len(ids) + len(record.images) * (self.image_tokens - 1))
+            except InputError:
+                lengths.append(0)
+        return lengths
+
     def load(self, index: int) -> dict[str, Any]:
         """The sample, or SampleError."""
         record = self.records[index]
