@@ -1,63 +1,58 @@
-"""`python -m mipha_lab.launch [EXPERIMENT.yaml]`: the main job.
+"""`python -m mipha_lab.launch [EXPERIMENT.yaml] [key.sub=value ...] [--nproc N]`: the main job.
 
-Experiment files and training land with the training-core issue. Until then this command assembles
-the embedded demo's components (tiny SigLIP tower, mlp2x_gelu, tiny Phi-2), runs them on a generated
-image, saves and reloads the model, and says what is checked.
+Without an experiment it runs the embedded demo (experiments/demo_shapes.yaml). With `--nproc N`
+it re-launches itself under `torchrun --standalone --nproc_per_node N` (DeepSpeed on every rank);
+launching under torchrun or SLURM yourself works the same way.
 """
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import subprocess
 import sys
-import tempfile
+from pathlib import Path
 
-DEMO = {"vision": "tiny-siglip-so400m-384", "projector": "mlp2x_gelu", "llm": "tiny-phi-2"}
-
-
-def demo_image():
-    from PIL import Image, ImageDraw
-
-    image = Image.new("RGB", (96, 64), (255, 255, 255))
-    ImageDraw.Draw(image).ellipse((20, 10, 60, 50), fill=(220, 30, 30))
-    return image
+from mipha_lab.errors import MiphaLabError
 
 
-def run_demo() -> int:
-    import torch
-
-    from mipha_lab.constants import IMAGE_TOKEN_INDEX
-    from mipha_lab.data.image_processing import ImageProcessor
-    from mipha_lab.model import MultimodalModel, build_vlm
-
-    torch.manual_seed(0)
-    model = build_vlm(DEMO["vision"], DEMO["llm"], DEMO["projector"]).eval()
-    pixels = ImageProcessor(model.vision_tower.image_spec, "pad")(demo_image())[None]
-    prompt = model.tokenizer("What is shown?", add_special_tokens=False)["input_ids"]
-    ids = torch.tensor([[IMAGE_TOKEN_INDEX, *prompt]])
-    mask = torch.ones_like(ids)
-    with torch.no_grad():
-        logits = model(ids, mask, pixels).logits
-    with tempfile.TemporaryDirectory() as folder:
-        model.save_pretrained(folder)
-        reloaded = MultimodalModel.from_pretrained(folder)
-        with torch.no_grad():
-            same = torch.equal(reloaded(ids, mask, pixels).logits, logits)
-    params = sum(p.numel() for p in model.parameters())
-    print(f"assembled {DEMO['vision']} + {DEMO['projector']} + {DEMO['llm']}: {params:,} parameters, "
-          f"{model.num_image_tokens} visual tokens per image, sequence of {logits.shape[1]} positions")
-    print(f"save/load round trip gives identical logits: {same}")
-    print("training (experiment files, the shapes demo) arrives with the training-core issue; "
-          "see README 'Status'", file=sys.stderr)
-    return 0 if same else 1
+def default_experiment() -> Path:
+    """The demo, from a source checkout or from the copy shipped inside the package."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "_experiments" / "demo_shapes.yaml", package.parent / "experiments" / "demo_shapes.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise MiphaLabError("the embedded demo experiment (demo_shapes.yaml) is missing from this installation")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mipha_lab.launch", description=__doc__)
-    parser.add_argument("experiment", nargs="?", help="experiment YAML (the training-core issue adds these)")
+    parser = argparse.ArgumentParser(prog="python -m mipha_lab.launch", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("experiment", nargs="?", help="experiment YAML (default: the embedded demo)")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides applied after the file")
+    parser.add_argument("--nproc", type=int, default=1, help="processes on this machine (torchrun)")
     args = parser.parse_args(argv)
-    if args.experiment:
-        print(f"error: running {args.experiment} needs the training core, which has not landed yet", file=sys.stderr)
+    if args.experiment and "=" in args.experiment and not args.experiment.endswith((".yaml", ".yml")):
+        args.overrides.insert(0, args.experiment)
+        args.experiment = None
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+                   "-m", "mipha_lab.launch", args.experiment or str(default_experiment()), *args.overrides]
+        return subprocess.call(command)
+    logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from mipha_lab.config import load_experiment
+    from mipha_lab.train.trainer import run_experiment
+
+    try:
+        experiment = load_experiment(args.experiment or default_experiment(), args.overrides)
+        run = run_experiment(experiment)
+    except MiphaLabError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
-    return run_demo()
+    if os.environ.get("RANK", "0") == "0":
+        print(f"run folder: {run.path}")
+    return 0
 
 
 if __name__ == "__main__":

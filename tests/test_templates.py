@@ -69,6 +69,16 @@ def test_phi_mask_token_by_token_shows_the_boundary_rule():
     assert tail == [("?", False), ("ĠASSISTANT", False), (":", False), ("Ġred", True), ("<|endoftext|>", True)]
 
 
+def test_a_separate_space_token_before_the_answer_is_learnt():
+    """The tiny BPE has no 'ĠYes': ' Yes' is 'Ġ' + 'Yes'. Prompts end with 'ASSISTANT:', so the model
+    must emit the space itself: it is supervised."""
+    tokenizer = load_tokenizer(LLM.get("tiny-phi-2"))
+    messages = [{"role": "user", "content": "Is it red?"}, {"role": "assistant", "content": "Yes"}]
+    encoded = encode(get_template("phi"), tokenizer, messages)
+    supervised = [t for t, label in zip(tokens(tokenizer, encoded.input_ids), encoded.labels) if label != IGNORE_INDEX]
+    assert supervised == ["Ġ", "Yes", "<|endoftext|>"]
+
+
 def test_quirk_mask_first_answer_token():
     tokenizer = load_tokenizer(LLM.get("tiny-phi-2"))
     encoded = encode(get_template("phi"), tokenizer, CONVERSATION, mask_first_answer_token=True)
@@ -129,7 +139,7 @@ def test_a_split_end_token_is_refused():
 def test_an_answer_no_token_covers_is_refused():
     tokenizer = load_tokenizer(LLM.get("tiny-phi-2"))
     custom = Template(name="x", description="", system=None, system_format="", user_format="{content}",
-                      assistant_tag=" ", generation_tag="", end="")
+                      assistant_tag="", generation_tag="", end="")
     with pytest.raises(MaskError, match="sample s1: no token covers the answer"):
         encode(custom, tokenizer, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}], sample_id="s1")
 

@@ -164,9 +164,12 @@ def collate_packed(items: Sequence[dict | Skipped]) -> dict[str, Any]:
     pixels, counts = _images(good)
     cat = lambda key: torch.cat([item[key] for item in good]).unsqueeze(0) if good else torch.zeros(1, 0, dtype=torch.long)  # noqa: E731
     segments = torch.cat([torch.full((len(item["input_ids"]),), i) for i, item in enumerate(good)]) if good else torch.zeros(0)
-    input_ids = cat("input_ids")
+    input_ids, labels = cat("input_ids"), cat("labels")
+    starts = torch.tensor([0] + [len(item["input_ids"]) for item in good[:-1]]).cumsum(0) if good else None
+    if starts is not None:
+        labels[0, starts] = IGNORE_INDEX  # a sample's first token is never predicted from the previous sample
     return {
-        "input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": cat("labels"),
+        "input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels,
         "pixel_values": pixels, "image_counts": counts.sum().reshape(1), "ids": [item["id"] for item in good],
         "skipped": skipped, "segment_ids": segments.long().unsqueeze(0),
     }

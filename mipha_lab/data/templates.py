@@ -7,9 +7,13 @@ tokenizer's offset mapping. Supervised: each assistant answer and its end token.
 prompt, user turns, role tags, separators, image positions.
 
 Boundary rule: a token is supervised when any character it covers belongs to a supervised segment.
-So the space that ends the `ASSISTANT: ` tag, which byte-level BPE merges into the answer's first word
-("Ġred"), makes that token supervised - the answer's first token is always learnt (the original's
-off-by-one masked it before 2024-03-23; `mask_first_answer_token` reproduces that quirk).
+The part of the assistant tag that inference leaves for the model to write (the space after
+`ASSISTANT:`, since prompts end with `ASSISTANT:`) is supervised with the answer. So the space that
+byte-level BPE merges into the answer's first word ("Ġred") is learnt with it, and where a tokenizer
+keeps that space as its own token ("Ġ", "Yes"), the model still learns to emit it - otherwise greedy
+decoding after `ASSISTANT:` meets a token it was never trained to produce. The answer's first token is
+always learnt (the original's off-by-one masked it before 2024-03-23; `mask_first_answer_token`
+reproduces that quirk).
 """
 from __future__ import annotations
 
@@ -69,6 +73,12 @@ class Template:
     def stop_strings(self) -> list[str]:
         return [self.end]
 
+    def split_assistant_tag(self) -> tuple[str, str]:
+        """(the tag as the inference prompt ends it, the rest that the model generates)."""
+        if not self.assistant_tag.startswith(self.generation_tag):
+            raise ValueError(f"template '{self.name}': assistant_tag must start with generation_tag")
+        return self.generation_tag, self.assistant_tag[len(self.generation_tag) :]
+
     def _check_roles(self, messages: Sequence[Message]) -> list[Message]:
         system = [m for m in messages if m["role"] == "system"]
         turns = [m for m in messages if m["role"] != "system"]
@@ -90,8 +100,9 @@ class Template:
             if message["role"] == "user":
                 segments.append(Segment(self.user_format.format(content=message["content"])))
             else:
-                segments.append(Segment(self.assistant_tag))
-                segments.append(Segment(message["content"] + self.end, supervised=True))
+                prompt_part, generated_part = self.split_assistant_tag()
+                segments.append(Segment(prompt_part))
+                segments.append(Segment(generated_part + message["content"] + self.end, supervised=True))
                 if self.after_end:
                     segments.append(Segment(self.after_end))
         if add_generation_prompt:

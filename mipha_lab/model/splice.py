@@ -126,6 +126,26 @@ def splice(
     return Spliced(out, mask, position_ids, out_labels, lengths - kept, out_segments)
 
 
+def count_targets(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    tokens_per_image: int,
+    max_length: int | None = None,
+    image_token_index: int = IMAGE_TOKEN_INDEX,
+) -> torch.Tensor:
+    """How many positions the loss will average over once images are spliced in and the row is
+    truncated - known before any forward pass, so a global batch can be normalised exactly."""
+    valid = attention_mask.bool()
+    is_image = (input_ids == image_token_index) & valid
+    width = torch.where(is_image, tokens_per_image, 1) * valid
+    start = width.cumsum(1) - width
+    target = (labels != IGNORE_INDEX) & valid & ~is_image & (start >= 1)
+    if max_length is not None:
+        target &= start < max_length
+    return target.sum()
+
+
 def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     """(B, 1, L, L) boolean mask: causal attention within each packed sample, none across samples.
     Padding positions (-1) attend only to themselves so that no softmax row is empty."""

@@ -59,6 +59,11 @@ class VisionTower(nn.Module):
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The encoder's repeated layers (for `partial` training and activation checkpointing)."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose its layers")
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         expected = (3, self.image_size, self.image_size)
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:

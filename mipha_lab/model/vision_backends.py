@@ -52,6 +52,11 @@ class TransformersVisionTower(VisionTower):
         # SigLIP and CLIP interpolate position embeddings only when asked; DINOv2 always does.
         self._interpolate = card.image.size != config.image_size and model_type != "dinov2"
 
+    @property
+    def blocks(self) -> nn.ModuleList:
+        encoder = getattr(self.backbone, "vision_model", self.backbone).encoder  # transformers 4 nests vision_model
+        return encoder.layers if hasattr(encoder, "layers") else encoder.layer
+
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         kwargs = {"interpolate_pos_encoding": True} if self._interpolate else {}
         out = self.backbone(pixel_values=pixel_values, output_hidden_states=True, **kwargs)
@@ -78,6 +83,10 @@ class TimmVisionTower(VisionTower):
         )
         self.backbone = model
         self.absolute_layer(len(model.blocks))
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.backbone.blocks
 
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         index = self.absolute_layer(len(self.backbone.blocks))
@@ -121,6 +130,10 @@ class OpenClipVisionTower(VisionTower):
             path = Path(hf_hub_download(hub_id, "open_clip_model.safetensors"))
         state = {k[len("visual.") :]: v for k, v in load_file(path).items() if k.startswith("visual.")}
         self.backbone.load_state_dict(state, strict=True)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.backbone.transformer.resblocks
 
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         index = self.absolute_layer(len(self.backbone.transformer.resblocks))

@@ -229,14 +229,14 @@ class MultimodalModel(nn.Module):
     # ----------------------------------------------------------------- save / load
     def save_pretrained(self, folder: str | Path) -> Path:
         """config.json (component specs and resolved cards), safetensors weights, tokenizer, image processor."""
-        from safetensors.torch import save_model
+        from safetensors.torch import save_file
 
         from mipha_lab.data.image_processing import ImageProcessor
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.json").write_text(json.dumps(self.config.model_dump(mode="json"), indent=2) + "\n")
-        save_model(self, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_file(self.weights_to_save(), str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(folder)
         spec = getattr(self.vision_tower, "image_spec", None)
@@ -244,6 +244,18 @@ class MultimodalModel(nn.Module):
             processor = ImageProcessor(spec).hf_config()
             (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
         return folder
+
+    def weights_to_save(self) -> dict[str, torch.Tensor]:
+        """The state dict with tied tensors once (loading re-ties them) and every tensor owning its
+        memory (DeepSpeed keeps parameters as views into flat buffers)."""
+        state: dict[str, torch.Tensor] = {}
+        seen: set[tuple[int, tuple[int, ...]]] = set()
+        for name, tensor in self.state_dict().items():
+            key = (tensor.data_ptr(), tuple(tensor.shape))
+            if key not in seen:
+                seen.add(key)
+                state[name] = tensor.detach().contiguous().clone()
+        return state
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, dtype: torch.dtype | None = None) -> "MultimodalModel":

@@ -1,0 +1,251 @@
+"""Experiment files: a typed schema, `extends` (deep merge) and `key.sub=value` overrides.
+
+Merging rules: mappings merge key by key (the child wins); lists are replaced, except lists of
+mappings that all have a `name` (the stages), which merge item by item by name - so a study cell
+can change one field of one stage in a few lines. Override paths may address a stage by its name
+(`stages.finetune.optimizer.lr=1e-5`) or by index; values are parsed as YAML scalars.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, field_validator, model_validator
+
+from mipha_lab.errors import ConfigError
+from mipha_lab.validation import StrictModel, load_yaml, validate
+
+Mode = Literal["frozen", "full", "lora", "partial"]
+MODULES = ("vision", "projector", "lm_body", "lm_embeddings", "lm_head")
+
+
+class ModelConfig(StrictModel):
+    vision: str
+    projector: str = "mlp2x_gelu"
+    projector_args: dict[str, Any] = Field(default_factory=dict)
+    llm: str
+    feature_layer: int | None = None
+    feature_select: Literal["patch", "cls_patch"] | None = None
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    pretrained: bool = True  # load the cards' hub weights (tiny cards have none: random init)
+    max_positions: int | None = None
+    card_dirs: list[str] = Field(default_factory=list)
+
+
+class ModulePolicy(StrictModel):
+    """How one module trains in a stage. A bare string (`frozen`, `full`, `lora`, `partial`) is accepted."""
+
+    mode: Mode = "frozen"
+    lr: float | None = None  # absolute learning rate of this module
+    lr_scale: float | None = None  # or a multiplier of the stage's learning rate
+    from_layer: int | None = None  # partial: layers from this index on train
+    r: int = 64  # lora
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"mode": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModulePolicy":
+        if self.mode == "partial" and self.from_layer is None:
+            raise ValueError("mode 'partial' needs from_layer")
+        if self.lr is not None and self.lr_scale is not None:
+            raise ValueError("give lr or lr_scale, not both")
+        return self
+
+
+class Trainable(StrictModel):
+    vision: ModulePolicy = ModulePolicy()
+    projector: ModulePolicy = ModulePolicy(mode="full")
+    lm_body: ModulePolicy = ModulePolicy()
+    lm_embeddings: ModulePolicy = ModulePolicy()
+    lm_head: ModulePolicy = ModulePolicy()
+
+
+class OptimizerConfig(StrictModel):
+    lr: float
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+
+
+class ScheduleConfig(StrictModel):
+    kind: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = 0.03
+
+
+class CheckpointingConfig(StrictModel):
+    """Activation checkpointing per module (recomputation trades compute for memory)."""
+
+    vision: bool = False
+    lm: bool = False
+
+
+class QuirksConfig(StrictModel):
+    """Behaviours of the original that changed what the released models learned (default: correct)."""
+
+    mask_first_answer_token: bool = False
+
+
+class StageConfig(StrictModel):
+    name: str
+    mixture: str
+    template: str
+    image_strategy: Literal["square", "pad", "resize-naive", "resize-crop"] = "square"
+    max_length: int = 2048
+    batching: Literal["padded", "modality-grouped", "packed"] = "padded"
+    global_batch: int
+    micro_batch: int
+    epochs: float | None = 1.0
+    max_steps: int | None = None
+    optimizer: OptimizerConfig
+    schedule: ScheduleConfig = ScheduleConfig()
+    activation_checkpointing: CheckpointingConfig = CheckpointingConfig()
+    trainable: Trainable = Trainable()
+    bad_samples: Literal["skip", "error"] = "skip"
+    quirks: QuirksConfig = QuirksConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "StageConfig":
+        if self.global_batch % self.micro_batch:
+            raise ValueError(f"global_batch {self.global_batch} is not a multiple of micro_batch {self.micro_batch}")
+        if self.epochs is None and self.max_steps is None:
+            raise ValueError("give epochs or max_steps")
+        return self
+
+
+class EngineConfig(StrictModel):
+    kind: Literal["auto", "torch", "deepspeed"] = "auto"  # auto: torch for 1 process, DeepSpeed for more
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPUs, fp32 on the CPU
+    deterministic: bool = False
+
+
+class EvalConfig(StrictModel):
+    benchmarks: list[str] = Field(default_factory=list)
+    batch_size: int = 16
+    max_new_tokens: int | None = None
+    image_strategy: Literal["square", "pad", "resize-naive", "resize-crop"] = "pad"
+
+
+class TrackingConfig(StrictModel):
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "mipha-lab"
+    group: str | None = None
+    tags: list[str] = Field(default_factory=list)
+
+
+class Experiment(StrictModel):
+    model: ModelConfig
+    stages: list[StageConfig]
+    engine: EngineConfig = EngineConfig()
+    eval: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    seed: int = 0
+    data_root: str = "./data"
+    data_workers: int = 0  # DataLoader worker processes per rank
+    runs_root: str = "./runs"
+    run_name: str | None = None
+    extends_chain: list[str] = Field(default_factory=list)  # filled by the loader
+    source: str | None = None
+
+    @field_validator("stages")
+    @classmethod
+    def _unique_stage_names(cls, stages: list[StageConfig]) -> list[StageConfig]:
+        names = [s.name for s in stages]
+        if not stages or len(set(names)) != len(names):
+            raise ValueError(f"stages need at least one entry and unique names, got {names}")
+        return stages
+
+    def stage(self, name: str) -> StageConfig:
+        return next(s for s in self.stages if s.name == name)
+
+
+def _named_list(value: Any) -> bool:
+    return isinstance(value, list) and value != [] and all(isinstance(v, dict) and "name" in v for v in value)
+
+
+def deep_merge(base: Any, child: Any) -> Any:
+    if isinstance(base, dict) and isinstance(child, dict):
+        merged = dict(base)
+        for key, value in child.items():
+            merged[key] = deep_merge(base[key], value) if key in base else copy.deepcopy(value)
+        return merged
+    if _named_list(base) and _named_list(child):
+        children = {c["name"]: c for c in child}
+        merged = [deep_merge(b, children[b["name"]]) if b["name"] in children else copy.deepcopy(b) for b in base]
+        known = {b["name"] for b in base}
+        return merged + [copy.deepcopy(c) for c in child if c["name"] not in known]
+    return copy.deepcopy(child)
+
+
+def _resolve_file(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict[str, Any], list[str]]:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: `extends` forms a cycle ({' -> '.join(map(str, seen + (path,)))})")
+    data = load_yaml(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data, [str(path)]
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: key 'extends' must be a path to another experiment file")
+    parent_path = (path.parent / parent) if not Path(parent).is_absolute() else Path(parent)
+    if not parent_path.is_file():
+        raise ConfigError(f"{path}: extends {parent!r}, but {parent_path} does not exist")
+    base, chain = _resolve_file(parent_path, seen + (path,))
+    return deep_merge(base, data), chain + [str(path)]
+
+
+def apply_override(data: dict[str, Any], override: str, source: str = "command line") -> None:
+    """`key.sub=value`; list items by index or, for named lists, by name."""
+    if "=" not in override:
+        raise ConfigError(f"{source}: override {override!r} must look like key.sub=value")
+    path, raw = override.split("=", 1)
+    value = yaml.safe_load(raw) if raw else ""
+    keys = path.split(".")
+    node: Any = data
+    for depth, key in enumerate(keys):
+        last = depth == len(keys) - 1
+        if isinstance(node, list):
+            index = next((i for i, item in enumerate(node) if isinstance(item, dict) and item.get("name") == key), None)
+            if index is None and key.lstrip("-").isdigit():
+                index = int(key)
+            if index is None or not -len(node) <= index < len(node):
+                names = [item.get("name") for item in node if isinstance(item, dict)]
+                raise ConfigError(f"{source}: {'.'.join(keys[: depth + 1])} names no item (items: {names})")
+            if last:
+                node[index] = value
+            node = node[index]
+        elif isinstance(node, dict):
+            if last:
+                node[key] = value
+            else:
+                node = node.setdefault(key, {})
+        else:
+            raise ConfigError(f"{source}: cannot set {path}: {'.'.join(keys[:depth])} is a {type(node).__name__}")
+
+
+def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Experiment:
+    """Read, resolve `extends`, apply overrides, validate. Errors name the file and the key path."""
+    path = Path(path)
+    data, chain = _resolve_file(path)
+    for override in overrides or []:
+        apply_override(data, override)
+    data.setdefault("run_name", path.stem)
+    data["extends_chain"] = chain
+    data["source"] = str(path.resolve())
+    where = str(path) + (f" (extends {' <- '.join(chain[:-1])})" if len(chain) > 1 else "")
+    if overrides:
+        where += f" with overrides {overrides}"
+    return validate(Experiment, data, where)
+
+
+def dump_experiment(experiment: Experiment) -> str:
+    return yaml.safe_dump(experiment.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,107 @@
+"""The self-describing run folder every run leaves (layout in the README; later tools rely on the names)."""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from mipha_lab.config import Experiment, dump_experiment
+
+PACKAGES = ("mipha-lab", "torch", "torchvision", "transformers", "tokenizers", "timm", "open-clip-torch", "peft",
+            "deepspeed", "submitit", "wandb", "safetensors", "pydantic")
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _git(*args: str) -> str | None:
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        out = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def file_digest(path: Path) -> dict[str, Any]:
+    sha = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            sha.update(block)
+    return {"path": str(path), "bytes": path.stat().st_size, "sha256": sha.hexdigest()}
+
+
+def hardware() -> dict[str, Any]:
+    import torch
+
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return {"host": socket.gethostname(), "platform": platform.platform(), "cpus": os.cpu_count(), "gpus": gpus}
+
+
+class RunFolder:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    @classmethod
+    def for_experiment(cls, experiment: Experiment) -> "RunFolder":
+        return cls(Path(experiment.runs_root) / (experiment.run_name or "run"))
+
+    def _write(self, name: str, text: str) -> Path:
+        target = self.path / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temporary = target.with_name(target.name + ".tmp")
+        temporary.write_text(text)
+        temporary.replace(target)  # never a half-written file under the real name
+        return target
+
+    def write_json(self, name: str, data: Any) -> Path:
+        return self._write(name, json.dumps(data, indent=2) + "\n")
+
+    def create(self, experiment: Experiment, data_files: list[Path], world_size: int) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._write("config.yaml", dump_experiment(experiment))
+        versions = {}
+        for package in PACKAGES:
+            try:
+                versions[package] = metadata.version(package)
+            except metadata.PackageNotFoundError:
+                versions[package] = None
+        dirty = _git("status", "--porcelain")
+        self.write_json("manifest.json", {
+            "created": _now(),
+            "git": {"commit": _git("rev-parse", "HEAD"), "dirty": bool(dirty) if dirty is not None else None},
+            "versions": versions,
+            "hardware": hardware(),
+            "world_size": world_size,
+            "seed": experiment.seed,
+            "command": [sys.executable, *sys.argv],
+            "data_files": [file_digest(p) for p in data_files if p.is_file()],
+        })
+
+    def status(self, state: str, **fields: Any) -> None:
+        self.write_json("status.json", {"state": state, **fields, "updated": _now()})
+
+    def read_status(self) -> dict[str, Any] | None:
+        path = self.path / "status.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        with (self.path / "metrics.jsonl").open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+    def metrics(self) -> list[dict[str, Any]]:
+        path = self.path / "metrics.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+    def write_params(self, stage: str, rows: list[Any], markdown: str) -> None:
+        self.write_json(f"params-{stage}.json", [row.__dict__ for row in rows])
+        self._write(f"params-{stage}.md", markdown)

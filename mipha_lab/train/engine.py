@@ -1,0 +1,113 @@
+"""One engine interface over plain PyTorch (one process) and DeepSpeed ZeRO 0/1/2/3 (any number).
+
+The loop computes each micro-batch's loss as (sum of token losses) x world / (supervised tokens of the
+whole global batch), so gradients summed over accumulation and averaged over ranks are exactly those
+of the mean over every supervised token of the global batch. DeepSpeed's own division by the
+accumulation steps is therefore turned off (`scale_wrt_gas=False`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from mipha_lab.config import ScheduleConfig, StageConfig
+
+
+def lr_lambda(schedule: ScheduleConfig, total_steps: int):
+    warmup = math.ceil(schedule.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if schedule.kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        if schedule.kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return 1.0
+
+    return factor
+
+
+def _optimizer(param_groups: list[dict[str, Any]], stage: StageConfig) -> torch.optim.Optimizer:
+    opt = stage.optimizer
+    return torch.optim.AdamW(param_groups, lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
+
+
+class TorchEngine:
+    """Single process: AdamW, gradient clipping, the schedule; bf16 autocast on GPUs."""
+
+    def __init__(self, model: nn.Module, param_groups: list[dict[str, Any]], stage: StageConfig, total_steps: int,
+                 bf16: bool = False) -> None:
+        self.model = model
+        self.optimizer = _optimizer(param_groups, stage)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(stage.schedule, total_steps))
+        self.max_grad_norm = stage.optimizer.max_grad_norm
+        self.bf16 = bf16
+        self.params = [p for g in param_groups for p in g["params"]]
+
+    def autocast(self):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return torch.autocast(device, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def micro_step(self) -> None:
+        """Called after each micro-batch's backward (DeepSpeed counts them; nothing to do here)."""
+
+    def step(self) -> float:
+        limit = self.max_grad_norm if self.max_grad_norm else float("inf")
+        norm = float(torch.nn.utils.clip_grad_norm_(self.params, limit))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def lrs(self) -> dict[str, float]:
+        return {g["name"]: g["lr"] for g in self.optimizer.param_groups}
+
+
+class DeepSpeedEngine:
+    """DeepSpeed with ZeRO from the experiment; a torch AdamW with our per-module parameter groups."""
+
+    def __init__(self, model: nn.Module, param_groups: list[dict[str, Any]], stage: StageConfig, total_steps: int,
+                 zero_stage: int, accumulation: int, bf16: bool = False) -> None:
+        import deepspeed
+
+        optimizer = _optimizer(param_groups, stage)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage.schedule, total_steps))
+        config = {
+            "train_micro_batch_size_per_gpu": stage.micro_batch,
+            "gradient_accumulation_steps": accumulation,
+            "gradient_clipping": stage.optimizer.max_grad_norm or 0.0,
+            "zero_optimization": {"stage": zero_stage},
+            "bf16": {"enabled": bf16},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 1 << 30,
+            "wall_clock_breakdown": False,
+        }
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config
+        )
+        self.model = self.engine
+        self.bf16 = bf16
+
+    def autocast(self):
+        return torch.autocast("cpu", enabled=False)  # DeepSpeed casts the model itself
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def micro_step(self) -> None:
+        self.engine.step()  # updates only at the accumulation boundary
+
+    def step(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def lrs(self) -> dict[str, float]:
+        return {g["name"]: g["lr"] for g in self.optimizer.param_groups}

@@ -1,0 +1,158 @@
+"""Trainability policy per module: frozen, full, LoRA or partial, each with its own learning rate.
+
+Modules: `vision` (the tower), `projector`, `lm_embeddings` (input embeddings), `lm_head` (output
+layer), `lm_body` (everything else in the LM). When the head is tied to the embeddings (Gemma,
+Qwen2.5, SmolLM2), the two are one matrix and must share one policy.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from mipha_lab.config import MODULES, ModulePolicy, StageConfig, Trainable
+from mipha_lab.errors import ConfigError
+
+
+@dataclass
+class ModuleRow:
+    module: str
+    total: int
+    trainable: int
+    policy: str
+    lr: float | None
+
+
+def module_parameters(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """Each parameter in exactly one module group (a tied head counts under lm_embeddings)."""
+    lm = model.language_model
+    embeddings, head = lm.get_input_embeddings(), lm.get_output_embeddings()
+    groups: dict[str, list[tuple[str, nn.Parameter]]] = {name: [] for name in MODULES}
+    seen: set[int] = set()
+
+    def add(group: str, module: nn.Module, prefix: str) -> None:
+        for name, param in module.named_parameters(prefix=prefix):
+            if id(param) not in seen:
+                seen.add(id(param))
+                groups[group].append((name, param))
+
+    add("vision", model.vision_tower, "vision_tower")
+    add("projector", model.projector, "projector")
+    add("lm_embeddings", embeddings, "lm.embeddings")
+    add("lm_head", head, "lm.head")
+    add("lm_body", lm, "language_model")
+    return groups
+
+
+def is_tied(model: nn.Module) -> bool:
+    lm = model.language_model
+    return lm.get_output_embeddings().weight is lm.get_input_embeddings().weight
+
+
+def blocks(model: nn.Module, module: str) -> nn.ModuleList:
+    """The repeated layers that `partial` counts from."""
+    if module == "lm_body":
+        return model.language_model.get_decoder().layers
+    if module == "vision":
+        return model.vision_tower.blocks
+    raise ConfigError(f"mode 'partial' applies to vision and lm_body, not {module}")
+
+
+def _linear_names(module: nn.Module) -> list[str]:
+    return sorted({name.rsplit(".", 1)[-1] for name, child in module.named_modules() if isinstance(child, nn.Linear)})
+
+
+def add_lora(module: nn.Module, policy: ModulePolicy) -> None:
+    """Inject LoRA adapters into the linear layers of `module` (peft), in place."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    targets = _linear_names(module) if policy.target_modules == "all-linear" else policy.target_modules
+    config = LoraConfig(r=policy.r, lora_alpha=policy.alpha, lora_dropout=policy.dropout, target_modules=targets)
+    inject_adapter_in_model(config, module)
+
+
+def merge_lora(model: nn.Module) -> int:
+    """Fold every LoRA adapter into its base layer and remove the adapter modules; returns how many."""
+    from peft.tuners.lora import LoraLayer
+
+    merged = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer())
+            merged += 1
+    return merged
+
+
+def _lora_target(model: nn.Module, module: str) -> nn.Module:
+    if module == "lm_body":
+        return model.language_model.get_decoder()
+    if module == "vision":
+        return model.vision_tower
+    raise ConfigError(f"mode 'lora' applies to vision and lm_body, not {module}")
+
+
+def check_tied(trainable: Trainable, model: nn.Module, llm_name: str) -> None:
+    if is_tied(model) and trainable.lm_head != trainable.lm_embeddings:
+        raise ConfigError(
+            f"language model '{llm_name}' ties lm_head to lm_embeddings (one matrix): give both the same policy "
+            f"(got lm_head={trainable.lm_head.mode}, lm_embeddings={trainable.lm_embeddings.mode})"
+        )
+
+
+def module_lr(policy: ModulePolicy, stage_lr: float) -> float:
+    if policy.lr is not None:
+        return policy.lr
+    return stage_lr * (policy.lr_scale if policy.lr_scale is not None else 1.0)
+
+
+def apply_policy(model: nn.Module, stage: StageConfig, llm_name: str = "") -> tuple[list[dict[str, Any]], list[ModuleRow]]:
+    """Set requires_grad (injecting LoRA where asked) and return the optimizer's parameter groups
+    (one per trainable module, weight decay only on matrices) and the parameter table."""
+    trainable = stage.trainable
+    check_tied(trainable, model, llm_name)
+    for module in MODULES:
+        policy = getattr(trainable, module)
+        if policy.mode == "lora":
+            add_lora(_lora_target(model, module), policy)
+    groups = module_parameters(model)
+    param_groups: list[dict[str, Any]] = []
+    rows: list[ModuleRow] = []
+    for module in MODULES:
+        policy = getattr(trainable, module)
+        params = groups[module]
+        for name, param in params:
+            param.requires_grad = policy.mode == "full" or (policy.mode == "lora" and "lora_" in name)
+        if policy.mode == "partial":
+            assert policy.from_layer is not None
+            layers = blocks(model, module)
+            if not 0 <= policy.from_layer < len(layers):
+                raise ConfigError(f"{module}: from_layer {policy.from_layer} outside 0..{len(layers) - 1}")
+            for layer in list(layers)[policy.from_layer :]:
+                layer.requires_grad_(True)
+        chosen = [(n, p) for n, p in params if p.requires_grad]
+        lr = module_lr(policy, stage.optimizer.lr) if chosen else None
+        if chosen:
+            decay = [p for n, p in chosen if p.ndim >= 2]
+            no_decay = [p for n, p in chosen if p.ndim < 2]
+            for suffix, plist, wd in (("", decay, stage.optimizer.weight_decay), (".no_decay", no_decay, 0.0)):
+                if plist:
+                    param_groups.append({"params": plist, "lr": lr, "weight_decay": wd, "name": module + suffix})
+        label = policy.mode + (f" from layer {policy.from_layer}" if policy.mode == "partial" else "")
+        label += f" r={policy.r} alpha={policy.alpha}" if policy.mode == "lora" else ""
+        rows.append(ModuleRow(module, sum(p.numel() for _, p in params), sum(p.numel() for _, p in chosen), label, lr))
+    if not param_groups:
+        raise ConfigError(f"stage '{stage.name}': every module is frozen, nothing would train")
+    return param_groups, rows
+
+
+def table_markdown(stage: str, rows: list[ModuleRow]) -> str:
+    lines = [f"### parameters of stage '{stage}'", "", "| module | total | trainable | policy | lr |", "|---|---:|---:|---|---:|"]
+    for r in rows:
+        lr = f"{r.lr:.3g}" if r.lr is not None else "-"
+        lines.append(f"| {r.module} | {r.total:,} | {r.trainable:,} | {r.policy} | {lr} |")
+    total, train = sum(r.total for r in rows), sum(r.trainable for r in rows)
+    lines.append(f"| **all** | {total:,} | {train:,} ({100 * train / max(total, 1):.1f}%) | | |")
+    return "\n".join(lines) + "\n"

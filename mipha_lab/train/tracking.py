@@ -1,0 +1,32 @@
+"""Experiment tracking: wandb (offline by default) on rank 0; nothing when disabled."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mipha_lab.config import Experiment
+
+
+class Tracker:
+    def __init__(self, experiment: Experiment, run_dir: Path, enabled: bool) -> None:
+        self.run = None
+        mode = experiment.tracking.wandb_mode
+        if enabled and mode != "disabled":
+            import wandb
+
+            self.run = wandb.init(
+                project=experiment.tracking.project, group=experiment.tracking.group, tags=experiment.tracking.tags,
+                name=experiment.run_name, dir=str(run_dir), mode=mode, config=experiment.model_dump(mode="json"),
+                reinit="finish_previous",
+            )
+
+    def log(self, row: dict[str, Any]) -> None:
+        if self.run is not None:
+            flat = {k: v for k, v in row.items() if isinstance(v, (int, float)) and v is not None}
+            flat.update({f"lr/{k}": v for k, v in row.get("lr", {}).items()})
+            flat.update({f"time/{k}": v for k, v in row.get("time", {}).items()})
+            self.run.log(flat, step=row["step"])
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
