@@ -239,8 +239,9 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
     for override in overrides or []:
         apply_override(data, override)
     data.setdefault("run_name", path.stem)
-    data["extends_chain"] = chain
-    data["source"] = str(path.resolve())
+    if len(chain) > 1 or "extends_chain" not in data:  # a resolved config.yaml keeps the chain it records
+        data["extends_chain"] = chain
+        data["source"] = str(path.resolve())
     where = str(path) + (f" (extends {' <- '.join(chain[:-1])})" if len(chain) > 1 else "")
     if overrides:
         where += f" with overrides {overrides}"

@@ -40,8 +40,13 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 def _allowed_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     """The field names allowed at `loc` (the parent of an unknown key), when it is a nested model."""
+    from typing import get_args
+
     current: Any = model
     for part in loc:
+        if isinstance(part, int):  # an item of a list[Model]
+            current = next((a for a in get_args(current) if hasattr(a, "model_fields")), None)
+            continue
         fields = getattr(current, "model_fields", None)
         if fields is None or part not in fields:
             return []

@@ -55,15 +55,26 @@ class Distributed:
         return tensor.tolist()
 
 
-def init_distributed() -> Distributed:
-    """torchrun / SLURM environment -> process group (gloo on the CPU, NCCL on GPUs) via DeepSpeed."""
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed(process_group: bool = False) -> Distributed:
+    """torchrun / SLURM environment -> process group (gloo on the CPU, NCCL on GPUs) via DeepSpeed.
+    `process_group` makes one for a single process too (DeepSpeed needs one)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if process_group and "WORLD_SIZE" not in os.environ:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    if world > 1 and not torch.distributed.is_initialized():
+    if (world > 1 or process_group) and not torch.distributed.is_initialized():
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
@@ -283,7 +294,7 @@ def data_files(experiment: Experiment) -> list[Path]:
 
 def run_experiment(experiment: Experiment) -> RunFolder:
     """Train every stage in order in one run folder, save final/, then evaluate."""
-    dist = init_distributed()
+    dist = init_distributed(process_group=experiment.engine.kind == "deepspeed")
     run = RunFolder.for_experiment(experiment)
     if dist.main:
         state = (run.read_status() or {}).get("state")
