@@ -10,7 +10,7 @@ from typing import Any
 from mipha_lab.data.templates import get_template
 from mipha_lab.eval.generate import answer_questions, read_jsonl
 
-CHANCE = {"color": 1 / 6, "shape": 1 / 3, "count": 1 / 3, "position": 1 / 3, "yes/no": 1 / 2}
+CHANCE = {"color": 1 / 6, "shape": 1 / 3, "count": 1 / 2, "position": 1 / 3, "yes/no": 1 / 2}
 
 
 def normalize(text: str) -> str:
@@ -76,6 +76,11 @@ def write_summary(folder: Path, results: dict[str, dict[str, Any]]) -> None:
         writer = csv.writer(handle)
         writer.writerow(["benchmark", "metric", "value"])
         writer.writerows(rows)
-    lines = ["| benchmark | metric | value |", "|---|---|---:|"] + [f"| {b} | {m} | {v:.4f} |" for b, m, v in rows]
+    def chance(metric: str) -> str:
+        level = CHANCE.get(metric.removesuffix("_accuracy"))
+        return f"{level:.3f}" if level is not None else ""
+
+    lines = ["| benchmark | metric | value | chance |", "|---|---|---:|---:|"]
+    lines += [f"| {b} | {m} | {v:.4f} | {chance(m)} |" for b, m, v in rows]
     (folder / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

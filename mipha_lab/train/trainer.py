@@ -182,7 +182,7 @@ class StageRunner:
         engine = self.engine(param_groups, total)
         self.model.train()
         bar = tqdm(total=total, desc=f"stage {stage.name}", unit="step", disable=not dist.main, dynamic_ncols=True)
-        step, epoch = 0, 0
+        step, epoch, started, first_loss = 0, 0, time.time(), None
         report = SkipReport()
         report.add(self.read_skips)
         while step < total:
@@ -194,12 +194,16 @@ class StageRunner:
                 if step >= total:
                     break
                 self.optimizer_step(engine, batches, step, epoch, total, report)
+                first_loss = self.last_loss if first_loss is None else first_loss
                 step += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{self.last_loss:.4f}")
             epoch += 1
             self.report_skips(report, epoch)
         bar.close()
+        if dist.main:
+            print(f"stage {stage.name}: {step} steps, {epoch} epoch(s) in {time.time() - started:.0f} s, "
+                  f"loss {first_loss:.4f} -> {self.last_loss:.4f}; {report.summary()}")
         return self.step_offset + step
 
     def report_skips(self, report: SkipReport, epoch: int) -> None:
