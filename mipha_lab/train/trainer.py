@@ -17,7 +17,7 @@ from mipha_lab.config import Experiment, StageConfig
 from mipha_lab.data.batching import RankBatchSampler, collator, plan_epoch
 from mipha_lab.data.image_processing import ImageProcessor
 from mipha_lab.data.llava import LlavaDataset
-from mipha_lab.data.mixtures import load_mixture
+from mipha_lab.data.mixtures import ensure_generated, load_mixture
 from mipha_lab.data.problems import SkipReport
 from mipha_lab.data.templates import get_template
 from mipha_lab.errors import ConfigError
@@ -82,8 +82,6 @@ def init_distributed(process_group: bool = False) -> Distributed:
 
 
 def build_model(experiment: Experiment) -> MultimodalModel:
-    for folder in experiment.model.card_dirs:
-        add_card_dir(folder)
     m = experiment.model
     torch.manual_seed(experiment.seed)
     from mipha_lab.model.language import resolve_attn_implementation
@@ -299,6 +297,8 @@ def data_files(experiment: Experiment) -> list[Path]:
 def run_experiment(experiment: Experiment) -> RunFolder:
     """Train every stage in order in one run folder, save final/, then evaluate."""
     dist = init_distributed(process_group=experiment.engine.kind == "deepspeed")
+    for folder in experiment.model.card_dirs:
+        add_card_dir(folder)
     run = RunFolder.for_experiment(experiment)
     if dist.main:
         state = (run.read_status() or {}).get("state")
@@ -307,16 +307,12 @@ def run_experiment(experiment: Experiment) -> RunFolder:
                 f"run folder {run.path} already holds a run (state: {state}); choose another run_name=... "
                 "or remove the folder (resuming arrives with the next issue)"
             )
-        run.create(experiment, [], dist.world_size)
-    dist.barrier()
-    model = build_model(experiment).to(dist.device)
-    for stage in experiment.stages:  # synthetic mixtures are generated once, before anything is hashed
-        if dist.main:
-            load_mixture(stage.mixture, experiment.data_root, experiment.seed)
-    dist.barrier()
-    if dist.main:
+        for stage in experiment.stages:  # synthetic data is written before its files are hashed
+            ensure_generated(MIXTURES.get(stage.mixture), Path(experiment.data_root))
         run.create(experiment, data_files(experiment), dist.world_size)
         run.status("running", stage=experiment.stages[0].name, step=0, total_steps=None)
+    dist.barrier()
+    model = build_model(experiment).to(dist.device)
     tracker = Tracker(experiment, run.path, dist.main)
     zero3 = experiment.engine.zero_stage == 3 and dist.world_size > 1
     step = 0
