@@ -127,8 +127,6 @@ def test_aliases_and_registry():
 
 
 def test_a_split_end_token_is_refused():
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast  # noqa: F401
-
     tokenizer = load_tokenizer(LLM.get("tiny-phi-2"))
     custom = Template(name="x", description="", system=None, system_format="", user_format="{content}",
                       assistant_tag="", generation_tag="", end="<|not-a-token|>")

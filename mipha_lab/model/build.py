@@ -106,7 +106,7 @@ def build_vlm(
 
 def _rebuild_llm(spec: ComponentSpec, attn_implementation: str) -> nn.Module:
     if spec.card is not None:
-        card = validate(LLMCard, spec.card, f"config.json: llm.card").named(spec.name, "config.json")
+        card = validate(LLMCard, spec.card, "config.json: llm.card").named(spec.name, "config.json")
         return build_llm(card, attn_implementation=attn_implementation)[0]
     from transformers import AutoConfig, AutoModelForCausalLM
 
