@@ -131,6 +131,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         self.template, self.tokenizer, self.processor = template, tokenizer, processor
         self.max_length, self.image_tokens, self.policy = max_length, image_tokens, policy
         self.mask_first_answer_token = mask_first_answer_token
+        self._token_lengths: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -143,8 +144,10 @@ class LlavaDataset(torch.utils.data.Dataset):
         ]
 
     def token_lengths(self) -> list[int]:
-        """Exact positions per sample after splicing (tokenizes every conversation, opens no image);
+        """Exact positions per sample after splicing (tokenizes every conversation once, opens no image);
         what packing budgets need. Samples whose mask fails count as 0 (they are skipped later)."""
+        if self._token_lengths is not None:
+            return self._token_lengths
         lengths = []
         for record in self.records:
             try:
@@ -152,6 +155,7 @@ class LlavaDataset(torch.utils.data.Dataset):
                 lengths.append(len(ids) + len(record.images) * (self.image_tokens - 1))
             except InputError:
                 lengths.append(0)
+        self._token_lengths = lengths
         return lengths
 
     def load(self, index: int) -> dict[str, Any]:
