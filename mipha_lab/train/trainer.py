@@ -174,8 +174,9 @@ class StageRunner:
             print(markdown)
             self.run.write_params(stage.name, rows, markdown)
         steps_per_epoch = len(RankBatchSampler(self.plan(0), dist.rank, dist.world_size)) // self.accumulation
-        if steps_per_epoch < 1 and stage.max_steps is None:
-            raise ConfigError(f"stage '{stage.name}': too few samples for one global batch of {stage.global_batch}")
+        if steps_per_epoch < 1:
+            raise ConfigError(f"stage '{stage.name}': {len(self.dataset)} samples do not fill one global batch of "
+                              f"{stage.global_batch}")
         total = self.total_steps(steps_per_epoch)
         engine = self.engine(param_groups, total)
         self.model.train()
