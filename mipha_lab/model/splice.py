@@ -30,6 +30,16 @@ class Spliced:
         return self.attention_mask.sum(1)
 
 
+def spliced_positions(
+    is_image: torch.Tensor, valid: torch.Tensor, tokens_per_image: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each input token starts once every image placeholder becomes `tokens_per_image` positions
+    (padding takes none), and each row's spliced length."""
+    width = torch.where(is_image, tokens_per_image, 1) * valid
+    end = width.cumsum(1)
+    return end - width, end[:, -1]
+
+
 def check_image_counts(
     is_image: torch.Tensor,
     num_images: int,
@@ -79,10 +89,7 @@ def splice(
     check_image_counts(is_image, num_images)
     tokens_per_image = 0 if image_features is None else image_features.shape[1]
 
-    width = torch.where(is_image, tokens_per_image, 1) * valid
-    end = width.cumsum(1)
-    start = end - width
-    lengths = end[:, -1]
+    start, lengths = spliced_positions(is_image, valid, tokens_per_image)
     length = int(lengths.max()) if batch else 0
     if max_length is not None and length > max_length:
         if padding_side == "left":
@@ -138,8 +145,7 @@ def count_targets(
     truncated - known before any forward pass, so a global batch can be normalised exactly."""
     valid = attention_mask.bool()
     is_image = (input_ids == image_token_index) & valid
-    width = torch.where(is_image, tokens_per_image, 1) * valid
-    start = width.cumsum(1) - width
+    start, _ = spliced_positions(is_image, valid, tokens_per_image)
     target = (labels != IGNORE_INDEX) & valid & ~is_image & (start >= 1)
     if max_length is not None:
         target &= start < max_length
