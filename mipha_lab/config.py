@@ -89,9 +89,21 @@ class CheckpointingConfig(StrictModel):
 
 
 class QuirksConfig(StrictModel):
-    """Behaviours of the original that changed what the released models learned (default: correct)."""
+    """Behaviours of the original that changed what the released models learned (mipha-reference.md
+    section 10, by number); all off by default, which is the corrected behaviour."""
 
-    mask_first_answer_token: bool = False
+    stage1_trains_lm_head: bool = False  # 1: a stage with the LM body frozen still trains an untied head
+    shared_learning_rate: bool = False  # 2: per-module learning rates are ignored (mm_projector_lr never applied)
+    no_truncation_after_splice: bool = False  # 3: spliced sequences may exceed the model's positions
+    mask_first_answer_token: bool = False  # 5: the off-by-one that masked each answer's first token
+
+
+class CheckpointConfig(StrictModel):
+    """When to write resumable checkpoints to <run>/checkpoints/ (also at the end of every stage)."""
+
+    every_steps: int | None = None
+    every_minutes: float | None = 30.0
+    keep_last: int = Field(2, ge=1)
 
 
 class StageConfig(StrictModel):
@@ -110,7 +122,7 @@ class StageConfig(StrictModel):
     activation_checkpointing: CheckpointingConfig = CheckpointingConfig()
     trainable: Trainable = Trainable()
     bad_samples: Literal["skip", "error"] = "skip"
-    quirks: QuirksConfig = QuirksConfig()
+    zero_stage: Literal[0, 1, 2, 3] | None = None  # this stage's ZeRO stage (default: engine.zero_stage)
 
     @model_validator(mode="after")
     def _check(self) -> "StageConfig":
@@ -148,6 +160,8 @@ class Experiment(StrictModel):
     engine: EngineConfig = EngineConfig()
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    quirks: QuirksConfig = QuirksConfig()
     seed: int = 0
     data_root: str = "./data"
     data_workers: int = 0  # DataLoader worker processes per rank
@@ -166,6 +180,9 @@ class Experiment(StrictModel):
 
     def stage(self, name: str) -> StageConfig:
         return next(s for s in self.stages if s.name == name)
+
+    def zero_stage(self, stage: StageConfig) -> int:
+        return self.engine.zero_stage if stage.zero_stage is None else stage.zero_stage
 
 
 def _named_list(value: Any) -> bool:

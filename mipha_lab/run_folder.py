@@ -98,6 +98,11 @@ class RunFolder:
         with (self.path / "metrics.jsonl").open("a") as handle:
             handle.write(json.dumps(row) + "\n")
 
+    def truncate_metrics(self, last_step: int) -> None:
+        """Drop rows after `last_step` (a resumed run trains those steps again; no duplicates)."""
+        rows = [row for row in self.metrics() if row["step"] <= last_step]
+        self._write("metrics.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+
     def metrics(self) -> list[dict[str, Any]]:
         path = self.path / "metrics.jsonl"
         return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []

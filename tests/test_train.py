@@ -12,7 +12,6 @@ import torch
 
 from mipha_lab.config import load_experiment
 from mipha_lab.model import MultimodalModel
-from mipha_lab.train.trainer import run_experiment
 
 REPO = Path(__file__).resolve().parents[1]
 MICRO = REPO / "experiments" / "micro.yaml"
@@ -75,13 +74,6 @@ def test_final_model_loads_and_answers(reference_run):
     model = MultimodalModel.from_pretrained(reference_run / "final")
     answers = (reference_run / "eval/shapes-vqa/answers.jsonl").read_text().splitlines()
     assert len(answers) == 1000 and model.config.template == "phi"
-
-
-def test_second_launch_into_a_finished_run_is_refused(workspace, reference_run):
-    experiment = load_experiment(MICRO, [f"data_root={workspace / 'data'}", f"runs_root={workspace / 'runs'}",
-                                         "run_name=one-process", "tracking.wandb_mode=disabled"])
-    with pytest.raises(Exception, match="already holds a run"):
-        run_experiment(experiment)
 
 
 def test_deepspeed_single_process_follows_the_torch_loss_curve(workspace, reference_run):

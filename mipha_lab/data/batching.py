@@ -117,11 +117,13 @@ def collator(batching: Batching):
 
 
 class RankBatchSampler(torch.utils.data.Sampler):
-    """This rank's micro-batches of an epoch plan (so every rank runs the same number of steps)."""
+    """This rank's micro-batches of an epoch plan (so every rank runs the same number of steps),
+    from its `start`-th one (a resumed run continues mid-epoch)."""
 
-    def __init__(self, plan: list[list[int]], rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, plan: list[list[int]], rank: int = 0, world_size: int = 1, start: int = 0) -> None:
         usable = len(plan) - len(plan) % world_size
-        self.batches = plan[rank:usable:world_size]
+        self.start = start
+        self.batches = plan[rank:usable:world_size][start:]
 
     def __iter__(self):
         return iter(self.batches)

@@ -52,6 +52,13 @@ class SkipReport:
     def total(self) -> int:
         return sum(self.counts.values())
 
+    def state(self) -> dict:
+        """Counts and examples so far (a checkpoint carries them across a resume)."""
+        return {"counts": dict(self.counts), "examples": {k: list(v) for k, v in self.examples.items()}}
+
+    def restore(self, state: dict) -> None:
+        self.counts, self.examples = Counter(state["counts"]), {k: list(v) for k, v in state["examples"].items()}
+
     def to_dict(self) -> dict:
         return {"total": self.total, "counts": dict(self.counts), "first": self.examples}
 

@@ -50,9 +50,10 @@ def build_vision(
 
 
 def build_llm(
-    spec: LLMSpec, *, pretrained: bool = False, attn_implementation: str = "sdpa"
+    spec: LLMSpec, *, pretrained: bool = False, attn_implementation: str = "sdpa", with_tokenizer: bool = True
 ) -> tuple[nn.Module, Any, ComponentSpec, str | None]:
-    """The LM, its tokenizer (None for a ready module), how to rebuild it, and its template name."""
+    """The LM, its tokenizer (None for a ready module or when not wanted, as in an offline plan), how to
+    rebuild it, and its template name."""
     from mipha_lab.model.language import build_language_model, load_tokenizer
 
     if isinstance(spec, nn.Module):
@@ -62,7 +63,7 @@ def build_llm(
     if not isinstance(card, LLMCard):
         raise ConfigError(f"language model '{spec}' must be a card (registry/llm/*.yaml) or a model object")
     lm = build_language_model(card, pretrained, attn_implementation)
-    return lm, load_tokenizer(card), ComponentSpec(name=card.name, card=card.to_dict()), card.template
+    return lm, load_tokenizer(card) if with_tokenizer else None, ComponentSpec(name=card.name, card=card.to_dict()), card.template
 
 
 def build_projector(spec: str | nn.Module, tower: nn.Module, lm_width: int, args: dict[str, Any] | None = None):
@@ -86,12 +87,13 @@ def build_vlm(
     max_positions: int | None = None,
     feature_layer: int | None = None,
     select: str | None = None,
+    with_tokenizer: bool = True,
 ) -> MultimodalModel:
     """Build a model from registry names (`build_vlm("tiny-siglip-so400m-384", "tiny-phi-2")`), cards
     or objects. `pretrained` loads the cards' hub weights (the tiny cards have none: random init)."""
     tower, vision_spec = build_vision(vision, pretrained=pretrained, feature_layer=feature_layer, select=select)
     lm, card_tokenizer, llm_spec, card_template = build_llm(
-        llm, pretrained=pretrained, attn_implementation=attn_implementation
+        llm, pretrained=pretrained, attn_implementation=attn_implementation, with_tokenizer=with_tokenizer
     )
     lm_width = lm.get_input_embeddings().weight.shape[1]
     proj, proj_spec = build_projector(projector, tower, lm_width, projector_args)

@@ -105,6 +105,15 @@ class Weight(StrictModel):
     weight: float  # epoch size = weight x source size (random subset below 1, repeats above)
 
 
+class SourceStats(StrictModel):
+    """Declared figures of a source, so a run can be planned (`launch --dry-run`) without its data."""
+
+    samples: int
+    image_fraction: float = 1.0  # samples with an image
+    text_tokens: float  # mean text tokens per sample, template included
+    supervised_tokens: float  # mean tokens that carry a loss
+
+
 class SourceSpec(StrictModel):
     """One annotation file of a mixture; paths are relative to the data root given at launch."""
 
@@ -112,6 +121,7 @@ class SourceSpec(StrictModel):
     annotations: str
     images: str | None = None
     sample: Literal["all"] | FirstN | RandomN | Weight = "all"
+    stats: SourceStats | None = None
 
 
 class MixtureCard(Card):

@@ -8,6 +8,7 @@ accumulation steps is therefore turned off (`scale_wrt_gas=False`).
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -70,6 +71,15 @@ class TorchEngine:
     def lrs(self) -> dict[str, float]:
         return {g["name"]: g["lr"] for g in self.optimizer.param_groups}
 
+    def save_state(self, folder: Path) -> None:
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                   folder / "optimizer.pt")
+
+    def load_state(self, folder: Path) -> None:
+        state = torch.load(folder / "optimizer.pt", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
 
 class DeepSpeedEngine:
     """DeepSpeed with ZeRO from the experiment; a torch AdamW with our per-module parameter groups."""
@@ -111,3 +121,11 @@ class DeepSpeedEngine:
 
     def lrs(self) -> dict[str, float]:
         return {g["name"]: g["lr"] for g in self.optimizer.param_groups}
+
+    def save_state(self, folder: Path) -> None:
+        """DeepSpeed's own files: each rank writes its optimizer partition (a collective call)."""
+        self.engine.save_checkpoint(str(folder / "deepspeed"), tag="state", save_latest=False)
+
+    def load_state(self, folder: Path) -> None:
+        self.engine.load_checkpoint(str(folder / "deepspeed"), tag="state", load_optimizer_states=True,
+                                    load_lr_scheduler_states=True, load_module_strict=True)

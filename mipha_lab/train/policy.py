@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from mipha_lab.config import MODULES, ModulePolicy, StageConfig, Trainable
+from mipha_lab.config import MODULES, ModulePolicy, QuirksConfig, StageConfig, Trainable
 from mipha_lab.errors import ConfigError
 
 
@@ -102,16 +102,28 @@ def check_tied(trainable: Trainable, model: nn.Module, llm_name: str) -> None:
         )
 
 
-def module_lr(policy: ModulePolicy, stage_lr: float) -> float:
+def with_quirks(trainable: Trainable, model: nn.Module, quirks: QuirksConfig) -> Trainable:
+    """Quirk 1: the original froze only the inner LM, so an untied head trained whenever the body was frozen."""
+    if (quirks.stage1_trains_lm_head and trainable.lm_body.mode == "frozen" and trainable.lm_head.mode == "frozen"
+            and not is_tied(model)):
+        return trainable.model_copy(update={"lm_head": ModulePolicy(mode="full")})
+    return trainable
+
+
+def module_lr(policy: ModulePolicy, stage_lr: float, shared: bool = False) -> float:
+    """The module's own rate, unless quirk 2 (one shared learning rate) is on."""
+    if shared:
+        return stage_lr
     if policy.lr is not None:
         return policy.lr
     return stage_lr * (policy.lr_scale if policy.lr_scale is not None else 1.0)
 
 
-def apply_policy(model: nn.Module, stage: StageConfig, llm_name: str = "") -> tuple[list[dict[str, Any]], list[ModuleRow]]:
+def apply_policy(model: nn.Module, stage: StageConfig, llm_name: str = "",
+                 quirks: QuirksConfig = QuirksConfig()) -> tuple[list[dict[str, Any]], list[ModuleRow]]:
     """Set requires_grad (injecting LoRA where asked) and return the optimizer's parameter groups
     (one per trainable module, weight decay only on matrices) and the parameter table."""
-    trainable = stage.trainable
+    trainable = with_quirks(stage.trainable, model, quirks)
     check_tied(trainable, model, llm_name)
     for module in MODULES:
         policy = getattr(trainable, module)
@@ -133,7 +145,7 @@ def apply_policy(model: nn.Module, stage: StageConfig, llm_name: str = "") -> tu
             for layer in list(layers)[policy.from_layer :]:
                 layer.requires_grad_(True)
         chosen = [(n, p) for n, p in params if p.requires_grad]
-        lr = module_lr(policy, stage.optimizer.lr) if chosen else None
+        lr = module_lr(policy, stage.optimizer.lr, quirks.shared_learning_rate) if chosen else None
         if chosen:
             decay = [p for n, p in chosen if p.ndim >= 2]
             no_decay = [p for n, p in chosen if p.ndim < 2]

@@ -1,6 +1,7 @@
 """Experiment tracking: wandb (offline by default) on rank 0; nothing when disabled."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ from mipha_lab.config import Experiment
 class Tracker:
     def __init__(self, experiment: Experiment, run_dir: Path, enabled: bool) -> None:
         self.run = None
-        mode = experiment.tracking.wandb_mode
+        mode = os.environ.get("WANDB_MODE") or experiment.tracking.wandb_mode  # the environment wins, as in wandb
         if enabled and mode != "disabled":
             import wandb
 

@@ -1,0 +1,168 @@
+"""What a recipe costs before it runs: `python -m mipha_lab.launch EXP.yaml --dry-run [--json]`.
+
+The real model is built on the meta device (no weights, no network), each stage's trainability policy
+is applied to it, and the analytic FLOPs of train/flops.py give the compute per sample. Sample counts
+come from the data when it is present, else from the mixture card's declared `stats`; token counts
+from the card's stats, else measured on the data with the model's tokenizer.
+
+Memory per GPU is an estimate: bf16 weights, bf16 gradients and fp32 AdamW states (master copy and
+two moments) of the trainable parameters, divided across GPUs as the ZeRO stage says, plus
+activations of one micro batch (34 bytes per token, layer and width; 2 under activation
+checkpointing - the usual transformer estimate with fused attention).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mipha_lab.config import Experiment, StageConfig
+from mipha_lab.data.mixtures import sample_indices
+from mipha_lab.errors import ConfigError
+from mipha_lab.model import MultimodalModel
+from mipha_lab.registry import MIXTURES
+from mipha_lab.train.flops import PEAK_BF16, sample_flops
+from mipha_lab.train.policy import apply_policy, module_parameters
+
+GIB = 2**30
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def meta_model(experiment: Experiment) -> MultimodalModel:
+    from mipha_lab.train.trainer import build_model
+
+    plain = experiment.model_copy(update={"model": experiment.model.model_copy(update={"pretrained": False})})
+    with torch.device("meta"):
+        return build_model(plain, with_tokenizer=False)
+
+
+def stage_data(stage: StageConfig, experiment: Experiment) -> dict[str, float]:
+    """Samples per epoch, images, text and supervised tokens per sample for one stage."""
+    root = Path(experiment.data_root)
+    samples = images = text = supervised = 0.0
+    for source in MIXTURES.get(stage.mixture).sources:
+        path = root / source.annotations
+        if path.is_file():
+            records = json.loads(path.read_text())
+            chosen = sample_indices(len(records), source, experiment.seed)
+            count = float(len(chosen))
+            with_image = sum(1 for i in chosen if records[i].get("image")) / max(count, 1.0)
+        elif source.stats is not None:
+            count = float(len(sample_indices(source.stats.samples, source, experiment.seed)))
+            with_image = source.stats.image_fraction
+        else:
+            raise ConfigError(f"mixture '{stage.mixture}': {path} is missing and source '{source.name}' declares no "
+                              "stats (samples, text_tokens, supervised_tokens) to plan without it")
+        if source.stats is not None:
+            tokens, answers = source.stats.text_tokens, source.stats.supervised_tokens
+        else:
+            tokens, answers = measured_tokens(stage, experiment)
+        samples += count
+        images += count * with_image
+        text += count * tokens
+        supervised += count * answers
+    n = max(samples, 1.0)
+    return {"samples": samples, "images": images / n, "text_tokens": text / n, "supervised_tokens": supervised / n}
+
+
+def measured_tokens(stage: StageConfig, experiment: Experiment) -> tuple[float, float]:
+    """Mean text tokens (image placeholders left out) and supervised tokens of the stage's data,
+    tokenized as training would (the first 2000 samples)."""
+    from mipha_lab.data.mixtures import load_mixture
+    from mipha_lab.data.templates import encode, get_template
+    from mipha_lab.model.language import load_tokenizer
+    from mipha_lab.registry import LLM
+
+    records, _ = load_mixture(stage.mixture, experiment.data_root, experiment.seed, "skip")
+    tokenizer, template = load_tokenizer(LLM.get(experiment.model.llm)), get_template(stage.template)
+    text = answers = 0
+    sample = records[:2000]
+    for record in sample:
+        encoded = encode(template, tokenizer, record.messages, sample_id=record.sample_id)
+        text += len(encoded.input_ids) - len(record.images)
+        answers += sum(1 for label in encoded.labels if label >= 0)
+    if not sample:
+        raise ConfigError(f"stage '{stage.name}': no usable sample to measure tokens on")
+    return text / len(sample), answers / len(sample)
+
+
+def memory_gib(model: MultimodalModel, micro_batch: int, tokens: float, zero_stage: int, gpus: int,
+               checkpointing: bool) -> float:
+    total = _count(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    weights, grads, optimizer = 2.0 * total, 2.0 * trainable, 12.0 * trainable
+    if zero_stage >= 1:
+        optimizer /= gpus
+    if zero_stage >= 2:
+        grads /= gpus
+    if zero_stage >= 3:
+        weights /= gpus
+    config = model.language_model.config
+    per_token_layer = 2.0 if checkpointing else 34.0
+    activations = per_token_layer * micro_batch * tokens * config.hidden_size * config.num_hidden_layers
+    return (weights + grads + optimizer + activations) / GIB
+
+
+def plan_experiment(experiment: Experiment, gpu: str = "H100", num_gpus: int = 8, mfu: float = 0.4) -> dict[str, Any]:
+    if gpu not in PEAK_BF16:
+        raise ConfigError(f"unknown GPU '{gpu}'; known: {', '.join(PEAK_BF16)}")
+    peak = PEAK_BF16[gpu]
+    model = meta_model(experiment)
+    lm = model.language_model
+    params = {"vision": _count(model.vision_tower), "projector": _count(model.projector), "llm": _count(lm)}
+    params["total"] = sum(params.values())
+    stages = []
+    for stage in experiment.stages:
+        model = meta_model(experiment)  # a fresh model per stage: policies (LoRA) must not accumulate
+        with torch.device("meta"):
+            apply_policy(model, stage, experiment.model.llm, experiment.quirks)
+        data = stage_data(stage, experiment)
+        per_epoch = math.ceil(data["samples"] / stage.global_batch)  # a last, smaller batch counts as a step
+        steps = stage.max_steps if stage.max_steps is not None else max(1, math.floor((stage.epochs or 1.0) * per_epoch))
+        flops = sample_flops(model, data["text_tokens"], data["images"], data["supervised_tokens"],
+                             stage.activation_checkpointing.model_dump())
+        per_sample = flops.useful + flops.recompute
+        tokens = data["text_tokens"] + data["images"] * model.num_image_tokens
+        groups = module_parameters(model)
+        trainable = {name: sum(p.numel() for _, p in group if p.requires_grad) for name, group in groups.items()}
+        gpu_hours = steps * stage.global_batch * per_sample / (peak * mfu) / 3600
+        stages.append({
+            "name": stage.name, "samples": int(data["samples"]), "steps": steps, "trainable": trainable,
+            "tokens_per_sample": round(tokens, 2), "flops_per_sample": per_sample,
+            "memory_per_gpu_gib": round(memory_gib(model, stage.micro_batch, tokens, experiment.zero_stage(stage),
+                                                   num_gpus, stage.activation_checkpointing.lm), 2),
+            "gpu_hours": round(gpu_hours, 4), "wall_hours": round(gpu_hours / num_gpus, 4),
+        })
+    return {
+        "experiment": experiment.source or experiment.run_name,
+        "params": params,
+        "visual_tokens": model.num_image_tokens,
+        "assumptions": {"gpu": gpu, "num_gpus": num_gpus, "mfu": mfu, "peak_tflops": peak / 1e12},
+        "stages": stages,
+        "total_gpu_hours": round(sum(s["gpu_hours"] for s in stages), 4),
+    }
+
+
+def format_plan(plan: dict[str, Any]) -> str:
+    a, p = plan["assumptions"], plan["params"]
+    lines = [
+        f"plan of {plan['experiment']} on {a['num_gpus']} x {a['gpu']} at {a['mfu']:.0%} MFU "
+        f"({a['peak_tflops']:.0f} TFLOP/s peak bf16)",
+        f"parameters: vision {p['vision']:,}, projector {p['projector']:,}, LM {p['llm']:,}, total {p['total']:,}; "
+        f"{plan['visual_tokens']} visual tokens per image",
+        "| stage | samples | steps | trainable | tokens/sample | TFLOP/sample | GiB/GPU | GPU hours |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for s in plan["stages"]:
+        lines.append(f"| {s['name']} | {s['samples']:,} | {s['steps']:,} | {sum(s['trainable'].values()):,} | "
+                     f"{s['tokens_per_sample']:.0f} | {s['flops_per_sample'] / 1e12:.3f} | {s['memory_per_gpu_gib']:.1f} | "
+                     f"{s['gpu_hours']:.2f} |")
+    lines.append(f"total: {plan['total_gpu_hours']:.2f} GPU hours "
+                 f"({plan['total_gpu_hours'] / a['num_gpus']:.2f} h on {a['num_gpus']} GPUs)")
+    return "\n".join(lines)

@@ -1,0 +1,294 @@
+"""Train one stage: policy, engine, the data plan of each epoch, the step loop, checkpoints, resume."""
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from mipha_lab.config import Experiment, StageConfig
+from mipha_lab.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from mipha_lab.data.batching import RankBatchSampler, collator, plan_epoch
+from mipha_lab.data.image_processing import ImageProcessor
+from mipha_lab.data.llava import LlavaDataset
+from mipha_lab.data.mixtures import load_mixture
+from mipha_lab.data.problems import SkipReport
+from mipha_lab.data.templates import get_template
+from mipha_lab.errors import ConfigError, MiphaLabError
+from mipha_lab.model import MultimodalModel
+from mipha_lab.model.splice import count_targets
+from mipha_lab.run_folder import RunFolder
+from mipha_lab.train import faults
+from mipha_lab.train.checkpoint import CheckpointWriter, TrainState, load_model_state, load_rng
+from mipha_lab.train.distributed import Distributed, gather_objects
+from mipha_lab.train.engine import DeepSpeedEngine, TorchEngine
+from mipha_lab.train.flops import batch_flops, peak_flops
+from mipha_lab.train.policy import apply_policy, table_markdown
+from mipha_lab.train.tracking import Tracker
+
+
+class NonFiniteLoss(MiphaLabError):
+    """The loss of a global batch is NaN or infinite; the step was not applied."""
+
+
+def stage_dataset(model: MultimodalModel, stage: StageConfig, experiment: Experiment) -> tuple[LlavaDataset, list]:
+    records, skipped = load_mixture(stage.mixture, experiment.data_root, experiment.seed, stage.bad_samples)
+    if not records:
+        raise ConfigError(f"stage '{stage.name}': mixture '{stage.mixture}' has no usable samples")
+    dataset = LlavaDataset(
+        records, get_template(stage.template), model.tokenizer,
+        ImageProcessor(model.vision_tower.image_spec, stage.image_strategy),
+        max_length=stage.max_length, image_tokens=model.num_image_tokens, policy=stage.bad_samples,
+        mask_first_answer_token=experiment.quirks.mask_first_answer_token,
+    )
+    return dataset, skipped
+
+
+def enable_checkpointing(model: MultimodalModel, stage: StageConfig) -> None:
+    if stage.activation_checkpointing.lm:
+        model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if stage.activation_checkpointing.vision:
+        backbone = model.vision_tower.backbone
+        if hasattr(backbone, "gradient_checkpointing_enable"):
+            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif hasattr(backbone, "set_grad_checkpointing"):
+            backbone.set_grad_checkpointing(True)
+        else:
+            raise ConfigError(f"vision tower '{model.vision_tower.name}' has no activation checkpointing")
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def gathered_state(model: MultimodalModel, dist: Distributed, zero3: bool) -> dict[str, torch.Tensor] | None:
+    """The full state dict on rank 0 (gathered from every rank under ZeRO-3), None elsewhere."""
+    if zero3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            return model.weights_to_save() if dist.main else None
+    return model.weights_to_save() if dist.main else None
+
+
+def sample_sizes(batch: dict[str, Any]) -> list[tuple[int, int, int]]:
+    """(text tokens without image placeholders, images, supervised tokens) of each sample of a batch;
+    a packed row is split at its segment boundaries."""
+    supervised = batch["labels"] != IGNORE_INDEX
+    if batch["segment_ids"] is None:
+        rows = zip(batch["attention_mask"].sum(1).tolist(), batch["image_counts"].tolist(), supervised.sum(1).tolist())
+        return [(int(n) - int(i), int(i), int(s)) for n, i, s in rows]
+    segments, ids = batch["segment_ids"][0], batch["input_ids"][0]
+    sizes = []
+    for segment in segments.unique().tolist():
+        where = segments == segment
+        images = int((ids[where] == IMAGE_TOKEN_INDEX).sum())
+        sizes.append((int(where.sum()) - images, images, int(supervised[0][where].sum())))
+    return sizes
+
+
+def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+class StageRunner:
+    """Trains one stage: data plan per epoch, exact global-batch loss, metrics, checkpoints, resume."""
+
+    def __init__(self, model: MultimodalModel, index: int, experiment: Experiment, run: RunFolder,
+                 dist: Distributed, tracker: Tracker, state: TrainState) -> None:
+        self.model, self.index, self.experiment, self.run, self.dist = model, index, experiment, run, dist
+        self.stage = stage = experiment.stages[index]
+        self.tracker, self.state = tracker, state
+        self.zero3 = experiment.zero_stage(stage) == 3 and dist.world_size > 1
+        self.writer = CheckpointWriter(run.path, dist.rank, experiment.checkpoint.keep_last, dist.barrier)
+        self.dataset, self.read_skips = stage_dataset(model, stage, experiment)
+        self.accumulation = stage.global_batch // (stage.micro_batch * dist.world_size)
+        if self.accumulation < 1 or stage.global_batch % (stage.micro_batch * dist.world_size):
+            raise ConfigError(
+                f"stage '{stage.name}': global_batch {stage.global_batch} is not a multiple of micro_batch "
+                f"{stage.micro_batch} x {dist.world_size} processes"
+            )
+
+    def plan(self, epoch: int) -> list[list[int]]:
+        return plan_epoch(self.stage.batching, self.dataset, micro_batch=self.stage.micro_batch,
+                          world_size=self.dist.world_size, seed=self.experiment.seed, epoch=epoch,
+                          max_length=self.stage.max_length)
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        if self.stage.max_steps is not None:
+            return self.stage.max_steps
+        return max(1, math.floor((self.stage.epochs or 1.0) * steps_per_epoch))
+
+    def engine(self, param_groups: list[dict[str, Any]], total: int):
+        kind = self.experiment.engine.kind
+        bf16 = self.experiment.engine.precision == "bf16" or (
+            self.experiment.engine.precision == "auto" and self.dist.device.type == "cuda")
+        if kind == "deepspeed" or (kind == "auto" and self.dist.world_size > 1):
+            return DeepSpeedEngine(self.model, param_groups, self.stage, total, self.experiment.zero_stage(self.stage),
+                                   self.accumulation, bf16)
+        if self.dist.world_size > 1:
+            raise ConfigError("engine.kind 'torch' runs one process; use 'deepspeed' (or 'auto') for several")
+        return TorchEngine(self.model, param_groups, self.stage, total, bf16)
+
+    def checkpoint_due(self, step: int, total: int, last_save: float) -> bool:
+        """Every `every_steps` global steps or `every_minutes`; every rank must agree, so the main rank's
+        clock decides for all. The stage's last step is left to the end-of-stage checkpoint."""
+        every = self.experiment.checkpoint
+        global_step = self.state.global_step - self.state.stage_step + step
+        due = bool(every.every_steps and global_step % every.every_steps == 0) or bool(
+            every.every_minutes and time.time() - last_save >= 60 * every.every_minutes)
+        return step < total and self.dist.all_sum([float(due and self.dist.main)])[0] > 0
+
+    def save_checkpoint(self, engine: Any, state: TrainState) -> None:
+        self.writer.save(state, gathered_state(self.model, self.dist, self.zero3), engine)
+
+    def train(self, resume: Path | None = None) -> TrainState:
+        """Train to the end of the stage, from `resume` (a checkpoint of this stage) when given."""
+        stage, dist, state = self.stage, self.dist, self.state
+        boundary = resume is not None and state.stage_step == 0
+        if boundary:  # a checkpoint written at the end of the previous stage: its weights, its RNG
+            load_model_state(resume, self.model)
+            load_rng(resume, dist.rank)
+        param_groups, rows = apply_policy(self.model, stage, self.experiment.model.llm, self.experiment.quirks)
+        enable_checkpointing(self.model, stage)
+        markdown = table_markdown(stage.name, rows)
+        if dist.main:
+            print(markdown)
+            self.run.write_params(stage.name, rows, markdown)
+        steps_per_epoch = len(RankBatchSampler(self.plan(0), dist.rank, dist.world_size)) // self.accumulation
+        if steps_per_epoch < 1:
+            raise ConfigError(f"stage '{stage.name}': {len(self.dataset)} samples do not fill one global batch of "
+                              f"{stage.global_batch}")
+        total = self.total_steps(steps_per_epoch)
+        if resume is not None and not boundary:
+            load_model_state(resume, self.model)
+        engine = self.engine(param_groups, total)
+        if resume is not None and not boundary:
+            engine.load_state(resume)
+            load_rng(resume, dist.rank)
+        self.model.train()
+        step, epoch, position = state.stage_step, state.epoch, state.batches_done
+        offset = state.global_step - state.stage_step  # steps of the earlier stages
+        report = SkipReport()
+        report.restore(state.skips) if state.skips else report.add(self.read_skips)
+        bar = tqdm(total=total, initial=step, desc=f"stage {stage.name}", unit="step", disable=not dist.main,
+                   dynamic_ncols=True)
+        started, last_save, first_loss = time.time(), time.time(), None
+        while step < total:
+            sampler = RankBatchSampler(self.plan(epoch), dist.rank, dist.world_size, start=position)
+            # own generator: creating the loader must not draw from the global RNG (bitwise resume)
+            loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, collate_fn=collator(stage.batching),
+                                                 num_workers=self.experiment.data_workers,
+                                                 generator=torch.Generator().manual_seed(self.experiment.seed + epoch))
+            batches = iter(loader)
+            groups, done = len(sampler) // self.accumulation, 0
+            while done < groups and step < total:
+                self.optimizer_step(engine, batches, step, epoch, total, report)
+                first_loss = self.last_loss if first_loss is None else first_loss
+                step, position, done = step + 1, position + self.accumulation, done + 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{self.last_loss:.4f}")
+                if self.checkpoint_due(step, total, last_save):
+                    self.save_checkpoint(engine, TrainState(self.index, step, offset + step, epoch, position,
+                                                            report.state()))
+                    last_save = time.time()
+                faults.maybe_kill("step", offset + step)
+            if done == groups:
+                epoch, position = epoch + 1, 0
+                self.report_skips(report, epoch)
+        bar.close()
+        if dist.main:
+            resumed = f" (resumed at step {state.stage_step})" if state.stage_step else ""
+            print(f"stage {stage.name}: {step} steps{resumed}, {epoch} epoch(s) in {time.time() - started:.0f} s, "
+                  f"loss {first_loss if first_loss is not None else float('nan'):.4f} -> {self.last_loss:.4f}; "
+                  f"{report.summary()}")
+        if dist.main:
+            report.write(self.run.path / f"skipped-{stage.name}.json")
+        return TrainState(self.index, step, offset + step, epoch, 0, report.state())
+
+    def report_skips(self, report: SkipReport, epoch: int) -> None:
+        totals = self.dist.all_sum([float(report.total)])
+        if self.dist.main:
+            if totals[0]:
+                print(f"stage {self.stage.name}, epoch {epoch}: {report.summary()}")
+            report.write(self.run.path / f"skipped-{self.stage.name}.json")
+
+    def global_counts(self, micro: list[dict[str, Any]]) -> tuple[float, float, float, float]:
+        """Supervised targets (after truncation), spliced tokens, samples and images of the global batch."""
+        model = self.model
+        local = [
+            sum(float(count_targets(b["input_ids"], b["attention_mask"], b["labels"], model.num_image_tokens,
+                                    model.config.max_positions)) for b in micro),
+            sum(float(b["attention_mask"].sum()) + float(b["image_counts"].sum()) * (model.num_image_tokens - 1) for b in micro),
+            sum(float(len(b["ids"])) for b in micro),
+            sum(float(b["image_counts"].sum()) for b in micro),
+        ]
+        targets, tokens, samples, images = self.dist.all_sum(local)
+        return targets, tokens, samples, images
+
+    def optimizer_step(self, engine, batches, step: int, epoch: int, total: int, report: SkipReport) -> None:
+        model, dist = self.model, self.dist
+        start = time.perf_counter()
+        micro = [_to(next(batches), dist.device) for _ in range(self.accumulation)]
+        data_time = time.perf_counter() - start
+        for batch in micro:
+            report.add(batch["skipped"])
+        targets, tokens, samples, images = self.global_counts(micro)
+        start = time.perf_counter()
+        loss_sum = 0.0
+        for index, batch in enumerate(micro):
+            with engine.autocast():
+                out = engine.model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"],
+                                   image_counts=batch["image_counts"], sample_ids=batch["ids"],
+                                   segment_ids=batch["segment_ids"], return_logits=False)
+            engine.backward(out.loss_sum * dist.world_size / max(targets, 1.0))
+            loss_sum += float(out.loss_sum.detach())
+            if index == len(micro) - 1:  # checked before the update, so a bad batch never reaches the weights
+                (global_loss,) = dist.all_sum([loss_sum])
+                self.last_loss = global_loss / max(targets, 1.0)
+                if not math.isfinite(self.last_loss):
+                    self.stop_nonfinite(step, micro)
+            engine.micro_step()
+        compute_time = time.perf_counter() - start
+        start = time.perf_counter()
+        grad_norm = engine.step()
+        optim_time = time.perf_counter() - start
+        elapsed = data_time + compute_time + optim_time
+        sizes = [size for batch in micro for size in sample_sizes(batch)]
+        flops = batch_flops(model, sizes, self.stage.activation_checkpointing.model_dump())
+        flops_useful, flops_recompute = self.dist.all_sum([flops.useful, flops.recompute])
+        peak = peak_flops(torch.cuda.get_device_name(dist.device) if dist.device.type == "cuda" else None)
+        global_step = self.state.global_step - self.state.stage_step + step + 1
+        row = {
+            "stage": self.stage.name, "step": global_step, "stage_step": step + 1, "total_steps": total,
+            "epoch": epoch, "loss": self.last_loss, "lr": engine.lrs(), "grad_norm": grad_norm,
+            "tokens_per_s": tokens / elapsed, "samples_per_s": samples / elapsed, "images_per_s": images / elapsed,
+            "time": {"data": data_time, "forward_backward": compute_time, "optimizer": optim_time},
+            "peak_memory_mb": peak_memory_mb(dist.device), "supervised_tokens": int(targets),
+            "flops": flops_useful, "recompute_flops": flops_recompute,
+            "mfu": flops_useful / (elapsed * peak * dist.world_size) if peak else None,
+        }
+        if dist.main:
+            self.run.append_metrics(row)
+            self.tracker.log(row)
+            self.run.status("running", stage=self.stage.name, step=global_step, stage_step=step + 1, total_steps=total)
+
+    def stop_nonfinite(self, step: int, micro: list[dict[str, Any]]) -> None:
+        """Record the step and every rank's sample ids of the offending global batch, then stop."""
+        global_step = self.state.global_step - self.state.stage_step + step + 1
+        ids = [i for rank_ids in gather_objects(self.dist, [i for b in micro for i in b["ids"]]) for i in rank_ids]
+        if self.dist.main:
+            record = {"stage": self.stage.name, "step": global_step, "stage_step": step + 1,
+                      "loss": repr(self.last_loss), "sample_ids": ids}
+            (self.run.path / "nonfinite.json").write_text(json.dumps(record, indent=2) + "\n")
+        raise NonFiniteLoss(
+            f"stage {self.stage.name}, step {global_step}: loss is {self.last_loss}; the step was not applied, the "
+            f"last checkpoint is kept, the batch's {len(ids)} sample ids are in {self.run.path / 'nonfinite.json'}"
+        )
