@@ -28,13 +28,13 @@ def data_root(tmp_path_factory) -> Path:
     return root
 
 
-def launch(cwd: Path, data_root: Path, *overrides: str, kill_at: str | None = None) -> subprocess.CompletedProcess:
+def launch(cwd: Path, data_root: Path, *overrides: str, kill_at: str | None = None, nproc: int = 1) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     env.pop(KILL_AT, None)
     if kill_at:
         env[KILL_AT] = kill_at
     command = [sys.executable, "-m", "mipha_lab.launch", str(MICRO), f"data_root={data_root}", "eval.benchmarks=[]",
-               "checkpoint.every_steps=4", *overrides]
+               "checkpoint.every_steps=4", *overrides, "--nproc", str(nproc)]
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
 
 
@@ -102,6 +102,23 @@ def test_lora_run_resumes_to_the_same_weights(tmp_path, data_root):
     run, _ = kill_and_resume(tmp_path / "b", data_root, "step:10", *LORA)
     checkpoint = json.loads((run / "checkpoints" / "step-00000020" / "state.json").read_text())
     assert checkpoint["stage_index"] == 2
+    assert_bitwise_equal(weights(run), weights(tmp_path / "a" / "runs" / "micro"))
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_two_process_deepspeed_run_resumes_to_the_same_weights(tmp_path, data_root, zero):
+    """Every rank's RNG and DeepSpeed's partitioned optimizer states come back (torchrun kills both ranks)."""
+    overrides = ["engine.kind=deepspeed", f"engine.zero_stage={zero}"]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    uninterrupted = launch(tmp_path / "a", data_root, *overrides, nproc=2)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+    killed = launch(tmp_path / "b", data_root, *overrides, kill_at="step:14", nproc=2)
+    assert killed.returncode != 0
+    run = tmp_path / "b" / "runs" / "micro"
+    assert {"rng-rank0.pt", "rng-rank1.pt", "deepspeed"} <= {p.name for p in (run / "checkpoints" / "step-00000012").iterdir()}
+    resumed = launch(tmp_path / "b", data_root, *overrides, nproc=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_bitwise_equal(weights(run), weights(tmp_path / "a" / "runs" / "micro"))
 
 

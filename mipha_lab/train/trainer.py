@@ -17,7 +17,10 @@ from mipha_lab.model import MultimodalModel, build_vlm
 from mipha_lab.registry import MIXTURES, add_card_dir
 from mipha_lab.run_folder import RunFolder
 from mipha_lab.run_lock import RunLock
-from mipha_lab.train.checkpoint import CheckpointWriter, TrainState, latest_checkpoint, load_model_state, read_state
+from mipha_lab.train.checkpoint import (
+    CheckpointWriter, TrainState, latest_checkpoint, load_model_state, read_state, rng_state,
+    set_rng_state,
+)
 from mipha_lab.train.distributed import Distributed, init_distributed
 from mipha_lab.train.policy import merge_lora
 from mipha_lab.train.stage import StageRunner, gathered_state
@@ -39,6 +42,15 @@ def build_model(experiment: Experiment, with_tokenizer: bool = True) -> Multimod
         max_positions=NO_TRUNCATION if experiment.quirks.no_truncation_after_splice else m.max_positions,
         feature_layer=m.feature_layer, select=m.feature_select, with_tokenizer=with_tokenizer,
     )
+
+
+def rebuilt(experiment: Experiment, checkpoint: Path, dist: Distributed) -> MultimodalModel:
+    """A fresh model with a checkpoint's weights; the RNG streams continue as if nothing happened."""
+    rng = rng_state()
+    model = build_model(experiment).to(dist.device)
+    load_model_state(checkpoint, model)
+    set_rng_state(rng)
+    return model
 
 
 def save_model(model: MultimodalModel, folder: Path, dist: Distributed, zero3: bool) -> None:
@@ -193,8 +205,11 @@ def train_and_evaluate(experiment: Experiment, run: RunFolder, dist: Distributed
             finish_stage(model, dist, zero3)
             save_model(model, run.path / "stages" / stage.name, dist, zero3)
             state = TrainState(index + 1, 0, done.global_step)
-            writer.save(state, gathered_state(model, dist, zero3))
+            boundary = writer.save(state, gathered_state(model, dist, zero3))
             checkpoint = None
+            if zero3:  # ZeRO-3 left this module partitioned: the next stage gets a fresh one, as a resume would
+                model = rebuilt(experiment, boundary, dist)
+                zero3 = False
         if checkpoint is not None:  # every stage was done before this launch: the last stage's weights
             load_model_state(checkpoint, model)
         save_model(model, run.path / "final", dist, zero3)
