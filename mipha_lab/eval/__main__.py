@@ -1,0 +1,121 @@
+"""`python -m mipha_lab.eval score BENCHMARK ...`: score an answer file with the official rules.
+
+  score pope          --questions Q.jsonl --answers A.jsonl --annotations DIR
+  score mme           --questions Q.jsonl --answers A.jsonl --ground-truth DIR
+  score scienceqa-img --questions llava_test_CQM-A.json --answers A.jsonl
+  score mmbench       --table T.tsv                  (a table with a prediction column)
+  score mmbench       --questions T.tsv --answers A.jsonl
+  score vqav2         --annotations ANN.json --questions Q.json --results R.json
+  score textvqa       --annotations TextVQA_0.5.1_val.json --answers A.jsonl
+  score gqa           --questions testdev_balanced_questions.json --answers A.jsonl
+
+Figures are percentages rounded to 2 decimals. With --json, stdout holds only one JSON object.
+Answers that cannot be scored as given (missing, duplicate or misordered ids) are refused with the
+ids named (exit status 2) rather than scored wrongly.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Callable
+
+from mipha_lab.errors import MiphaLabError
+from mipha_lab.eval.scoring.answers import ScoreInputError, read_json, read_jsonl
+
+
+def _need(args: argparse.Namespace, *names: str) -> None:
+    missing = [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) is None]
+    if missing:
+        raise ScoreInputError(f"{args.benchmark} needs {', '.join(missing)}")
+
+
+def score_pope(args: argparse.Namespace) -> dict[str, Any]:
+    from mipha_lab.eval.scoring.pope import score_pope
+
+    _need(args, "questions", "answers", "annotations")
+    return score_pope(read_jsonl(args.questions), read_jsonl(args.answers), args.annotations)
+
+
+def score_mme(args: argparse.Namespace) -> dict[str, Any]:
+    from mipha_lab.eval.scoring.mme import score_mme
+
+    _need(args, "questions", "answers", "ground_truth")
+    return score_mme(read_jsonl(args.questions), read_jsonl(args.answers), args.ground_truth)
+
+
+def score_scienceqa(args: argparse.Namespace) -> dict[str, Any]:
+    from mipha_lab.eval.scoring.scienceqa import score_scienceqa
+
+    _need(args, "questions", "answers")
+    return score_scienceqa(read_json(args.questions), read_jsonl(args.answers))
+
+
+def score_mmbench(args: argparse.Namespace) -> dict[str, Any]:
+    from mipha_lab.eval.scoring.mmbench import score_mmbench, score_mmbench_table
+
+    if args.table is not None:
+        return score_mmbench_table(args.table)
+    _need(args, "questions", "answers")
+    return score_mmbench(args.questions, read_jsonl(args.answers))
+
+
+def score_vqav2(args: argparse.Namespace) -> dict[str, Any]:
+    from mipha_lab.eval.scoring.vqa import score_vqav2
+
+    _need(args, "annotations", "questions", "results")
+    return score_vqav2(read_json(args.annotations), read_json(args.questions), read_json(args.results))
+
+
+def score_textvqa(args: argparse.Namespace) -> dict[str, Any]:
+    from mipha_lab.eval.scoring.vqa import score_textvqa
+
+    _need(args, "annotations", "answers")
+    return score_textvqa(read_json(args.annotations), read_jsonl(args.answers))
+
+
+def score_gqa(args: argparse.Namespace) -> dict[str, Any]:
+    from mipha_lab.eval.scoring.gqa import score_gqa
+
+    _need(args, "questions", "answers")
+    return score_gqa(read_json(args.questions), read_jsonl(args.answers))
+
+
+SCORERS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
+    "pope": score_pope, "mme": score_mme, "scienceqa-img": score_scienceqa, "mmbench": score_mmbench,
+    "mmbench-cn": score_mmbench, "vqav2": score_vqav2, "textvqa": score_textvqa, "gqa": score_gqa,
+}
+
+
+def format_scores(scores: dict[str, Any], indent: str = "") -> str:
+    lines = []
+    for key, value in scores.items():
+        if isinstance(value, dict):
+            lines.append(f"{indent}{key}:")
+            lines.append(format_scores(value, indent + "  "))
+        else:
+            lines.append(f"{indent}{key}: {value:.2f}" if isinstance(value, float) else f"{indent}{key}: {value}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mipha_lab.eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    score = commands.add_parser("score", help="score an answer file")
+    score.add_argument("benchmark", choices=sorted(SCORERS))
+    for flag in ("--questions", "--answers", "--annotations", "--ground-truth", "--table", "--results"):
+        score.add_argument(flag)
+    score.add_argument("--json", action="store_true", help="stdout holds only the scores as one JSON object")
+    args = parser.parse_args(argv)
+    try:
+        scores = SCORERS[args.benchmark](args)
+    except MiphaLabError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(scores) if args.json else format_scores(scores))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
