@@ -15,10 +15,13 @@ class Tracker:
         if enabled and mode != "disabled":
             import wandb
 
+            id_file = run_dir / "wandb-id"  # a resumed run continues the same wandb run
+            run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+            id_file.write_text(run_id + "\n")
             self.run = wandb.init(
                 project=experiment.tracking.project, group=experiment.tracking.group, tags=experiment.tracking.tags,
                 name=experiment.run_name, dir=str(run_dir), mode=mode, config=experiment.model_dump(mode="json"),
-                reinit="finish_previous",
+                reinit="finish_previous", id=run_id, resume="allow",
             )
 
     def log(self, row: dict[str, Any]) -> None:
