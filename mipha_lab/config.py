@@ -143,7 +143,7 @@ class EngineConfig(StrictModel):
 class EvalConfig(StrictModel):
     benchmarks: list[str] = Field(default_factory=list)
     batch_size: int = 16
-    max_new_tokens: int | None = None
+    max_new_tokens: int | None = None  # default: each benchmark's own
     image_strategy: Literal["square", "pad", "resize-naive", "resize-crop"] = "pad"
 
 

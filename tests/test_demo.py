@@ -24,7 +24,7 @@ def test_demo_trains_and_beats_the_thresholds(tmp_path):
     vqa = json.loads((run / "eval/shapes-vqa/scores.json").read_text())
     pope = json.loads((run / "eval/shapes-pope/scores.json").read_text())
     print(f"demo: {minutes:.1f} min, shapes-vqa {vqa}, shapes-pope {pope}")
-    assert vqa["color_accuracy"] >= 3 * CHANCE["color"]
-    assert vqa["count_accuracy"] >= 1.6 * CHANCE["count"]
+    assert vqa["color_accuracy"] / 100 >= 3 * CHANCE["color"]  # percentages
+    assert vqa["count_accuracy"] / 100 >= 1.6 * CHANCE["count"]
     # yes/no (target 80%) is not reached yet by the tiny from-scratch model: reported, not asserted
     assert json.loads((run / "status.json").read_text())["state"] == "done"

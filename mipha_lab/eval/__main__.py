@@ -1,4 +1,6 @@
-"""`python -m mipha_lab.eval score BENCHMARK ...`: score an answer file with the official rules.
+"""`python -m mipha_lab.eval run MODEL_OR_RUN --benchmarks pope,mme --data-root DIR [--batch-size N]
+[--limit K] [--out DIR]`: answer and score; `python -m mipha_lab.eval score BENCHMARK ...`: score an
+answer file with the official rules.
 
   score pope          --questions Q.jsonl --answers A.jsonl --annotations DIR
   score mme           --questions Q.jsonl --answers A.jsonl --ground-truth DIR
@@ -98,16 +100,51 @@ def format_scores(scores: dict[str, Any], indent: str = "") -> str:
     return "\n".join(lines)
 
 
+def run(args: argparse.Namespace) -> int:
+    """Answers, scores and the summary under --out (default: <run>/eval for a run folder, else ./eval)."""
+    from pathlib import Path
+
+    from mipha_lab.eval.runner import load_model, run_benchmarks
+    from mipha_lab.registry import BENCHMARKS
+
+    names = [n.strip() for n in args.benchmarks.split(",") if n.strip()]
+    for name in names:
+        BENCHMARKS.get(name)  # an unknown name fails before the model loads, with suggestions
+    model_path = Path(args.model)
+    out = Path(args.out) if args.out else (model_path / "eval" if (model_path / "final").is_dir() else Path("eval"))
+    model = load_model(model_path)
+    run_benchmarks(model, names, args.data_root, out, batch_size=args.batch_size, limit=args.limit,
+                   model_id=model_path.name, image_strategy=args.image_strategy)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mipha_lab.eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
+    runner = commands.add_parser("run", help="answer and score benchmarks with a model or run folder")
+    runner.add_argument("model", help="a run folder (its final/) or a saved model folder")
+    runner.add_argument("--benchmarks", required=True, help="comma-separated names (python -m mipha_lab.registry list benchmark)")
+    runner.add_argument("--data-root", default="./data", help="holds eval/<benchmark>/ (LLaVA's layout) and shapes/")
+    runner.add_argument("--batch-size", type=int, default=16)
+    runner.add_argument("--limit", type=int, default=None, help="only the first K questions of each benchmark")
+    runner.add_argument("--out", default=None)
+    runner.add_argument("--image-strategy", default="pad", choices=["square", "pad", "resize-naive", "resize-crop"])
     score = commands.add_parser("score", help="score an answer file")
     score.add_argument("benchmark", choices=sorted(SCORERS))
     for flag in ("--questions", "--answers", "--annotations", "--ground-truth", "--table", "--results"):
         score.add_argument(flag)
     score.add_argument("--json", action="store_true", help="stdout holds only the scores as one JSON object")
     args = parser.parse_args(argv)
+    if args.command == "run":
+        import logging
+
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+        try:
+            return run(args)
+        except MiphaLabError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     try:
         scores = SCORERS[args.benchmark](args)
     except MiphaLabError as err:

@@ -1,52 +1,101 @@
-"""Batched greedy answers for a LLaVA question file, written in LLaVA's answer-file format."""
+"""Batched greedy answers in LLaVA's answer-file format: prompts sorted by length into batches, left
+padding after splicing and a KV cache (MultimodalModel.generate), stop strings, answers in question
+order. Answers are appended to a partial file after each batch, so a restarted run skips them."""
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from tqdm import tqdm
 
 from mipha_lab.data.image_processing import ImageProcessor
-from mipha_lab.data.llava import load_image
 from mipha_lab.data.templates import Template, encode_prompt
+
+log = logging.getLogger(__name__)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def answer_key(question_id: Any, prompt: str) -> str:
+    """Question ids repeat in some files (MME: two questions per image), so the prompt is part of the key."""
+    return json.dumps([question_id, prompt])
+
+
 def answer_questions(
     model: Any,
     template: Template,
-    questions: list[dict[str, Any]],
-    image_root: Path,
+    questions: Sequence[Any],
     *,
     strategy: str = "pad",
     batch_size: int = 16,
     max_new_tokens: int = 16,
     model_id: str = "mipha-lab",
+    partial: Path | None = None,
+    desc: str = "answering",
 ) -> list[dict[str, Any]]:
-    """Answers in question order: {question_id, prompt, text, answer_id, model_id, metadata}."""
+    """Answers in question order: {question_id, prompt, text, answer_id, model_id, metadata}.
+    `questions` are eval.benchmarks.Question objects; an unreadable image is counted, reported and
+    answered with an empty string."""
     processor = ImageProcessor(model.vision_tower.image_spec, strategy)
     tokenizer = model.tokenizer
-    answers = []
-    for start in tqdm(range(0, len(questions), batch_size), desc="answering", unit="batch"):
-        chunk = questions[start : start + batch_size]
-        prompts = [encode_prompt(template, tokenizer, [{"role": "user", "content": "<image>\n" + q["text"]}]) for q in chunk]
-        width = max(map(len, prompts))
-        ids = torch.zeros(len(chunk), width, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, prompt in enumerate(prompts):
-            ids[row, : len(prompt)], mask[row, : len(prompt)] = torch.tensor(prompt), 1
-        pixels = torch.stack([processor(load_image(image_root / q["image"], str(q["question_id"]))) for q in chunk])
-        out = model.generate(ids, mask, pixels, max_new_tokens=max_new_tokens, stop_strings=template.stop_strings)
-        for question, tokens in zip(chunk, out):
-            text = tokenizer.decode(tokens, skip_special_tokens=True)
-            for stop in template.stop_strings:
-                text = text.split(stop)[0]
-            answers.append({"question_id": question["question_id"], "prompt": question["text"], "text": text.strip(),
-                            "answer_id": uuid.uuid4().hex, "model_id": model_id, "metadata": {}})
-    return answers
+    done: dict[str, dict[str, Any]] = {}
+    if partial is not None and partial.is_file():
+        done = {answer_key(a["question_id"], a["prompt"]): a for a in read_jsonl(partial)}
+        log.info("%s: %d answers found in %s, skipped", desc, len(done), partial)
+    todo = [q for q in questions if answer_key(q.question_id, q.text) not in done]
+    prompts = {id(q): encode_prompt(template, tokenizer, [{"role": "user", "content": ("<image>\n" if q.image else "") + q.text}])
+               for q in todo}
+    todo.sort(key=lambda q: len(prompts[id(q)]))  # similar lengths batch together: little padding
+    unreadable = []
+    bar = tqdm(total=len(todo), desc=desc, unit="question", dynamic_ncols=True)
+    for start in range(0, len(todo), batch_size):
+        chunk = list(todo[start : start + batch_size])
+        pixels = []
+        for q in [q for q in chunk if q.image is not None]:
+            try:
+                pixels.append(processor(q.image()))
+            except (OSError, ValueError) as err:
+                unreadable.append(f"{q.question_id} ({err})")
+                done[answer_key(q.question_id, q.text)] = _record(q, "", model_id, {"error": "unreadable image"})
+                chunk.remove(q)
+        if chunk:
+            for q, text in zip(chunk, _generate(model, template, [prompts[id(q)] for q in chunk], pixels, max_new_tokens)):
+                done[answer_key(q.question_id, q.text)] = _record(q, text, model_id)
+            if partial is not None:
+                with partial.open("a") as handle:
+                    handle.writelines(json.dumps(done[answer_key(q.question_id, q.text)]) + "\n" for q in chunk)
+        bar.update(batch_size if start + batch_size <= len(todo) else len(todo) - start)
+    bar.close()
+    if unreadable:
+        log.warning("%s: %d unreadable image(s), answered empty: %s", desc, len(unreadable), "; ".join(unreadable[:5]))
+    return [done[answer_key(q.question_id, q.text)] for q in questions]
+
+
+def _record(question: Any, text: str, model_id: str, metadata: dict | None = None) -> dict[str, Any]:
+    return {"question_id": question.question_id, "prompt": question.text, "text": text,
+            "answer_id": uuid.uuid4().hex, "model_id": model_id, "metadata": metadata or {}}
+
+
+def _generate(model: Any, template: Template, prompts: list[list[int]], pixels: list[torch.Tensor],
+              max_new_tokens: int) -> list[str]:
+    width = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, : len(prompt)], mask[row, : len(prompt)] = torch.tensor(prompt), 1
+    device = next(model.parameters()).device
+    out = model.generate(ids.to(device), mask.to(device), torch.stack(pixels).to(device) if pixels else None,
+                         max_new_tokens=max_new_tokens, stop_strings=template.stop_strings)
+    texts = []
+    for tokens in out:
+        text = model.tokenizer.decode(tokens, skip_special_tokens=True)
+        for stop in template.stop_strings:
+            text = text.split(stop)[0]
+        texts.append(text.strip())
+    return texts

@@ -50,7 +50,9 @@ TEMPLATES: Registry[Any] = Registry(
     "chat template", "conversation templates with label masks", _import("mipha_lab.data.templates")
 )
 MIXTURES: Registry[Any] = Registry("data mixture", "weighted training data sources (cards in registry/mixtures/)", _load_cards("mixtures"))
-BENCHMARKS: Registry[Any] = Registry("benchmark", "evaluation benchmarks (the evaluation issue)")
+BENCHMARKS: Registry[Any] = Registry(
+    "benchmark", "evaluation benchmarks: files, prompts, scorer", _import("mipha_lab.eval.benchmarks")
+)
 
 ALL: dict[str, Registry[Any]] = {
     "vision": VISION,

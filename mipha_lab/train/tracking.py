@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ class Tracker:
             import wandb
 
             id_file = run_dir / "wandb-id"  # a resumed run continues the same wandb run
-            run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+            run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
             id_file.write_text(run_id + "\n")
             self.run = wandb.init(
                 project=experiment.tracking.project, group=experiment.tracking.group, tags=experiment.tracking.tags,

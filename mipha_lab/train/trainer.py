@@ -222,8 +222,11 @@ def train_and_evaluate(experiment: Experiment, run: RunFolder, dist: Distributed
     if dist.main:
         run.status("evaluating" if experiment.eval.benchmarks else "done", step=state.global_step)
         if experiment.eval.benchmarks:
-            from mipha_lab.eval.shapes import evaluate_run
+            from mipha_lab.eval.runner import load_model, run_benchmarks
 
-            evaluate_run(run, experiment)
+            e = experiment.eval
+            run_benchmarks(load_model(run.path), e.benchmarks, experiment.data_root, run.path / "eval",
+                           batch_size=e.batch_size, image_strategy=e.image_strategy, model_id=run.path.name,
+                           template=experiment.stages[-1].template, max_new_tokens=e.max_new_tokens)
             run.status("done", step=state.global_step)
     dist.barrier()

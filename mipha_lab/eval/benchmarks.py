@@ -1,0 +1,173 @@
+"""The benchmarks: where their files live under a data root (LLaVA's evaluation bundle layout,
+`eval/<benchmark>/...`, the layout Mipha's scripts expect), how a question becomes a prompt, how many
+tokens an answer may take, and which scorer reads the answers."""
+from __future__ import annotations
+
+import base64
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from PIL import Image
+
+from mipha_lab.errors import ConfigError
+from mipha_lab.eval.scoring.answers import read_json, read_jsonl
+from mipha_lab.registry import BENCHMARKS
+
+SHORT = "Answer the question using a single word or phrase."
+LETTER = "Answer with the option's letter from the given choices directly."
+LETTER_CN = "请直接回答选项字母。"
+LLAVA_EVAL = "LLaVA's evaluation bundle (eval.zip of haotian-liu/LLaVA, docs/Evaluation.md)"
+
+
+@dataclass(frozen=True)
+class Question:
+    """One prompt: the text after `<image>\\n` (None image: a text-only question) and its record fields."""
+
+    question_id: Any
+    text: str
+    image: Callable[[], Image.Image] | None
+    category: str | None = None
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: str
+    files: dict[str, str]  # role -> path relative to the data root; "questions" is the one read to ask
+    load: Callable[[dict[str, Path]], list[Question]]
+    score: Callable[[dict[str, Path], list[dict[str, Any]]], dict[str, Any]] | None
+    headline: str  # the key of the figure the summary table shows
+    max_new_tokens: int = 128
+    source: str = LLAVA_EVAL
+
+    def paths(self, data_root: str | Path) -> dict[str, Path]:
+        """The benchmark's files; a missing one is an error naming the expected path and the data's origin."""
+        paths = {role: Path(data_root) / rel for role, rel in self.files.items()}
+        for role, path in paths.items():
+            if not path.exists():
+                raise ConfigError(f"benchmark '{self.name}': {role} {path} does not exist (data from {self.source})")
+        return paths
+
+
+def _image_file(folder: Path, name: str) -> Callable[[], Image.Image]:
+    return lambda: Image.open(folder / name).convert("RGB")
+
+
+def _with_suffix(text: str, suffix: str) -> str:
+    return text if text.rstrip().endswith(suffix) else text + "\n" + suffix
+
+
+def llava_questions(paths: dict[str, Path]) -> list[Question]:
+    """A LLaVA question file: {question_id, image, text, category}; the suffix is already in `text`."""
+    return [Question(q["question_id"], q["text"], _image_file(paths["images"], q["image"]), q.get("category"))
+            for q in read_jsonl(paths["questions"])]
+
+
+def scienceqa_questions(paths: dict[str, Path]) -> list[Question]:
+    """llava_test_CQM-A.json: the first turn without `<image>`, plus the letter suffix; 2,224 have no image."""
+    return [Question(q["id"], _with_suffix(q["conversations"][0]["value"].replace("<image>", "").strip(), LETTER),
+                     _image_file(paths["images"], q["image"]) if q.get("image") else None)
+            for q in read_json(paths["questions"])]
+
+
+def _base64_image(data: str) -> Callable[[], Image.Image]:
+    return lambda: Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")
+
+
+def mmbench_questions(paths: dict[str, Path], suffix: str = LETTER) -> list[Question]:
+    """`[hint\\n]question\\nA. ..\\nB. ..` (options up to the first missing one) + the letter suffix."""
+    from mipha_lab.eval.scoring.mmbench import options, read_table
+
+    questions = []
+    for row in read_table(paths["questions"]):
+        hint = (row.get("hint") or "").strip()
+        text = (hint + "\n" if hint and hint.lower() != "nan" else "") + row["question"]
+        text += "".join(f"\n{letter}. {value}" for letter, value in options(row).items())
+        image = _base64_image(row["image"]) if row.get("image") else None
+        questions.append(Question(int(row["index"]), text + "\n" + suffix, image, row.get("category")))
+    return questions
+
+
+def _pope_score(paths: dict[str, Path], answers: list[dict[str, Any]]) -> dict[str, Any]:
+    from mipha_lab.eval.scoring.pope import score_pope
+
+    return score_pope(read_jsonl(paths["questions"]), answers, paths["annotations"])
+
+
+def _mme_score(paths: dict[str, Path], answers: list[dict[str, Any]]) -> dict[str, Any]:
+    from mipha_lab.eval.scoring.mme import score_mme
+
+    return score_mme(read_jsonl(paths["questions"]), answers, paths["ground_truth"])
+
+
+def _scienceqa_score(paths: dict[str, Path], answers: list[dict[str, Any]]) -> dict[str, Any]:
+    from mipha_lab.eval.scoring.scienceqa import score_scienceqa
+
+    return score_scienceqa(read_json(paths["questions"]), answers)
+
+
+def _textvqa_score(paths: dict[str, Path], answers: list[dict[str, Any]]) -> dict[str, Any]:
+    from mipha_lab.eval.scoring.vqa import score_textvqa
+
+    return score_textvqa(read_json(paths["annotations"]), answers)
+
+
+def _gqa_score(paths: dict[str, Path], answers: list[dict[str, Any]]) -> dict[str, Any]:
+    from mipha_lab.eval.scoring.gqa import score_gqa
+
+    return score_gqa(read_json(paths["annotations"]), answers)
+
+
+def _mmbench_score(paths: dict[str, Path], answers: list[dict[str, Any]]) -> dict[str, Any]:
+    from mipha_lab.eval.scoring.mmbench import score_mmbench
+
+    return score_mmbench(paths["questions"], answers)
+
+
+def _shapes_vqa_score(paths: dict[str, Path], answers: list[dict[str, Any]]) -> dict[str, Any]:
+    from mipha_lab.eval.shapes import score_vqa
+
+    return score_vqa(answers, read_jsonl(paths["answers"]))
+
+
+def _add(benchmark: Benchmark, description: str) -> None:
+    BENCHMARKS.add(benchmark.name, benchmark, description)
+
+
+_add(Benchmark("vqav2", {"questions": "eval/vqav2/llava_vqav2_mscoco_test-dev2015.jsonl", "images": "eval/vqav2/test2015"},
+               llava_questions, None, "overall"),
+     "VQAv2 test-dev: answers for the EvalAI upload (no public ground truth; score val offline with `eval score vqav2`)")
+_add(Benchmark("gqa", {"questions": "eval/gqa/llava_gqa_testdev_balanced.jsonl", "images": "eval/gqa/data/images",
+                       "annotations": "eval/gqa/data/testdev_balanced_questions.json"},
+               llava_questions, _gqa_score, "accuracy"), "GQA testdev-balanced, exact match")
+_add(Benchmark("scienceqa-img", {"questions": "eval/scienceqa/llava_test_CQM-A.json", "images": "eval/scienceqa/images/test"},
+               scienceqa_questions, _scienceqa_score, "img_accuracy", max_new_tokens=1024),
+     "ScienceQA test, accuracy on the 2,017 image questions")
+_add(Benchmark("textvqa", {"questions": "eval/textvqa/llava_textvqa_val_v051_ocr.jsonl",
+                           "images": "eval/textvqa/train_images", "annotations": "eval/textvqa/TextVQA_0.5.1_val.json"},
+               llava_questions, _textvqa_score, "accuracy"), "TextVQA val with OCR tokens, VQA accuracy (EvalAI processor)")
+_add(Benchmark("pope", {"questions": "eval/pope/llava_pope_test.jsonl", "images": "eval/pope/val2014",
+                        "annotations": "eval/pope/coco"},
+               llava_questions, _pope_score, "mean_f1"), "POPE (COCO) adversarial / popular / random, mean F1")
+_add(Benchmark("mme", {"questions": "eval/MME/llava_mme.jsonl", "images": "eval/MME/MME_Benchmark_release_version",
+                       "ground_truth": "eval/MME/eval_tool/Your_Results"},
+               llava_questions, _mme_score, "perception"), "MME perception and cognition")
+_add(Benchmark("mmbench", {"questions": "eval/mmbench/mmbench_dev_20230712.tsv"}, mmbench_questions, _mmbench_score,
+               "circular", max_new_tokens=1024, source="MMBench (opencompass) dev 20230712 TSV"),
+     "MMBench dev EN, CircularEval")
+_add(Benchmark("mmbench-cn", {"questions": "eval/mmbench_cn/mmbench_dev_cn_20231003.tsv"},
+               lambda paths: mmbench_questions(paths, LETTER_CN), _mmbench_score, "circular", max_new_tokens=1024,
+               source="MMBench-CN (opencompass) dev 20231003 TSV"), "MMBench dev CN, CircularEval")
+_add(Benchmark("shapes-vqa", {"questions": "shapes/eval/shapes-vqa/questions.jsonl", "images": "shapes/images",
+                              "answers": "shapes/eval/shapes-vqa/answers.jsonl"},
+               llava_questions, _shapes_vqa_score, "accuracy", max_new_tokens=8,
+               source="the synthetic generator (python -m mipha_lab.data.synthetic)"),
+     "synthetic shapes: colour / shape / count / position / yes-no, exact match")
+_add(Benchmark("shapes-pope", {"questions": "shapes/eval/shapes-pope/questions.jsonl", "images": "shapes/images",
+                               "annotations": "shapes/eval/shapes-pope/annotations"},
+               llava_questions, _pope_score, "mean_f1", max_new_tokens=8,
+               source="the synthetic generator (python -m mipha_lab.data.synthetic)"),
+     "synthetic shapes existence questions in POPE's format, scored by the POPE scorer")
+
+PAPER_ORDER = ("vqav2", "gqa", "scienceqa-img", "textvqa", "pope", "mme", "mmbench")

@@ -1,0 +1,92 @@
+"""Run a model on benchmarks: answers (resumable), scores, a summary table in the paper's column order."""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from mipha_lab.data.templates import get_template
+from mipha_lab.eval.benchmarks import PAPER_ORDER, Benchmark
+from mipha_lab.eval.generate import answer_questions
+from mipha_lab.eval.scoring.answers import ScoreInputError
+from mipha_lab.registry import BENCHMARKS
+
+log = logging.getLogger(__name__)
+PARTIAL = "answers.partial.jsonl"
+
+
+def load_model(path: str | Path) -> Any:
+    """A run folder (its final/) or a saved model folder."""
+    from mipha_lab.model import MultimodalModel
+
+    path = Path(path)
+    if (path / "final" / "config.json").is_file():
+        path = path / "final"
+    return MultimodalModel.from_pretrained(path).eval()
+
+
+def run_benchmark(model: Any, benchmark: Benchmark, data_root: str | Path, out: Path, *, batch_size: int = 16,
+                  limit: int | None = None, image_strategy: str = "pad", model_id: str = "mipha-lab",
+                  template: str | None = None, max_new_tokens: int | None = None) -> dict[str, Any]:
+    """Answer (skipping questions a previous, interrupted run answered), write answers.jsonl in question
+    order, score, write scores.json. A limited run is scored only where the scorer accepts a subset."""
+    paths = benchmark.paths(data_root)
+    questions = benchmark.load(paths)[:limit] if limit else benchmark.load(paths)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    answers = answer_questions(model, get_template(template or model.config.template or "plain"), questions,
+                               strategy=image_strategy, batch_size=batch_size, max_new_tokens=max_new_tokens or benchmark.max_new_tokens,
+                               model_id=model_id, partial=out / PARTIAL, desc=benchmark.name)
+    seconds = time.time() - started
+    (out / "answers.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
+    (out / PARTIAL).unlink(missing_ok=True)
+    scores: dict[str, Any] = {}
+    if benchmark.score is None:
+        log.info("%s: no public ground truth; %s holds the answers to submit", benchmark.name, out / "answers.jsonl")
+    else:
+        try:
+            scores = benchmark.score(paths, answers)
+        except ScoreInputError as err:
+            if not limit:
+                raise
+            log.warning("%s: not scored (--limit %d answers a subset): %s", benchmark.name, limit, err)
+    (out / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
+    print(f"{benchmark.name}: {len(answers)} questions in {seconds:.0f} s ({len(answers) / max(seconds, 1e-9):.1f}/s); "
+          f"{benchmark.headline} {scores.get(benchmark.headline, '-')}")
+    return scores
+
+
+def run_benchmarks(model: Any, names: list[str], data_root: str | Path, out: Path, **options: Any) -> dict[str, dict]:
+    results = {name: run_benchmark(model, BENCHMARKS.get(name), data_root, out / name, **options) for name in names}
+    write_summary(out, results)
+    return results
+
+
+def write_summary(folder: Path, results: dict[str, dict[str, Any]]) -> None:
+    """Headline figures in the paper's column order (VQAv2, GQA, SQA-I, TextVQA, POPE, MME-P, MMB), then
+    the others; every figure of every benchmark in summary.csv."""
+    order = [n for n in PAPER_ORDER if n in results] + [n for n in results if n not in PAPER_ORDER]
+    header = "| " + " | ".join(f"{n} ({BENCHMARKS.get(n).headline})" for n in order) + " |"
+    values = "| " + " | ".join(str(results[n].get(BENCHMARKS.get(n).headline, "-")) for n in order) + " |"
+    table = "\n".join([header, "|" + "---:|" * len(order), values]) + "\n"
+    (folder / "summary.md").write_text(table)
+    with (folder / "summary.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["benchmark", "metric", "value"])
+        for name in order:
+            for metric, value in _flatten(results[name]):
+                writer.writerow([name, metric, value])
+    print(table, end="")
+
+
+def _flatten(scores: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    rows = []
+    for key, value in scores.items():
+        if isinstance(value, dict):
+            rows += _flatten(value, f"{prefix}{key}.")
+        else:
+            rows.append((prefix + key, value))
+    return rows

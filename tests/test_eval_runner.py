@@ -1,0 +1,75 @@
+"""`python -m mipha_lab.eval run`: batched answers equal batch-1 answers, a restart skips answered
+questions, missing benchmark data is named, the summary follows the paper's column order."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mipha_lab.errors import ConfigError
+from mipha_lab.eval.runner import PARTIAL, load_model, run_benchmark
+from mipha_lab.registry import BENCHMARKS
+
+MICRO = Path(__file__).resolve().parents[1] / "experiments" / "micro.yaml"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A run folder of the micro experiment (its data root holds the synthetic benchmarks)."""
+    cwd = tmp_path_factory.mktemp("eval-run")
+    out = subprocess.run([sys.executable, "-m", "mipha_lab.launch", str(MICRO), "eval.benchmarks=[]"], cwd=cwd,
+                         capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return cwd
+
+
+def eval_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mipha_lab.eval", "run", "runs/micro", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def test_batched_answers_equal_batch_one_answers(trained, tmp_path):
+    model = load_model(trained / "runs" / "micro")
+    bench = BENCHMARKS.get("shapes-vqa")
+    one = run_benchmark(model, bench, trained / "data", tmp_path / "one", batch_size=1, limit=40)
+    many = run_benchmark(model, bench, trained / "data", tmp_path / "many", batch_size=16, limit=40)
+    texts = lambda d: [json.loads(line)["text"] for line in (d / "answers.jsonl").read_text().splitlines()]  # noqa: E731
+    assert texts(tmp_path / "one") == texts(tmp_path / "many")
+    assert one == many == {}  # a 40-question subset is not scored (the scorer wants every question)
+
+
+def test_cli_run_scores_and_summarises_in_the_run_folder(trained):
+    out = eval_cli(trained, "--benchmarks", "shapes-pope,shapes-vqa", "--data-root", "data", "--batch-size", "64")
+    assert out.returncode == 0, out.stderr[-3000:]
+    folder = trained / "runs" / "micro" / "eval"
+    vqa = json.loads((folder / "shapes-vqa" / "scores.json").read_text())
+    pope = json.loads((folder / "shapes-pope" / "scores.json").read_text())
+    assert set(pope) == {"adversarial", "popular", "random", "mean_f1"}
+    assert 0 <= vqa["accuracy"] <= 100 and len((folder / "shapes-vqa" / "answers.jsonl").read_text().splitlines()) == 1000
+    summary = (folder / "summary.md").read_text().splitlines()
+    assert summary[0] == "| shapes-pope (mean_f1) | shapes-vqa (accuracy) |"
+    assert summary[2] == f"| {pope['mean_f1']} | {vqa['accuracy']} |"
+
+
+def test_a_restarted_run_skips_answered_questions(trained, tmp_path):
+    model = load_model(trained / "runs" / "micro")
+    bench = BENCHMARKS.get("shapes-vqa")
+    run_benchmark(model, bench, trained / "data", tmp_path / "full", batch_size=16, limit=30)
+    answers = (tmp_path / "full" / "answers.jsonl").read_text().splitlines()
+    (tmp_path / "restart").mkdir()
+    (tmp_path / "restart" / PARTIAL).write_text("\n".join(answers[:20]) + "\n")  # killed after 20 answers
+    run_benchmark(model, bench, trained / "data", tmp_path / "restart", batch_size=16, limit=30)
+    again = (tmp_path / "restart" / "answers.jsonl").read_text().splitlines()
+    assert again[:20] == answers[:20]  # the same records (answer ids included): not generated again
+    assert [json.loads(a)["text"] for a in again] == [json.loads(a)["text"] for a in answers]
+    assert not (tmp_path / "restart" / PARTIAL).exists()
+
+
+def test_missing_benchmark_data_names_the_path(tmp_path):
+    with pytest.raises(ConfigError, match=r"eval/pope/llava_pope_test.jsonl does not exist .*LLaVA's evaluation bundle"):
+        BENCHMARKS.get("pope").paths(tmp_path)
