@@ -51,6 +51,8 @@ def test_cli_run_scores_and_summarises_in_the_run_folder(trained):
     pope = json.loads((folder / "shapes-pope" / "scores.json").read_text())
     assert set(pope) == {"adversarial", "popular", "random", "mean_f1"}
     assert 0 <= vqa["accuracy"] <= 100 and len((folder / "shapes-vqa" / "answers.jsonl").read_text().splitlines()) == 1000
+    records = [json.loads(line) for line in (folder / "shapes-vqa" / "records.jsonl").read_text().splitlines()]
+    assert len(records) == 1000 and round(100 * sum(r["correct"] for r in records) / 1000, 2) == vqa["accuracy"]
     summary = (folder / "summary.md").read_text().splitlines()
     assert summary[0] == "| shapes-pope (mean_f1) | shapes-vqa (accuracy) |"
     assert summary[2] == f"| {pope['mean_f1']} | {vqa['accuracy']} |"

@@ -46,6 +46,23 @@ def test_pope_golden():
 
 
 @needs_fixtures
+def test_per_question_records_add_up_to_the_scores():
+    from mipha_lab.eval.scoring.mme import score_mme
+
+    d = LLAVA / "pope"
+    records: list[dict] = []
+    scores = score_pope(read_jsonl(d / "llava_pope_test.jsonl"), read_jsonl(d / "llava-v1.5-13b.jsonl"), d / "coco", records)
+    assert len(records) == 8910
+    for split in ("adversarial", "popular", "random"):
+        mine = [r["correct"] for r in records if r["split"] == split]
+        assert round(100 * sum(mine) / len(mine), 2) == scores[split]["accuracy"]
+    d = LLAVA / "mme"
+    records = []
+    score_mme(read_jsonl(d / "llava_mme.jsonl"), read_jsonl(d / "llava-v1.5-13b.jsonl"), d / "ground_truth", records)
+    assert len(records) == 2374 and {r["prediction"] for r in records} <= {"yes", "no", "other"}
+
+
+@needs_fixtures
 def test_mme_golden():
     d = LLAVA / "mme"
     scores = score_cli("mme", "--questions", d / "llava_mme.jsonl", "--answers", d / "llava-v1.5-13b.jsonl",

@@ -36,7 +36,7 @@ class Benchmark:
     name: str
     files: dict[str, str]  # role -> path relative to the data root; "questions" is the one read to ask
     load: Callable[[dict[str, Path]], list[Question]]
-    score: Callable[[dict[str, Path], list[dict[str, Any]]], dict[str, Any]] | None
+    score: Callable[..., dict[str, Any]] | None  # (paths, answers, records list or None) -> scores
     headline: str  # the key of the figure the summary table shows
     max_new_tokens: int = 128
     source: str = LLAVA_EVAL
@@ -89,46 +89,46 @@ def mmbench_questions(paths: dict[str, Path], suffix: str = LETTER) -> list[Ques
     return questions
 
 
-def _pope_score(paths: dict[str, Path], answers: list[dict[str, Any]]) -> dict[str, Any]:
+def _pope_score(paths: dict[str, Path], answers: list[dict[str, Any]], records: list | None = None) -> dict[str, Any]:
     from mipha_lab.eval.scoring.pope import score_pope
 
-    return score_pope(read_jsonl(paths["questions"]), answers, paths["annotations"])
+    return score_pope(read_jsonl(paths["questions"]), answers, paths["annotations"], records)
 
 
-def _mme_score(paths: dict[str, Path], answers: list[dict[str, Any]]) -> dict[str, Any]:
+def _mme_score(paths: dict[str, Path], answers: list[dict[str, Any]], records: list | None = None) -> dict[str, Any]:
     from mipha_lab.eval.scoring.mme import score_mme
 
-    return score_mme(read_jsonl(paths["questions"]), answers, paths["ground_truth"])
+    return score_mme(read_jsonl(paths["questions"]), answers, paths["ground_truth"], records)
 
 
-def _scienceqa_score(paths: dict[str, Path], answers: list[dict[str, Any]]) -> dict[str, Any]:
+def _scienceqa_score(paths: dict[str, Path], answers: list[dict[str, Any]], records: list | None = None) -> dict[str, Any]:
     from mipha_lab.eval.scoring.scienceqa import score_scienceqa
 
-    return score_scienceqa(read_json(paths["questions"]), answers)
+    return score_scienceqa(read_json(paths["questions"]), answers, records)
 
 
-def _textvqa_score(paths: dict[str, Path], answers: list[dict[str, Any]]) -> dict[str, Any]:
+def _textvqa_score(paths: dict[str, Path], answers: list[dict[str, Any]], records: list | None = None) -> dict[str, Any]:
     from mipha_lab.eval.scoring.vqa import score_textvqa
 
-    return score_textvqa(read_json(paths["annotations"]), answers)
+    return score_textvqa(read_json(paths["annotations"]), answers, records)
 
 
-def _gqa_score(paths: dict[str, Path], answers: list[dict[str, Any]]) -> dict[str, Any]:
+def _gqa_score(paths: dict[str, Path], answers: list[dict[str, Any]], records: list | None = None) -> dict[str, Any]:
     from mipha_lab.eval.scoring.gqa import score_gqa
 
-    return score_gqa(read_json(paths["annotations"]), answers)
+    return score_gqa(read_json(paths["annotations"]), answers, records)
 
 
-def _mmbench_score(paths: dict[str, Path], answers: list[dict[str, Any]]) -> dict[str, Any]:
+def _mmbench_score(paths: dict[str, Path], answers: list[dict[str, Any]], records: list | None = None) -> dict[str, Any]:
     from mipha_lab.eval.scoring.mmbench import score_mmbench
 
-    return score_mmbench(paths["questions"], answers)
+    return score_mmbench(paths["questions"], answers, records)
 
 
-def _shapes_vqa_score(paths: dict[str, Path], answers: list[dict[str, Any]]) -> dict[str, Any]:
+def _shapes_vqa_score(paths: dict[str, Path], answers: list[dict[str, Any]], records: list | None = None) -> dict[str, Any]:
     from mipha_lab.eval.shapes import score_vqa
 
-    return score_vqa(answers, read_jsonl(paths["answers"]))
+    return score_vqa(answers, read_jsonl(paths["answers"]), records)
 
 
 def _add(benchmark: Benchmark, description: str) -> None:

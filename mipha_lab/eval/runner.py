@@ -32,7 +32,8 @@ def run_benchmark(model: Any, benchmark: Benchmark, data_root: str | Path, out: 
                   limit: int | None = None, image_strategy: str = "pad", model_id: str = "mipha-lab",
                   template: str | None = None, max_new_tokens: int | None = None) -> dict[str, Any]:
     """Answer (skipping questions a previous, interrupted run answered), write answers.jsonl in question
-    order, score, write scores.json. A limited run is scored only where the scorer accepts a subset."""
+    order, score, write scores.json and records.jsonl (one row per question: prediction and correct or
+    score, so analysis can bootstrap). A limited run is scored only where the scorer accepts a subset."""
     paths = benchmark.paths(data_root)
     questions = benchmark.load(paths)[:limit] if limit else benchmark.load(paths)
     out.mkdir(parents=True, exist_ok=True)
@@ -44,16 +45,18 @@ def run_benchmark(model: Any, benchmark: Benchmark, data_root: str | Path, out: 
     (out / "answers.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
     (out / PARTIAL).unlink(missing_ok=True)
     scores: dict[str, Any] = {}
+    records: list[dict[str, Any]] = []
     if benchmark.score is None:
         log.info("%s: no public ground truth; %s holds the answers to submit", benchmark.name, out / "answers.jsonl")
     else:
         try:
-            scores = benchmark.score(paths, answers)
+            scores = benchmark.score(paths, answers, records)
         except ScoreInputError as err:
             if not limit:
                 raise
             log.warning("%s: not scored (--limit %d answers a subset): %s", benchmark.name, limit, err)
     (out / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
+    (out / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))  # per question, for bootstraps
     print(f"{benchmark.name}: {len(answers)} questions in {seconds:.0f} s ({len(answers) / max(seconds, 1e-9):.1f}/s); "
           f"{benchmark.headline} {scores.get(benchmark.headline, '-')}")
     return scores

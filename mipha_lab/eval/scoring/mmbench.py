@@ -51,11 +51,16 @@ def infer_letter(answer: str, choices: dict[str, str]) -> str | None:
     return by_text[0] if len(by_text) == 1 else None
 
 
-def score_rows(rows: list[dict[str, str]], predictions: dict[int, str]) -> dict[str, Any]:
+def score_rows(rows: list[dict[str, str]], predictions: dict[int, str],
+               records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     correct: dict[int, bool] = {}
     for row in rows:
         index = int(row["index"])
-        correct[index] = infer_letter(predictions[index], options(row)) == row["answer"].strip()
+        letter = infer_letter(predictions[index], options(row))
+        correct[index] = letter == row["answer"].strip()
+        if records is not None:
+            records.append({"question_id": index, "prediction": letter, "gold": row["answer"].strip(),
+                            "correct": correct[index], "question": index % CIRCULAR})
     groups: dict[int, list[bool]] = {}
     for index, ok in correct.items():
         groups.setdefault(index % CIRCULAR, []).append(ok)
@@ -73,8 +78,8 @@ def score_mmbench_table(path: str | Path) -> dict[str, Any]:
     return score_rows(rows, {int(r["index"]): r["prediction"] for r in rows})
 
 
-def score_mmbench(path: str | Path, answers: list[dict[str, Any]]) -> dict[str, Any]:
+def score_mmbench(path: str | Path, answers: list[dict[str, Any]], records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The question table plus LLaVA's answer file (question_id = the row's index)."""
     rows = read_table(path)
     check_ids([int(a["question_id"]) for a in answers], [int(r["index"]) for r in rows], "mmbench answers")
-    return score_rows(rows, {int(a["question_id"]): a["text"] for a in answers})
+    return score_rows(rows, {int(a["question_id"]): a["text"] for a in answers}, records)

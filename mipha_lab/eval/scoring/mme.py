@@ -49,7 +49,9 @@ def official_question(prompt: str, subtask: str, image: str, gold: dict) -> str:
     return question
 
 
-def score_mme(questions: list[dict[str, Any]], answers: list[dict[str, Any]], ground_truth: str | Path) -> dict[str, Any]:
+def score_mme(questions: list[dict[str, Any]], answers: list[dict[str, Any]], ground_truth: str | Path,
+              records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """`records`, when given, receives one row per question (id, subtask, prediction, gold, correct)."""
     gold = read_ground_truth(ground_truth)
     key = lambda row, text: (row["question_id"], text)  # noqa: E731 - an image has two questions
     check_ids([key(a, a["prompt"]) for a in answers], [key(q, q["text"]) for q in questions], "mme answers")
@@ -59,7 +61,11 @@ def score_mme(questions: list[dict[str, Any]], answers: list[dict[str, Any]], gr
         question = official_question(answer["prompt"], subtask, image, gold)
         if (subtask, image, question) not in gold:
             raise ScoreInputError(f"mme: no ground truth for {answer['question_id']} {question!r}")
-        per_subtask[subtask].append((image, gold[(subtask, image, question)].lower(), mme_prediction(answer["text"])))
+        row = (image, gold[(subtask, image, question)].lower(), mme_prediction(answer["text"]))
+        per_subtask[subtask].append(row)
+        if records is not None:
+            records.append({"question_id": answer["question_id"], "prompt": answer["prompt"], "subtask": subtask,
+                            "prediction": row[2], "gold": row[1], "correct": row[1] == row[2]})
     scores = {}
     for subtask, rows in per_subtask.items():
         if len(rows) % 2 or any(rows[i][0] != rows[i + 1][0] for i in range(0, len(rows), 2)):

@@ -37,7 +37,9 @@ def split_name(path: Path) -> str:
     return stem.split("_pope_")[-1] if "_pope_" in stem else stem
 
 
-def score_pope(questions: list[dict[str, Any]], answers: list[dict[str, Any]], annotation_dir: str | Path) -> dict[str, Any]:
+def score_pope(questions: list[dict[str, Any]], answers: list[dict[str, Any]], annotation_dir: str | Path,
+               records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """`records`, when given, receives one row per question (id, split, prediction, label, correct)."""
     files = sorted(Path(annotation_dir).glob("*.json"))
     if not files:
         raise ScoreInputError(f"pope: no annotation files (*_pope_<split>.json) in {annotation_dir}")
@@ -57,6 +59,10 @@ def score_pope(questions: list[dict[str, Any]], answers: list[dict[str, Any]], a
                 raise ScoreInputError(
                     f"pope: split '{split}', position {n}: answer {answer['question_id']} is about {question['image']} "
                     f"{question['text'][:60]!r} but the label is for {label['image']} {label['text'][:60]!r}")
-        result[split] = split_metrics([pope_prediction(a["text"]) for a in mine], [row["label"] for row in labels])
+        predictions = [pope_prediction(a["text"]) for a in mine]
+        result[split] = split_metrics(predictions, [row["label"] for row in labels])
+        if records is not None:
+            records.extend({"question_id": a["question_id"], "split": split, "prediction": p, "label": row["label"],
+                            "correct": p == row["label"]} for a, p, row in zip(mine, predictions, labels))
     mean_f1 = sum(metrics["f1"] for metrics in result.values()) / len(result)
     return {**{split: {k: percent(v) for k, v in m.items()} for split, m in result.items()}, "mean_f1": percent(mean_f1)}

@@ -30,8 +30,10 @@ def number_of_choices(question: str) -> int:
     return count
 
 
-def score_scienceqa(questions: list[dict[str, Any]], answers: list[dict[str, Any]]) -> dict[str, Any]:
-    """Accuracy over the image questions (the reported ScienceQA-IMG) and over all questions."""
+def score_scienceqa(questions: list[dict[str, Any]], answers: list[dict[str, Any]],
+                    records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Accuracy over the image questions (the reported ScienceQA-IMG) and over all questions; `records`,
+    when given, receives one row per question."""
     predicted = {str(a["question_id"]): a["text"] for a in answers}
     check_ids([str(a["question_id"]) for a in answers], [str(q["id"]) for q in questions], "scienceqa answers")
     img, every = [], []
@@ -42,6 +44,9 @@ def score_scienceqa(questions: list[dict[str, Any]], answers: list[dict[str, Any
         valid = letter in OPTIONS[: number_of_choices(q["conversations"][0]["value"])]
         correct = float(valid and letter == gold)
         every.append(correct)
+        if records is not None:
+            records.append({"question_id": str(q["id"]), "prediction": letter, "gold": gold, "correct": bool(correct),
+                            "image": bool(q.get("image"))})
         if q.get("image"):
             img.append(correct)
     return {"img_accuracy": percent(sum(img) / max(len(img), 1)), "accuracy": percent(sum(every) / len(every))}

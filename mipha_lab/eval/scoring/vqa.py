@@ -55,8 +55,10 @@ def vqa_accuracy(prediction: str, answers: list[str], normalize: Callable[[str],
     return sum(scores) / len(scores)
 
 
-def score_vqav2(annotations: dict[str, Any], questions: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Official VQAv2 val scoring: overall, per answer type and per question type (x100, 2 decimals)."""
+def score_vqav2(annotations: dict[str, Any], questions: dict[str, Any], results: list[dict[str, Any]],
+                records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Official VQAv2 val scoring: overall, per answer type and per question type (x100, 2 decimals);
+    `records`, when given, receives one row per question."""
     gold = {a["question_id"]: a for a in annotations["annotations"]}
     asked = [q["question_id"] for q in questions["questions"]]
     predicted = {r["question_id"]: r["answer"] for r in results}
@@ -70,6 +72,8 @@ def score_vqav2(annotations: dict[str, Any], questions: dict[str, Any], results:
         ann = gold[qid]
         acc = vqa_accuracy(predicted[qid], [a["answer"] for a in ann["answers"]], normalize_official, always=False)
         scores.append(acc)
+        if records is not None:
+            records.append({"question_id": qid, "prediction": predicted[qid], "score": acc, "answer_type": ann["answer_type"]})
         per_answer[ann["answer_type"]].append(acc)
         per_question[ann["question_type"]].append(acc)
     mean = lambda xs: percent(sum(xs) / len(xs))  # noqa: E731
@@ -94,10 +98,15 @@ def textvqa_question(prompt: str) -> str:
     return question.lower()
 
 
-def score_textvqa(annotations: dict[str, Any], answers: list[dict[str, Any]]) -> dict[str, Any]:
-    """LLaVA's TextVQA scoring: answers matched on (image id, question), both sides EvalAI-processed."""
+def score_textvqa(annotations: dict[str, Any], answers: list[dict[str, Any]],
+                  records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """LLaVA's TextVQA scoring: answers matched on (image id, question), both sides EvalAI-processed;
+    `records`, when given, receives one row per question (its VQA accuracy as `score`)."""
     gold = {(a["image_id"], a["question"].lower()): a for a in annotations["data"]}
     keys = [(a["question_id"], textvqa_question(a["prompt"])) for a in answers]
     check_ids(keys, list(gold), "textvqa answers")
     scores = [vqa_accuracy(a["text"], gold[k]["answers"], normalize_evalai) for a, k in zip(answers, keys)]
+    if records is not None:
+        records.extend({"question_id": a["question_id"], "question": k[1], "prediction": normalize_evalai(a["text"]),
+                        "score": score} for a, k, score in zip(answers, keys, scores))
     return {"accuracy": percent(sum(scores) / len(scores))}
