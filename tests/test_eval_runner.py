@@ -75,3 +75,14 @@ def test_a_restarted_run_skips_answered_questions(trained, tmp_path):
 def test_missing_benchmark_data_names_the_path(tmp_path):
     with pytest.raises(ConfigError, match=r"eval/pope/llava_pope_test.jsonl does not exist .*LLaVA's evaluation bundle"):
         BENCHMARKS.get("pope").paths(tmp_path)
+
+
+def test_two_processes_give_the_answers_of_one(trained, tmp_path):
+    """Data parallel: each rank answers a share, rank 0 merges in question order."""
+    common = ["--benchmarks", "shapes-vqa", "--data-root", "data", "--batch-size", "8", "--limit", "60"]
+    one = eval_cli(trained, *common, "--out", str(tmp_path / "one"))
+    two = eval_cli(trained, *common, "--out", str(tmp_path / "two"), "--nproc", "2")
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
+    read = lambda d: [(a["question_id"], a["text"]) for a in map(json.loads, (d / "shapes-vqa" / "answers.jsonl").read_text().splitlines())]  # noqa: E731
+    assert read(tmp_path / "two") == read(tmp_path / "one") and len(read(tmp_path / "one")) == 60
+    assert not list((tmp_path / "two" / "shapes-vqa").glob("answers.partial*"))

@@ -100,21 +100,31 @@ def format_scores(scores: dict[str, Any], indent: str = "") -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Answers, scores and the summary under --out (default: <run>/eval for a run folder, else ./eval)."""
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    """Answers, scores and the summary under --out (default: <run>/eval for a run folder, else ./eval).
+    With --nproc N (or under torchrun / SLURM) each process answers a share; rank 0 merges and scores."""
+    import os
+    import subprocess
     from pathlib import Path
 
     from mipha_lab.eval.runner import load_model, run_benchmarks
     from mipha_lab.registry import BENCHMARKS
+    from mipha_lab.train.distributed import init_distributed
 
     names = [n.strip() for n in args.benchmarks.split(",") if n.strip()]
     for name in names:
         BENCHMARKS.get(name)  # an unknown name fails before the model loads, with suggestions
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        child = [a for i, a in enumerate(argv) if a != "--nproc" and not a.startswith("--nproc=")
+                 and (i == 0 or argv[i - 1] != "--nproc")]  # torchrun would take --nproc for its own option
+        return subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                f"--nproc_per_node={args.nproc}", "-m", "mipha_lab.eval", *child])
+    dist = init_distributed(process_group=int(os.environ.get("WORLD_SIZE", "1")) > 1)
     model_path = Path(args.model)
     out = Path(args.out) if args.out else (model_path / "eval" if (model_path / "final").is_dir() else Path("eval"))
-    model = load_model(model_path)
+    model = load_model(model_path).to(dist.device)
     run_benchmarks(model, names, args.data_root, out, batch_size=args.batch_size, limit=args.limit,
-                   model_id=model_path.name, image_strategy=args.image_strategy)
+                   model_id=model_path.name, image_strategy=args.image_strategy, dist=dist)
     return 0
 
 
@@ -130,18 +140,20 @@ def main(argv: list[str] | None = None) -> int:
     runner.add_argument("--limit", type=int, default=None, help="only the first K questions of each benchmark")
     runner.add_argument("--out", default=None)
     runner.add_argument("--image-strategy", default="pad", choices=["square", "pad", "resize-naive", "resize-crop"])
+    runner.add_argument("--nproc", type=int, default=1, help="processes on this machine (torchrun), each answering a share")
     score = commands.add_parser("score", help="score an answer file")
     score.add_argument("benchmark", choices=sorted(SCORERS))
     for flag in ("--questions", "--answers", "--annotations", "--ground-truth", "--table", "--results"):
         score.add_argument(flag)
     score.add_argument("--json", action="store_true", help="stdout holds only the scores as one JSON object")
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.command == "run":
         import logging
 
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
         try:
-            return run(args)
+            return run(args, argv)
         except MiphaLabError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2

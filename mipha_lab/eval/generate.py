@@ -1,6 +1,6 @@
 """Batched greedy answers in LLaVA's answer-file format: prompts sorted by length into batches, left
 padding after splicing and a KV cache (MultimodalModel.generate), stop strings, answers in question
-order. Answers are appended to a partial file after each batch, so a restarted run skips them."""
+order. Answers are appended to a partial file after each batch, so a restarted run can skip them."""
 from __future__ import annotations
 
 import json
@@ -38,22 +38,20 @@ def answer_questions(
     model_id: str = "mipha-lab",
     partial: Path | None = None,
     desc: str = "answering",
+    progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Answers in question order: {question_id, prompt, text, answer_id, model_id, metadata}.
     `questions` are eval.benchmarks.Question objects; an unreadable image is counted, reported and
-    answered with an empty string."""
+    answered with an empty string; `partial` receives each batch's answers as soon as they exist."""
     processor = ImageProcessor(model.vision_tower.image_spec, strategy)
     tokenizer = model.tokenizer
     done: dict[str, dict[str, Any]] = {}
-    if partial is not None and partial.is_file():
-        done = {answer_key(a["question_id"], a["prompt"]): a for a in read_jsonl(partial)}
-        log.info("%s: %d answers found in %s, skipped", desc, len(done), partial)
-    todo = [q for q in questions if answer_key(q.question_id, q.text) not in done]
+    todo = list(questions)
     prompts = {id(q): encode_prompt(template, tokenizer, [{"role": "user", "content": ("<image>\n" if q.image else "") + q.text}])
                for q in todo}
     todo.sort(key=lambda q: len(prompts[id(q)]))  # similar lengths batch together: little padding
     unreadable = []
-    bar = tqdm(total=len(todo), desc=desc, unit="question", dynamic_ncols=True)
+    bar = tqdm(total=len(todo), desc=desc, unit="question", dynamic_ncols=True, disable=not progress)
     for start in range(0, len(todo), batch_size):
         chunk = list(todo[start : start + batch_size])
         pixels = []
@@ -64,6 +62,9 @@ def answer_questions(
                 unreadable.append(f"{q.question_id} ({err})")
                 done[answer_key(q.question_id, q.text)] = _record(q, "", model_id, {"error": "unreadable image"})
                 chunk.remove(q)
+                if partial is not None:
+                    with partial.open("a") as handle:
+                        handle.write(json.dumps(done[answer_key(q.question_id, q.text)]) + "\n")
         if chunk:
             for q, text in zip(chunk, _generate(model, template, [prompts[id(q)] for q in chunk], pixels, max_new_tokens)):
                 done[answer_key(q.question_id, q.text)] = _record(q, text, model_id)

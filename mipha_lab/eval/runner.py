@@ -10,12 +10,19 @@ from typing import Any
 
 from mipha_lab.data.templates import get_template
 from mipha_lab.eval.benchmarks import PAPER_ORDER, Benchmark
-from mipha_lab.eval.generate import answer_questions
+from mipha_lab.eval.generate import answer_key, answer_questions, read_jsonl
 from mipha_lab.eval.scoring.answers import ScoreInputError
 from mipha_lab.registry import BENCHMARKS
+from mipha_lab.train.distributed import Distributed
 
 log = logging.getLogger(__name__)
-PARTIAL = "answers.partial.jsonl"
+PARTIAL = "answers.partial.jsonl"  # answers.partial*.jsonl: one per rank, appended after every batch
+
+
+def answered(out: Path) -> dict[str, dict[str, Any]]:
+    """Answers an interrupted run already wrote (by any number of ranks)."""
+    return {answer_key(a["question_id"], a["prompt"]): a
+            for path in sorted(out.glob("answers.partial*.jsonl")) for a in read_jsonl(path)}
 
 
 def load_model(path: str | Path) -> Any:
@@ -30,20 +37,34 @@ def load_model(path: str | Path) -> Any:
 
 def run_benchmark(model: Any, benchmark: Benchmark, data_root: str | Path, out: Path, *, batch_size: int = 16,
                   limit: int | None = None, image_strategy: str = "pad", model_id: str = "mipha-lab",
-                  template: str | None = None, max_new_tokens: int | None = None) -> dict[str, Any]:
-    """Answer (skipping questions a previous, interrupted run answered), write answers.jsonl in question
-    order, score, write scores.json and records.jsonl (one row per question: prediction and correct or
-    score, so analysis can bootstrap). A limited run is scored only where the scorer accepts a subset."""
+                  template: str | None = None, max_new_tokens: int | None = None,
+                  dist: Distributed | None = None) -> dict[str, Any]:
+    """Answer (skipping questions a previous, interrupted run answered; each rank of `dist` a share of
+    the rest), write answers.jsonl in question order, score, write scores.json and records.jsonl (one
+    row per question: prediction and correct or score, so analysis can bootstrap). A limited run is
+    scored only where the scorer accepts a subset. Scores are returned on the main rank ({} elsewhere)."""
+    dist = dist or Distributed(0, 1, 0, next(model.parameters()).device)
     paths = benchmark.paths(data_root)
     questions = benchmark.load(paths)[:limit] if limit else benchmark.load(paths)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    answers = answer_questions(model, get_template(template or model.config.template or "plain"), questions,
-                               strategy=image_strategy, batch_size=batch_size, max_new_tokens=max_new_tokens or benchmark.max_new_tokens,
-                               model_id=model_id, partial=out / PARTIAL, desc=benchmark.name)
+    done = answered(out)
+    if done and dist.main:
+        log.info("%s: %d answers of an interrupted run found in %s, not asked again", benchmark.name, len(done), out)
+    remaining = [q for q in questions if answer_key(q.question_id, q.text) not in done]
+    answer_questions(model, get_template(template or model.config.template or "plain"),
+                     remaining[dist.rank :: dist.world_size], strategy=image_strategy, batch_size=batch_size,
+                     max_new_tokens=max_new_tokens or benchmark.max_new_tokens, model_id=model_id,
+                     partial=out / f"answers.partial.rank{dist.rank}.jsonl", desc=benchmark.name, progress=dist.main)
+    dist.barrier()
+    if not dist.main:
+        return {}
+    done = answered(out)
+    answers = [done[answer_key(q.question_id, q.text)] for q in questions]
     seconds = time.time() - started
     (out / "answers.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
-    (out / PARTIAL).unlink(missing_ok=True)
+    for partial in out.glob("answers.partial*.jsonl"):
+        partial.unlink()
     scores: dict[str, Any] = {}
     records: list[dict[str, Any]] = []
     if benchmark.score is None:
@@ -64,7 +85,9 @@ def run_benchmark(model: Any, benchmark: Benchmark, data_root: str | Path, out: 
 
 def run_benchmarks(model: Any, names: list[str], data_root: str | Path, out: Path, **options: Any) -> dict[str, dict]:
     results = {name: run_benchmark(model, BENCHMARKS.get(name), data_root, out / name, **options) for name in names}
-    write_summary(out, results)
+    dist = options.get("dist")
+    if dist is None or dist.main:
+        write_summary(out, results)
     return results
 
 
