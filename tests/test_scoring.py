@@ -182,3 +182,22 @@ def test_cli_refuses_with_the_ids_and_exit_status_2(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and out.stdout == ""
     assert "no answer for 2" in out.stderr
+
+
+def test_submission_files(tmp_path):
+    from mipha_lab.eval.submission import gqa_predictions, mmbench_table, vqav2_upload
+
+    split = tmp_path / "test2015.jsonl"
+    split.write_text("".join(json.dumps({"question_id": i, "text": "?"}) + "\n" for i in (1, 2, 3)))
+    upload = vqav2_upload({"test_split": split}, [{"question_id": 1, "text": "Two dogs."}, {"question_id": 3, "text": "Yes"}],
+                          tmp_path)
+    assert json.loads(upload.read_text()) == [{"question_id": 1, "answer": "2 dogs"}, {"question_id": 2, "answer": ""},
+                                              {"question_id": 3, "answer": "yes"}]
+    gqa = gqa_predictions({}, [{"question_id": "q1", "text": "Left."}], tmp_path)
+    assert json.loads(gqa.read_text()) == [{"questionId": "q1", "prediction": "left"}]
+    table = tmp_path / "mmb.tsv"
+    table.write_text("index\tquestion\thint\tA\tB\tanswer\timage\n7\tWhich?\tnan\tcat\tdog\tB\tAAAA\n")
+    out = mmbench_table({"questions": table}, [{"question_id": 7, "text": "B"}], tmp_path)
+    lines = out.read_text().splitlines()
+    assert lines[0].split("\t") == ["index", "question", "A", "B", "answer", "prediction"]
+    assert lines[1].split("\t") == ["7", "Which?", "cat", "dog", "B", "B"]

@@ -12,6 +12,7 @@ from typing import Any, Callable
 from PIL import Image
 
 from mipha_lab.errors import ConfigError
+from mipha_lab.eval import submission
 from mipha_lab.eval.scoring.answers import read_json, read_jsonl
 from mipha_lab.registry import BENCHMARKS
 
@@ -40,6 +41,7 @@ class Benchmark:
     headline: str  # the key of the figure the summary table shows
     max_new_tokens: int = 128
     source: str = LLAVA_EVAL
+    submission: Callable[[dict[str, Path], list[dict[str, Any]], Path], Path] | None = None  # a file for the server
 
     def paths(self, data_root: str | Path) -> dict[str, Path]:
         """The benchmark's files; a missing one is an error naming the expected path and the data's origin."""
@@ -135,12 +137,14 @@ def _add(benchmark: Benchmark, description: str) -> None:
     BENCHMARKS.add(benchmark.name, benchmark, description)
 
 
-_add(Benchmark("vqav2", {"questions": "eval/vqav2/llava_vqav2_mscoco_test-dev2015.jsonl", "images": "eval/vqav2/test2015"},
-               llava_questions, None, "overall"),
+_add(Benchmark("vqav2", {"questions": "eval/vqav2/llava_vqav2_mscoco_test-dev2015.jsonl", "images": "eval/vqav2/test2015",
+                         "test_split": "eval/vqav2/llava_vqav2_mscoco_test2015.jsonl"},
+               llava_questions, None, "overall", submission=submission.vqav2_upload),
      "VQAv2 test-dev: answers for the EvalAI upload (no public ground truth; score val offline with `eval score vqav2`)")
 _add(Benchmark("gqa", {"questions": "eval/gqa/llava_gqa_testdev_balanced.jsonl", "images": "eval/gqa/data/images",
                        "annotations": "eval/gqa/data/testdev_balanced_questions.json"},
-               llava_questions, _gqa_score, "accuracy"), "GQA testdev-balanced, exact match")
+               llava_questions, _gqa_score, "accuracy", submission=submission.gqa_predictions),
+     "GQA testdev-balanced, exact match")
 _add(Benchmark("scienceqa-img", {"questions": "eval/scienceqa/llava_test_CQM-A.json", "images": "eval/scienceqa/images/test"},
                scienceqa_questions, _scienceqa_score, "img_accuracy", max_new_tokens=1024),
      "ScienceQA test, accuracy on the 2,017 image questions")
@@ -154,11 +158,13 @@ _add(Benchmark("mme", {"questions": "eval/MME/llava_mme.jsonl", "images": "eval/
                        "ground_truth": "eval/MME/eval_tool/Your_Results"},
                llava_questions, _mme_score, "perception"), "MME perception and cognition")
 _add(Benchmark("mmbench", {"questions": "eval/mmbench/mmbench_dev_20230712.tsv"}, mmbench_questions, _mmbench_score,
-               "circular", max_new_tokens=1024, source="MMBench (opencompass) dev 20230712 TSV"),
+               "circular", max_new_tokens=1024, source="MMBench (opencompass) dev 20230712 TSV",
+               submission=submission.mmbench_table),
      "MMBench dev EN, CircularEval")
 _add(Benchmark("mmbench-cn", {"questions": "eval/mmbench_cn/mmbench_dev_cn_20231003.tsv"},
                lambda paths: mmbench_questions(paths, LETTER_CN), _mmbench_score, "circular", max_new_tokens=1024,
-               source="MMBench-CN (opencompass) dev 20231003 TSV"), "MMBench dev CN, CircularEval")
+               source="MMBench-CN (opencompass) dev 20231003 TSV", submission=submission.mmbench_table),
+     "MMBench dev CN, CircularEval")
 _add(Benchmark("shapes-vqa", {"questions": "shapes/eval/shapes-vqa/questions.jsonl", "images": "shapes/images",
                               "answers": "shapes/eval/shapes-vqa/answers.jsonl"},
                llava_questions, _shapes_vqa_score, "accuracy", max_new_tokens=8,

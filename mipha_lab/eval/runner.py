@@ -65,6 +65,8 @@ def run_benchmark(model: Any, benchmark: Benchmark, data_root: str | Path, out: 
     (out / "answers.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
     for partial in out.glob("answers.partial*.jsonl"):
         partial.unlink()
+    if benchmark.submission is not None and not limit:
+        print(f"{benchmark.name}: file for the benchmark's server: {benchmark.submission(paths, answers, out)}")
     scores: dict[str, Any] = {}
     records: list[dict[str, Any]] = []
     if benchmark.score is None:
