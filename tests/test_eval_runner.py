@@ -86,3 +86,30 @@ def test_two_processes_give_the_answers_of_one(trained, tmp_path):
     read = lambda d: [(a["question_id"], a["text"]) for a in map(json.loads, (d / "shapes-vqa" / "answers.jsonl").read_text().splitlines())]  # noqa: E731
     assert read(tmp_path / "two") == read(tmp_path / "one") and len(read(tmp_path / "one")) == 60
     assert not list((tmp_path / "two" / "shapes-vqa").glob("answers.partial*"))
+
+
+def test_batch_invariance_check_and_an_unreadable_image(trained, tmp_path):
+    import shutil
+
+    from mipha_lab.eval.benchmarks import Question
+    from mipha_lab.eval.generate import answer_questions
+    from mipha_lab.data.templates import get_template
+
+    out = eval_cli(trained, "--benchmarks", "shapes-vqa", "--data-root", "data", "--batch-size", "16", "--limit", "48",
+                   "--check-batch-invariance", "24", "--out", str(tmp_path / "inv"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((tmp_path / "inv" / "shapes-vqa" / "batch_invariance.json").read_text())
+    assert report == {"questions": 24, "agreement": 1.0, "different": []}
+
+    model = load_model(trained / "runs" / "micro")
+    good = trained / "data" / "shapes" / "images" / "eval" / "000000.png"
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    shutil.copy(good, tmp_path / "good.png")
+    from PIL import Image
+
+    questions = [Question(i, "How many shapes are there?", (lambda p=p: Image.open(p).convert("RGB")))
+                 for i, p in enumerate([tmp_path / "good.png", bad, tmp_path / "good.png"])]
+    answers = answer_questions(model, get_template("phi"), questions, batch_size=3, max_new_tokens=4)
+    assert answers[1]["text"] == "" and answers[1]["metadata"] == {"error": "unreadable image"}
+    assert answers[0]["text"] == answers[2]["text"] != ""

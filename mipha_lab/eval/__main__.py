@@ -124,7 +124,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     out = Path(args.out) if args.out else (model_path / "eval" if (model_path / "final").is_dir() else Path("eval"))
     model = load_model(model_path).to(dist.device)
     run_benchmarks(model, names, args.data_root, out, batch_size=args.batch_size, limit=args.limit,
-                   model_id=model_path.name, image_strategy=args.image_strategy, dist=dist)
+                   model_id=model_path.name, image_strategy=args.image_strategy, dist=dist,
+                   check_batch_invariance=args.check_batch_invariance)
     return 0
 
 
@@ -140,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     runner.add_argument("--limit", type=int, default=None, help="only the first K questions of each benchmark")
     runner.add_argument("--out", default=None)
     runner.add_argument("--image-strategy", default="pad", choices=["square", "pad", "resize-naive", "resize-crop"])
+    runner.add_argument("--check-batch-invariance", type=int, default=0, metavar="K",
+                        help="answer the first K questions again at batch 1 and report the agreement")
     runner.add_argument("--nproc", type=int, default=1, help="processes on this machine (torchrun), each answering a share")
     score = commands.add_parser("score", help="score an answer file")
     score.add_argument("benchmark", choices=sorted(SCORERS))

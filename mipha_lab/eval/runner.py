@@ -38,7 +38,7 @@ def load_model(path: str | Path) -> Any:
 def run_benchmark(model: Any, benchmark: Benchmark, data_root: str | Path, out: Path, *, batch_size: int = 16,
                   limit: int | None = None, image_strategy: str = "pad", model_id: str = "mipha-lab",
                   template: str | None = None, max_new_tokens: int | None = None,
-                  dist: Distributed | None = None) -> dict[str, Any]:
+                  dist: Distributed | None = None, check_batch_invariance: int = 0) -> dict[str, Any]:
     """Answer (skipping questions a previous, interrupted run answered; each rank of `dist` a share of
     the rest), write answers.jsonl in question order, score, write scores.json and records.jsonl (one
     row per question: prediction and correct or score, so analysis can bootstrap). A limited run is
@@ -65,6 +65,9 @@ def run_benchmark(model: Any, benchmark: Benchmark, data_root: str | Path, out: 
     (out / "answers.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
     for partial in out.glob("answers.partial*.jsonl"):
         partial.unlink()
+    if check_batch_invariance:
+        batch_invariance(model, benchmark, questions[:check_batch_invariance], answers, out, image_strategy=image_strategy,
+                         template=template, max_new_tokens=max_new_tokens)
     if benchmark.submission is not None and not limit:
         print(f"{benchmark.name}: file for the benchmark's server: {benchmark.submission(paths, answers, out)}")
     scores: dict[str, Any] = {}
@@ -83,6 +86,21 @@ def run_benchmark(model: Any, benchmark: Benchmark, data_root: str | Path, out: 
     print(f"{benchmark.name}: {len(answers)} questions in {seconds:.0f} s ({len(answers) / max(seconds, 1e-9):.1f}/s); "
           f"{benchmark.headline} {scores.get(benchmark.headline, '-')}")
     return scores
+
+
+def batch_invariance(model: Any, benchmark: Benchmark, questions: list, batched: list[dict[str, Any]], out: Path, *,
+                     image_strategy: str, template: str | None, max_new_tokens: int | None) -> float:
+    """Answer a sample again at batch size 1 and report how many batched answers are identical
+    (batched evaluation has moved scores by points in other toolkits); written to batch_invariance.json."""
+    single = answer_questions(model, get_template(template or model.config.template or "plain"), questions,
+                              strategy=image_strategy, batch_size=1,
+                              max_new_tokens=max_new_tokens or benchmark.max_new_tokens, desc=f"{benchmark.name} batch 1")
+    differ = [b["question_id"] for a, b in zip(single, batched) if a["text"] != b["text"]]
+    agreement = 1.0 - len(differ) / max(len(single), 1)
+    (out / "batch_invariance.json").write_text(json.dumps(
+        {"questions": len(single), "agreement": agreement, "different": differ}, indent=2) + "\n")
+    print(f"{benchmark.name}: batched answers equal batch-1 answers on {agreement:.1%} of {len(single)} questions")
+    return agreement
 
 
 def run_benchmarks(model: Any, names: list[str], data_root: str | Path, out: Path, **options: Any) -> dict[str, dict]:
