@@ -55,16 +55,23 @@ def test_mipha_3b_plan(tmp_path):
     assert result["total_gpu_hours"] == pytest.approx(sum(s["gpu_hours"] for s in result["stages"]), abs=1e-3)
 
 
+def plan_in_process(name: str, tmp_path: Path) -> dict:
+    from mipha_lab.config import load_experiment
+    from mipha_lab.plan import plan_experiment
+
+    return plan_experiment(load_experiment(EXPERIMENTS / f"{name}.yaml", [f"data_root={tmp_path / 'none'}"]))
+
+
 @pytest.mark.parametrize("name", RELEASED[1:])
 def test_every_released_recipe_plans_offline(name, tmp_path):
-    result = plan(name, tmp_path)
+    result = plan_in_process(name, tmp_path)
     assert result["visual_tokens"] == (576 if "clip" in name else 729)
     assert [s["name"] for s in result["stages"]] == ["pretrain", "finetune"]
     assert all(s["flops_per_sample"] > 0 and s["memory_per_gpu_gib"] > 0 for s in result["stages"])
 
 
 def test_lora_recipe_trains_adapters_not_the_lm(tmp_path):
-    finetune = plan("siglip_phi2_lora", tmp_path)["stages"][1]
+    finetune = plan_in_process("siglip_phi2_lora", tmp_path)["stages"][1]
     lora = finetune["trainable"]["lm_body"]
     # r=64 on q, k, v, dense, fc1, fc2 of 32 Phi-2 layers: 64 x (in + out) each
     assert lora == 32 * 64 * (4 * (2560 + 2560) + (2560 + 10240) + (10240 + 2560))
