@@ -201,3 +201,26 @@ def test_submission_files(tmp_path):
     lines = out.read_text().splitlines()
     assert lines[0].split("\t") == ["index", "question", "A", "B", "answer", "prediction"]
     assert lines[1].split("\t") == ["7", "Which?", "cat", "dog", "B", "B"]
+
+
+@needs_fixtures
+@pytest.mark.parametrize("name,folder,answers", [
+    ("scienceqa-img", "scienceqa", "llava-v1.5-13b.jsonl"),
+    ("mmbench", "mmbench", "llava-v1.5-13b.jsonl"),
+])
+def test_prompts_are_the_ones_llava_asked(name, folder, answers):
+    """Our prompt construction reproduces the `prompt` field of LLaVA's released answer files (for MMBench
+    LLaVA records the prompt before it appends the letter suffix, and the fixture table has no hint
+    column, so a hinted prompt must end with ours)."""
+    from mipha_lab.eval.benchmarks import LETTER, mmbench_questions, scienceqa_questions
+
+    d = LLAVA / folder
+    if name == "mmbench":
+        questions = mmbench_questions({"questions": d / "llava-v1.5-13b_dev_20230712.tsv"})
+    else:
+        questions = scienceqa_questions({"questions": d / "llava_test_CQM-A.json", "images": d})
+    asked = {str(a["question_id"]): a["prompt"].replace("<image>\n", "") for a in read_jsonl(d / answers)}
+    ours = {str(q.question_id): q.text.removesuffix("\n" + LETTER) if name == "mmbench" else q.text for q in questions}
+    assert ours.keys() == asked.keys()
+    different = [k for k in ours if ours[k] != asked[k] and not (name == "mmbench" and asked[k].endswith("\n" + ours[k]))]
+    assert not different, (len(different), ours[different[0]][-300:], asked[different[0]][-300:])
