@@ -49,6 +49,7 @@ def run_benchmark(model: Any, benchmark: Benchmark, data_root: str | Path, out: 
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     done = answered(out)
+    dist.barrier()  # every rank has read the same answered set before any rank appends to it
     if done and dist.main:
         log.info("%s: %d answers of an interrupted run found in %s, not asked again", benchmark.name, len(done), out)
     remaining = [q for q in questions if answer_key(q.question_id, q.text) not in done]
