@@ -1,6 +1,9 @@
 """Errors users see: each names the file, key or component at fault and what was expected."""
 from __future__ import annotations
 
+import sys
+from typing import Callable
+
 
 class MiphaLabError(Exception):
     """Base class of every error mipha-lab raises on purpose."""
@@ -19,3 +22,12 @@ class UnknownNameError(MiphaLabError, KeyError):
 
 class InputError(MiphaLabError, ValueError):
     """Model inputs are inconsistent (image count, image size, sequence layout)."""
+
+
+def exit_status(action: Callable[[], int]) -> int:
+    """Run a command-line action; an error of ours becomes `error: ...` on stderr and exit status 2."""
+    try:
+        return action()
+    except MiphaLabError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mipha_lab.errors import MiphaLabError
+from mipha_lab.errors import MiphaLabError, exit_status
 
 
 def default_experiment() -> Path:
@@ -58,15 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     from mipha_lab.config import load_experiment
     from mipha_lab.train.trainer import run_experiment
 
-    try:
-        experiment = load_experiment(args.experiment or default_experiment(), args.overrides)
-        run = run_experiment(experiment)
-    except MiphaLabError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if os.environ.get("RANK", "0") == "0":
-        print(f"run folder: {run.path}")
-    return 0
+    def train() -> int:
+        run = run_experiment(load_experiment(args.experiment or default_experiment(), args.overrides))
+        if os.environ.get("RANK", "0") == "0":
+            print(f"run folder: {run.path}")
+        return 0
+
+    return exit_status(train)
 
 
 def dry_run(args: argparse.Namespace) -> int:
@@ -77,14 +75,14 @@ def dry_run(args: argparse.Namespace) -> int:
     from mipha_lab.plan import format_plan, plan_experiment
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    try:
+
+    def show() -> int:
         experiment = load_experiment(args.experiment or default_experiment(), args.overrides)
         plan = plan_experiment(experiment, gpu=args.gpu, num_gpus=args.num_gpus, mfu=args.mfu)
-    except MiphaLabError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(plan) if args.json else format_plan(plan))
-    return 0
+        print(json.dumps(plan) if args.json else format_plan(plan))
+        return 0
+
+    return exit_status(show)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import json
 import sys
 from typing import Any, Callable
 
-from mipha_lab.errors import MiphaLabError
+from mipha_lab.errors import exit_status
 from mipha_lab.eval.scoring.answers import ScoreInputError, read_json, read_jsonl
 
 
@@ -144,27 +144,23 @@ def main(argv: list[str] | None = None) -> int:
     runner.add_argument("--check-batch-invariance", type=int, default=0, metavar="K",
                         help="answer the first K questions again at batch 1 and report the agreement")
     runner.add_argument("--nproc", type=int, default=1, help="processes on this machine (torchrun), each answering a share")
-    score = commands.add_parser("score", help="score an answer file")
-    score.add_argument("benchmark", choices=sorted(SCORERS))
+    scorer = commands.add_parser("score", help="score an answer file")
+    scorer.add_argument("benchmark", choices=sorted(SCORERS))
     for flag in ("--questions", "--answers", "--annotations", "--ground-truth", "--table", "--results"):
-        score.add_argument(flag)
-    score.add_argument("--json", action="store_true", help="stdout holds only the scores as one JSON object")
+        scorer.add_argument(flag)
+    scorer.add_argument("--json", action="store_true", help="stdout holds only the scores as one JSON object")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.command == "run":
         import logging
 
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-        try:
-            return run(args, argv)
-        except MiphaLabError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-    try:
-        scores = SCORERS[args.benchmark](args)
-    except MiphaLabError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return exit_status(lambda: run(args, argv))
+    return exit_status(lambda: score(args))
+
+
+def score(args: argparse.Namespace) -> int:
+    scores = SCORERS[args.benchmark](args)
     print(json.dumps(scores) if args.json else format_scores(scores))
     return 0
 

@@ -18,10 +18,6 @@ from mipha_lab.data.templates import Template, encode_prompt
 log = logging.getLogger(__name__)
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def answer_key(question_id: Any, prompt: str) -> str:
     """Question ids repeat in some files (MME: two questions per image), so the prompt is part of the key."""
     return json.dumps([question_id, prompt])

@@ -10,8 +10,8 @@ from typing import Any
 
 from mipha_lab.data.templates import get_template
 from mipha_lab.eval.benchmarks import PAPER_ORDER, Benchmark
-from mipha_lab.eval.generate import answer_key, answer_questions, read_jsonl
-from mipha_lab.eval.scoring.answers import ScoreInputError
+from mipha_lab.eval.generate import answer_key, answer_questions
+from mipha_lab.eval.scoring.answers import ScoreInputError, read_jsonl
 from mipha_lab.registry import BENCHMARKS
 from mipha_lab.train.distributed import Distributed
 

@@ -177,7 +177,10 @@ class StageRunner:
         step, epoch, position = state.stage_step, state.epoch, state.batches_done
         offset = state.global_step - state.stage_step  # steps of the earlier stages
         report = SkipReport()
-        report.restore(state.skips) if state.skips else report.add(self.read_skips)
+        if state.skips:  # a resumed stage: the counts so far, read-time skips included
+            report.restore(state.skips)
+        else:
+            report.add(self.read_skips)
         bar = tqdm(total=total, initial=step, desc=f"stage {stage.name}", unit="step", disable=not dist.main,
                    dynamic_ncols=True)
         started, last_save, first_loss = time.time(), time.time(), None
