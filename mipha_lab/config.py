@@ -145,6 +145,7 @@ class EvalConfig(StrictModel):
     batch_size: int = 16
     max_new_tokens: int | None = None  # default: each benchmark's own
     image_strategy: Literal["square", "pad", "resize-naive", "resize-crop"] = "pad"
+    separate_job: bool = False  # on a cluster: evaluate final/ in its own job, run after training succeeds
 
 
 class TrackingConfig(StrictModel):
@@ -152,6 +153,40 @@ class TrackingConfig(StrictModel):
     project: str = "mipha-lab"
     group: str | None = None
     tags: list[str] = Field(default_factory=list)
+
+
+class ResourcesConfig(StrictModel):
+    """What one run asks of a cluster; unset fields come from the cluster profile (slurm/*.yaml)."""
+
+    nodes: int | None = Field(None, ge=1)
+    gpus_per_node: int | None = Field(None, ge=0)
+    tasks_per_node: int | None = Field(None, ge=1)
+    time_min: int | None = Field(None, ge=1)
+    mem_gb: float | None = Field(None, gt=0)
+
+
+class SweepConfig(StrictModel):
+    """Cells of a study: the cartesian product of `grid`, times the parallel lists of `zip`, times
+    `seeds`. Keys are override paths (`stages.instruct.optimizer.lr`)."""
+
+    name: str | None = None  # default: the experiment's run name; cells live in runs_root/<name>/
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    zip: dict[str, list[Any]] = Field(default_factory=dict)
+    seeds: list[int] = Field(default_factory=list)
+    max_concurrent: int | None = Field(None, ge=1)  # tasks of one job array running at once
+
+    @model_validator(mode="after")
+    def _check(self) -> "SweepConfig":
+        empty = [key for key, values in {**self.grid, **self.zip}.items() if not values]
+        if empty:
+            raise ValueError(f"swept keys need at least one value: {empty}")
+        lengths = {key: len(values) for key, values in self.zip.items()}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"zip lists must have the same length, got {lengths}")
+        both = set(self.grid) & set(self.zip)
+        if both or ("seed" in {**self.grid, **self.zip} and self.seeds):
+            raise ValueError(f"a key is swept twice: {sorted(both) or ['seed']}")
+        return self
 
 
 class Experiment(StrictModel):
@@ -162,6 +197,8 @@ class Experiment(StrictModel):
     tracking: TrackingConfig = TrackingConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     quirks: QuirksConfig = QuirksConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    sweep: SweepConfig | None = None
     seed: int = 0
     data_root: str = "./data"
     data_workers: int = 0  # DataLoader worker processes per rank

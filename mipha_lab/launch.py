@@ -1,8 +1,12 @@
-"""`python -m mipha_lab.launch [EXPERIMENT.yaml] [key.sub=value ...] [--nproc N]`: the main job.
+"""`python -m mipha_lab.launch [EXPERIMENT.yaml ...] [key.sub=value ...] [--nproc N] [--cluster PROFILE]`:
+the main job.
 
 Without an experiment it runs the embedded demo (experiments/demo_shapes.yaml). With `--nproc N`
 it re-launches itself under `torchrun --standalone --nproc_per_node N` (DeepSpeed on every rank);
-launching under torchrun or SLURM yourself works the same way.
+launching under torchrun or SLURM yourself works the same way. Several files, a glob or a file with
+a `sweep:` block make several runs (cells), each in its own deterministic run folder. With
+`--cluster slurm/PROFILE.yaml` (or `--cluster local`) the runs are submitted as submitit jobs, one
+job array per resource shape, and the command returns at once (`--wait` waits and shows the status).
 
 Launching a run folder (or the same experiment and run name again) resumes it from its latest
 checkpoint. `--dry-run` prints what the recipe costs (parameters, steps, FLOPs, memory, GPU hours)
@@ -33,53 +37,108 @@ def default_experiment() -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mipha_lab.launch", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("experiment", nargs="?", help="experiment YAML (default: the embedded demo)")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides applied after the file")
+    parser.add_argument("targets", nargs="*", metavar="EXPERIMENT",
+                        help="experiment files, quoted globs or run folders (default: the embedded demo), then "
+                             "key.sub=value overrides applied to each")
     parser.add_argument("--nproc", type=int, default=1, help="processes on this machine (torchrun)")
+    parser.add_argument("--cluster", metavar="PROFILE",
+                        help="submit as jobs: a profile (slurm/NAME.yaml) or `local` (submitit's local executor)")
+    parser.add_argument("--wait", action="store_true", help="with --cluster: wait for the jobs, then show their status")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and cost; train nothing")
     parser.add_argument("--gpu", default="H100", help="GPU type the plan assumes (peak bf16 rate)")
     parser.add_argument("--num-gpus", type=int, default=8, help="GPUs the plan assumes")
     parser.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation the plan assumes")
     parser.add_argument("--json", action="store_true", help="with --dry-run: stdout holds only the plan as JSON")
     args = parser.parse_intermixed_args(argv)
-    if args.experiment and "=" in args.experiment and not args.experiment.endswith((".yaml", ".yml")):
-        args.overrides.insert(0, args.experiment)
-        args.experiment = None
-    if args.experiment and Path(args.experiment).is_dir():  # a run folder: its resolved config
-        args.experiment = str(Path(args.experiment) / "config.yaml")
+    args.experiments = [t for t in args.targets if not is_override(t)] or [str(default_experiment())]
+    args.overrides = [t for t in args.targets if is_override(t)]
     if args.dry_run:
         return dry_run(args)
+    if args.cluster:
+        return exit_status(lambda: submit(args))
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-                   "-m", "mipha_lab.launch", args.experiment or str(default_experiment()), *args.overrides]
+                   "-m", "mipha_lab.launch", *args.experiments, *args.overrides]
         return subprocess.call(command)
     logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    from mipha_lab.config import load_experiment
+    return exit_status(lambda: train_here(args))
+
+
+def is_override(target: str) -> bool:
+    return "=" in target and not target.endswith((".yaml", ".yml")) and not Path(target).exists()
+
+
+def train_here(args: argparse.Namespace) -> int:
+    """Every cell in turn in this process (group); a failed cell is reported and the others still run."""
+    from mipha_lab.sweep import expand_all
     from mipha_lab.train.trainer import run_experiment
 
-    def train() -> int:
-        run = run_experiment(load_experiment(args.experiment or default_experiment(), args.overrides))
-        if os.environ.get("RANK", "0") == "0":
+    cells = expand_all(args.experiments, args.overrides)
+    main_rank = os.environ.get("RANK", "0") == "0"
+    if len(cells) == 1:
+        run = run_experiment(cells[0].experiment)
+        if main_rank:
             print(f"run folder: {run.path}")
         return 0
+    failed = []
+    for number, cell in enumerate(cells, 1):
+        if main_rank:
+            print(f"== cell {number}/{len(cells)}: {cell.run_name}", file=sys.stderr)
+        try:
+            run_experiment(cell.experiment)
+        except Exception as err:  # noqa: BLE001 - one failed cell must not stop the sweep
+            logging.getLogger(__name__).exception("cell %s failed", cell.run_name)
+            failed.append(f"{cell.run_name}: {type(err).__name__}: {err}")
+    if main_rank:
+        print(f"{len(cells) - len(failed)} of {len(cells)} run(s) finished in {Path(cells[0].experiment.runs_root)}")
+        for line in failed:
+            print(f"failed: {line}")
+    return 1 if failed else 0
 
-    return exit_status(train)
+
+def submit(args: argparse.Namespace) -> int:
+    """Submit the cells through submitit; returns at once unless --wait."""
+    from mipha_lab.cluster.profile import load_profile
+    from mipha_lab.cluster.submit import submit_cells, wait_for
+    from mipha_lab.runs import follow_hint, print_status
+    from mipha_lab.sweep import expand_all
+
+    cells = expand_all(args.experiments, args.overrides)
+    submissions = submit_cells(cells, load_profile(args.cluster))
+    runs_root = Path(cells[0].experiment.runs_root)
+    if not args.wait:
+        print(follow_hint(runs_root, cells))
+        return 0
+    wait_for(submissions)
+    rows = print_status([cell.run_path for cell in cells])
+    return 1 if any(row["state"] != "done" for row in rows) else 0
 
 
 def dry_run(args: argparse.Namespace) -> int:
-    """The plan on stdout (a table, or only JSON with --json); logs and errors on stderr."""
+    """The plan on stdout (a table, or only JSON with --json); logs and errors on stderr. A sweep
+    (or several files) prints every cell's plan and the total."""
     import json
 
-    from mipha_lab.config import load_experiment
     from mipha_lab.plan import format_plan, plan_experiment
+    from mipha_lab.sweep import expand_all
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 
     def show() -> int:
-        experiment = load_experiment(args.experiment or default_experiment(), args.overrides)
-        plan = plan_experiment(experiment, gpu=args.gpu, num_gpus=args.num_gpus, mfu=args.mfu)
-        print(json.dumps(plan) if args.json else format_plan(plan))
+        cells = expand_all(args.experiments, args.overrides)
+        plans = [plan_experiment(c.experiment, gpu=args.gpu, num_gpus=args.num_gpus, mfu=args.mfu) for c in cells]
+        if len(cells) == 1 and not cells[0].overrides:
+            print(json.dumps(plans[0]) if args.json else format_plan(plans[0]))
+            return 0
+        total = round(sum(p["total_gpu_hours"] for p in plans), 4)
+        if args.json:
+            print(json.dumps({"cells": [{"run_name": c.run_name, "overrides": c.overrides, "plan": p}
+                                        for c, p in zip(cells, plans)], "total_gpu_hours": total}))
+        else:
+            for cell, plan in zip(cells, plans):
+                print(f"== {cell.run_name}  {cell.overrides}\n{format_plan(plan)}\n")
+            print(f"{len(cells)} run(s): {total:.2f} GPU hours in all")
         return 0
 
     return exit_status(show)

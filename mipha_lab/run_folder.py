@@ -90,9 +90,12 @@ class RunFolder:
     def status(self, state: str, **fields: Any) -> None:
         self.write_json("status.json", {"state": state, **fields, "updated": _now()})
 
-    def read_status(self) -> dict[str, Any] | None:
-        path = self.path / "status.json"
+    def read_json(self, name: str) -> Any:
+        path = self.path / name
         return json.loads(path.read_text()) if path.is_file() else None
+
+    def read_status(self) -> dict[str, Any] | None:
+        return self.read_json("status.json")
 
     def append_metrics(self, row: dict[str, Any]) -> None:
         with (self.path / "metrics.jsonl").open("a") as handle:

@@ -36,6 +36,18 @@ class RunLock:
         except (OSError, json.JSONDecodeError):
             return {}
 
+    def held(self) -> bool:
+        """Whether a live process holds the lock now (asked without taking it)."""
+        if not self.path.is_file():
+            return False
+        with open(self.path) as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
     def acquire(self) -> "RunLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(self.path, "a+")

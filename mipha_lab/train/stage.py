@@ -23,11 +23,12 @@ from mipha_lab.errors import ConfigError, MiphaLabError
 from mipha_lab.model import MultimodalModel
 from mipha_lab.model.splice import count_targets
 from mipha_lab.run_folder import RunFolder
-from mipha_lab.train import faults
+from mipha_lab.train import faults, preemption
 from mipha_lab.train.checkpoint import CheckpointWriter, TrainState, load_model_state, load_rng
 from mipha_lab.train.distributed import Distributed, gather_objects
 from mipha_lab.train.engine import DeepSpeedEngine, TorchEngine
 from mipha_lab.train.flops import batch_flops, peak_flops
+from mipha_lab.train.preemption import Preempted
 from mipha_lab.train.policy import apply_policy, table_markdown
 from mipha_lab.train.tracking import Tracker
 
@@ -137,14 +138,16 @@ class StageRunner:
             raise ConfigError("engine.kind 'torch' runs one process; use 'deepspeed' (or 'auto') for several")
         return TorchEngine(self.model, param_groups, self.stage, total, bf16)
 
-    def checkpoint_due(self, step: int, total: int, last_save: float) -> bool:
-        """Every `every_steps` global steps or `every_minutes`; every rank must agree, so the main rank's
-        clock decides for all. The stage's last step is left to the end-of-stage checkpoint."""
+    def checkpoint_due(self, step: int, total: int, last_save: float) -> tuple[bool, bool]:
+        """(a checkpoint is due, the job was signalled to stop). Due every `every_steps` global steps or
+        `every_minutes` (the stage's last step is left to the end-of-stage checkpoint); every rank must
+        agree, so the main rank's clock decides and any rank's preemption signal counts for all."""
         every = self.experiment.checkpoint
         global_step = self.state.global_step - self.state.stage_step + step
         due = bool(every.every_steps and global_step % every.every_steps == 0) or bool(
             every.every_minutes and time.time() - last_save >= 60 * every.every_minutes)
-        return step < total and self.dist.all_sum([float(due and self.dist.main)])[0] > 0
+        votes = self.dist.all_sum([float(due and self.dist.main), float(preemption.requested())])
+        return step < total and votes[0] > 0, votes[1] > 0
 
     def save_checkpoint(self, engine: Any, state: TrainState) -> None:
         self.writer.save(state, gathered_state(self.model, self.dist, self.zero3), engine)
@@ -183,7 +186,26 @@ class StageRunner:
             report.add(self.read_skips)
         bar = tqdm(total=total, initial=step, desc=f"stage {stage.name}", unit="step", disable=not dist.main,
                    dynamic_ncols=True)
-        started, last_save, first_loss = time.time(), time.time(), None
+        started = time.time()
+        with preemption.deferred():
+            step, epoch, first_loss = self.loop(engine, total, report, (step, epoch, position, offset), bar)
+        bar.close()
+        if dist.main:
+            resumed = f" (resumed at step {state.stage_step})" if state.stage_step else ""
+            print(f"stage {stage.name}: {step} steps{resumed}, {epoch} epoch(s) in {time.time() - started:.0f} s, "
+                  f"loss {first_loss if first_loss is not None else float('nan'):.4f} -> {self.last_loss:.4f}; "
+                  f"{report.summary()}")
+        if dist.main:
+            report.write(self.run.path / f"skipped-{stage.name}.json")
+        return TrainState(self.index, step, offset + step, epoch, 0, report.state())
+
+    def loop(self, engine: Any, total: int, report: SkipReport, start: tuple[int, int, int, int],
+             bar: tqdm) -> tuple[int, int, float | None]:
+        """Optimizer steps to the end of the stage from (stage step, epoch, batches done, earlier stages'
+        steps); checkpoints on schedule and on a preemption signal. Returns (steps, epochs, first loss)."""
+        stage, dist = self.stage, self.dist
+        step, epoch, position, offset = start
+        last_save, first_loss = time.time(), None
         while step < total:
             sampler = RankBatchSampler(self.plan(epoch), dist.rank, dist.world_size, start=position)
             # own generator: creating the loader must not draw from the global RNG (bitwise resume)
@@ -198,23 +220,18 @@ class StageRunner:
                 step, position, done = step + 1, position + self.accumulation, done + 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{self.last_loss:.4f}")
-                if self.checkpoint_due(step, total, last_save):
+                due, preempted = self.checkpoint_due(step, total, last_save)
+                if due or preempted:
                     self.save_checkpoint(engine, TrainState(self.index, step, offset + step, epoch, position,
                                                             report.state()))
                     last_save = time.time()
+                if preempted:
+                    self.stop_preempted(offset + step)
                 faults.maybe_kill("step", offset + step)
             if done == groups:
                 epoch, position = epoch + 1, 0
                 self.report_skips(report, epoch)
-        bar.close()
-        if dist.main:
-            resumed = f" (resumed at step {state.stage_step})" if state.stage_step else ""
-            print(f"stage {stage.name}: {step} steps{resumed}, {epoch} epoch(s) in {time.time() - started:.0f} s, "
-                  f"loss {first_loss if first_loss is not None else float('nan'):.4f} -> {self.last_loss:.4f}; "
-                  f"{report.summary()}")
-        if dist.main:
-            report.write(self.run.path / f"skipped-{stage.name}.json")
-        return TrainState(self.index, step, offset + step, epoch, 0, report.state())
+        return step, epoch, first_loss
 
     def report_skips(self, report: SkipReport, epoch: int) -> None:
         totals = self.dist.all_sum([float(report.total)])
@@ -282,6 +299,12 @@ class StageRunner:
             self.run.append_metrics(row)
             self.tracker.log(row)
             self.run.status("running", stage=self.stage.name, step=global_step, stage_step=step + 1, total_steps=total)
+
+    def stop_preempted(self, global_step: int) -> None:
+        if self.dist.main:
+            self.run.status("preempted", stage=self.stage.name, step=global_step)
+        raise Preempted(f"stage {self.stage.name}, step {global_step}: signalled to stop; checkpoint saved in "
+                        f"{self.run.path / 'checkpoints'}, the job is requeued and resumes from it")
 
     def stop_nonfinite(self, step: int, micro: list[dict[str, Any]]) -> None:
         """Record the step and every rank's sample ids of the offending global batch, then stop."""

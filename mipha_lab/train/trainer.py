@@ -23,6 +23,7 @@ from mipha_lab.train.checkpoint import (
 )
 from mipha_lab.train.distributed import Distributed, init_distributed
 from mipha_lab.train.policy import merge_lora
+from mipha_lab.train.preemption import Preempted
 from mipha_lab.train.stage import StageRunner, gathered_state
 from mipha_lab.train.tracking import Tracker
 
@@ -124,7 +125,8 @@ def preflight(experiment: Experiment) -> None:
         raise ConfigError(f"{experiment.source or experiment.run_name}: cannot start, missing:\n  - " + "\n  - ".join(missing))
 
 
-IGNORED_ON_RESUME = ("eval", "tracking", "data_workers", "extends_chain", "source", "runs_root", "data_root")
+IGNORED_ON_RESUME = ("eval", "tracking", "resources", "data_workers", "extends_chain", "source", "runs_root",
+                     "data_root")
 
 
 def config_differences(stored: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
@@ -159,9 +161,10 @@ def prepare_run(run: RunFolder, experiment: Experiment, world_size: int) -> str 
     return state
 
 
-def run_experiment(experiment: Experiment) -> RunFolder:
-    """Train every stage in order in one run folder, save final/, then evaluate. A folder that
-    already holds this run resumes from its latest checkpoint; a finished one is left as it is."""
+def run_experiment(experiment: Experiment, evaluate: bool = True) -> RunFolder:
+    """Train every stage in order in one run folder, save final/, then evaluate (unless `evaluate` is
+    off: a separate job does it). A folder that already holds this run resumes from its latest
+    checkpoint; a finished one is left as it is."""
     dist = init_distributed(process_group=experiment.engine.kind == "deepspeed")
     for folder in experiment.model.card_dirs:
         add_card_dir(folder)
@@ -176,14 +179,14 @@ def run_experiment(experiment: Experiment) -> RunFolder:
             if dist.main:
                 print(f"run folder {run.path} holds a finished run: nothing to do", file=sys.stderr)
             return run
-        train_and_evaluate(experiment, run, dist)
+        train_and_evaluate(experiment, run, dist, evaluate)
     finally:
         if lock is not None:
             lock.release()
     return run
 
 
-def train_and_evaluate(experiment: Experiment, run: RunFolder, dist: Distributed) -> None:
+def train_and_evaluate(experiment: Experiment, run: RunFolder, dist: Distributed, evaluate: bool = True) -> None:
     checkpoint = latest_checkpoint(run.path)
     state = read_state(checkpoint) if checkpoint else TrainState(0, 0, 0)
     if dist.main:
@@ -214,19 +217,28 @@ def train_and_evaluate(experiment: Experiment, run: RunFolder, dist: Distributed
             load_model_state(checkpoint, model)
         save_model(model, run.path / "final", dist, zero3)
     except BaseException as err:
-        if dist.main:
+        if dist.main and not isinstance(err, Preempted):  # a preempted stage has written its own status
             run.status("failed", reason=f"{type(err).__name__}: {err}", step=state.global_step)
         tracker.finish()
         raise
     tracker.finish()
     if dist.main:
-        run.status("evaluating" if experiment.eval.benchmarks else "done", step=state.global_step)
-        if experiment.eval.benchmarks:
-            from mipha_lab.eval.runner import load_model, run_benchmarks
-
-            e = experiment.eval
-            run_benchmarks(load_model(run.path), e.benchmarks, experiment.data_root, run.path / "eval",
-                           batch_size=e.batch_size, image_strategy=e.image_strategy, model_id=run.path.name,
-                           template=experiment.stages[-1].template, max_new_tokens=e.max_new_tokens)
-            run.status("done", step=state.global_step)
+        run.status("done", step=state.global_step)
+        if evaluate:
+            evaluate_run(experiment, run)
     dist.barrier()
+
+
+def evaluate_run(experiment: Experiment, run: RunFolder) -> None:
+    """The experiment's `eval:` block on the run's final/ model; scores under <run>/eval/."""
+    e = experiment.eval
+    if not e.benchmarks:
+        return
+    from mipha_lab.eval.runner import load_model, run_benchmarks
+
+    status = run.read_status() or {}
+    run.status("evaluating", step=status.get("step"))
+    run_benchmarks(load_model(run.path), e.benchmarks, experiment.data_root, run.path / "eval",
+                   batch_size=e.batch_size, image_strategy=e.image_strategy, model_id=run.path.name,
+                   template=experiment.stages[-1].template, max_new_tokens=e.max_new_tokens)
+    run.status("done", step=status.get("step"))

@@ -1,0 +1,1 @@
+"""Running experiments as cluster jobs: profiles (slurm/*.yaml), submitit jobs, submission."""

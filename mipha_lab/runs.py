@@ -1,0 +1,157 @@
+"""`python -m mipha_lab.runs status RUNS_ROOT [--sweep NAME] [--json]`: one row per run folder.
+
+State, stage, step and loss come from the folder (`status.json`, `metrics.jsonl`, `eval/`), the job
+from `job.json`, and the job's state from Slurm itself (`sacct`/`squeue`) when it can be asked: a
+run that has not started yet is pending, one whose job died without a word is failed. A failed run
+shows the last lines of its error.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from mipha_lab.cluster.slurm_state import RUN_STATE, job_states
+from mipha_lab.errors import MiphaLabError, exit_status
+from mipha_lab.run_folder import RunFolder
+from mipha_lab.run_lock import RunLock
+
+ERROR_LINES = 8
+
+
+def run_folders(root: Path, sweep: str | None = None) -> list[Path]:
+    """Every run folder under `root` (a sweep's cells sit one level down, in root/<sweep>/)."""
+    base = root / sweep if sweep else root
+    if not base.is_dir():
+        raise MiphaLabError(f"{base}: no such runs folder")
+    markers = [p.parent for name in ("status.json", "job.json") for p in base.rglob(name)]
+    return sorted({p for p in markers if ".jobs" not in p.parts and "checkpoints" not in p.parts})
+
+
+def _seconds(start: str | None, end: str | None) -> float | None:
+    if not start or not end:
+        return None
+    return (dt.datetime.fromisoformat(end) - dt.datetime.fromisoformat(start)).total_seconds()
+
+
+def _scores(path: Path) -> dict[str, float]:
+    """Headline score of each benchmark, from eval/summary.csv."""
+    from mipha_lab.eval.benchmarks import BENCHMARKS
+
+    summary = path / "eval" / "summary.csv"
+    if not summary.is_file():
+        return {}
+    with summary.open() as handle:
+        rows = list(csv.DictReader(handle))
+    heads = {name: BENCHMARKS.get(name).headline for name in {r["benchmark"] for r in rows} if name in BENCHMARKS}
+    return {r["benchmark"]: float(r["value"]) for r in rows if heads.get(r["benchmark"]) == r["metric"]}
+
+
+def _error_tail(status: dict[str, Any], job: dict[str, Any] | None) -> list[str]:
+    lines = [status["reason"]] if status.get("reason") else []
+    log = Path(job["stderr"]) if job and job.get("stderr") else None
+    if log is not None and log.is_file():
+        lines += log.read_text(errors="replace").splitlines()[-ERROR_LINES:]
+    return lines
+
+
+def run_row(path: Path, slurm: dict[str, str], root: Path | None = None) -> dict[str, Any]:
+    folder = RunFolder(path)
+    status, job = folder.read_status() or {}, folder.read_json("job.json")
+    manifest = folder.read_json("manifest.json") or {}
+    metrics = folder.metrics()
+    state = status.get("state", "pending")
+    slurm_state = slurm.get(job["job_id"]) if job else None
+    from_slurm = RUN_STATE.get(slurm_state or "")
+    if from_slurm in ("pending", "preempted") and state in ("running", "preempted"):
+        state = "preempted"  # requeued, waiting to resume
+    elif from_slurm in ("pending", "running", "failed"):
+        state = from_slurm if state != "done" else state
+    elif state in ("running", "evaluating") and slurm_state is None and not RunLock(path).held():
+        state = "failed"  # no job and no process holds the folder: it died without writing its status
+    last = metrics[-1] if metrics else {}
+    elapsed = _seconds(manifest.get("created"), status.get("updated"))
+    gpus = len((manifest.get("hardware") or {}).get("gpus") or [])
+    step_seconds = sum(sum(row.get("time", {}).values()) for row in metrics)
+    return {
+        "run": str(path.relative_to(root)) if root and path.is_relative_to(root) else path.name, "path": str(path),
+        "state": state,
+        "slurm_state": slurm_state, "job_id": job["job_id"] if job else None,
+        "stage": status.get("stage") or last.get("stage"), "step": status.get("step") or last.get("step"),
+        "total_steps": status.get("total_steps"), "loss": last.get("loss"), "elapsed_s": elapsed,
+        "gpu_hours": step_seconds * manifest.get("world_size", 1) / 3600 if gpus else 0.0,
+        "scores": _scores(path), "error": _error_tail(status, job) if state == "failed" else [],
+    }
+
+
+def status_rows(paths: list[Path], root: Path | None = None) -> list[dict[str, Any]]:
+    jobs = [RunFolder(p).read_json("job.json") for p in paths]
+    slurm = job_states([j["job_id"] for j in jobs if j])
+    return [run_row(p, slurm, root) for p in paths]
+
+
+def _cell(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def format_rows(rows: list[dict[str, Any]]) -> str:
+    lines = ["| run | state | stage | step | loss | elapsed | GPU-h | scores |", "|---|---|---|---:|---:|---:|---:|---|"]
+    for row in rows:
+        step = f"{_cell(row['step'])}/{_cell(row['total_steps'])}" if row["total_steps"] else _cell(row["step"])
+        elapsed = f"{row['elapsed_s'] / 60:.1f} min" if row["elapsed_s"] is not None else "-"
+        scores = ", ".join(f"{k} {v:g}" for k, v in row["scores"].items()) or "-"
+        lines.append(f"| {row['run']} | {row['state']} | {_cell(row['stage'])} | {step} | {_cell(row['loss'])} | {elapsed} "
+                     f"| {row['gpu_hours']:.2f} | {scores} |")
+    for row in rows:
+        if row["error"]:
+            lines += ["", f"{row['path']} failed:"] + [f"    {line}" for line in row["error"]]
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["state"]] = counts.get(row["state"], 0) + 1
+    lines += ["", f"{len(rows)} run(s): " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))]
+    return "\n".join(lines)
+
+
+def print_status(paths: list[Path], root: Path | None = None) -> list[dict[str, Any]]:
+    rows = status_rows(paths, root)
+    print(format_rows(rows))
+    return rows
+
+
+def follow_hint(root: Path, cells: list[Any]) -> str:
+    sweeps = sorted({c.run_name.split("/")[0] for c in cells if "/" in c.run_name})
+    option = f" --sweep {sweeps[0]}" if len(sweeps) == 1 else ""
+    return (f"follow: python -m mipha_lab.runs status {root}{option}\n"
+            f"        squeue --me  |  tail -f {root}/.jobs/<job id>/<job id>_0_log.err")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mipha_lab.runs", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    status = commands.add_parser("status", help="one row per run: state, stage, step, loss, time, scores")
+    status.add_argument("root", help="the runs folder (runs_root of the experiments)")
+    status.add_argument("--sweep", help="only the cells of this sweep (runs_root/<sweep>/)")
+    status.add_argument("--json", action="store_true", help="stdout holds only the rows as one JSON list")
+    args = parser.parse_args(argv)
+
+    def show() -> int:
+        root = Path(args.root)
+        paths = run_folders(root, args.sweep)
+        if args.json:
+            print(json.dumps(status_rows(paths, root)))
+        else:
+            print_status(paths, root)
+        return 0
+
+    return exit_status(show)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
