@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -46,7 +45,7 @@ class LocalSlurm:
         self.root = Path(root)
         self.cpus = cpus or os.cpu_count() or 2
         self.conf = self.root / "slurm.conf"
-        self.pids: list[Path] = []
+        self.daemons: list[subprocess.Popen] = []  # all in the foreground, so stopping them is direct
 
     @property
     def env(self) -> dict[str, str]:
@@ -78,17 +77,17 @@ class LocalSlurm:
     def _spawn(self, name: str, *command: str) -> None:
         log = self.root / "log" / f"{name}.out"
         with log.open("a") as out:
-            subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+            self.daemons.append(subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=self.env,
+                                                 start_new_session=True))
 
     def _munge(self) -> None:
         # the default socket: slurmctld's connection to slurmdbd ignores AuthInfo and looks there
         self.munge_socket = Path("/run/munge/munge.socket.2")
         self.munge_socket.parent.mkdir(parents=True, exist_ok=True)
-        pid = self.root / "munged.pid"
-        self.pids.append(pid)
-        subprocess.run(["munged", "--force", f"--socket={self.munge_socket}", f"--pid-file={pid}",
-                        "--key-file=/etc/munge/munge.key", f"--log-file={self.root / 'log' / 'munged.log'}",
-                        f"--seed-file={self.root / 'munged.seed'}"], check=True, capture_output=True, timeout=30)
+        self.munge_socket.unlink(missing_ok=True)  # a stale socket would look like a running munged
+        self._spawn("munged", "munged", "--foreground", "--force", f"--socket={self.munge_socket}",
+                    f"--pid-file={self.root / 'munged.pid'}", "--key-file=/etc/munge/munge.key",
+                    f"--log-file={self.root / 'log' / 'munged.log'}", f"--seed-file={self.root / 'munged.seed'}")
         _wait(self.munge_socket.exists, "munged", self.root / "log" / "munged.log")
 
     def _mariadb(self) -> None:
@@ -97,10 +96,8 @@ class LocalSlurm:
         if not (db / "mysql").is_dir():
             subprocess.run(["mariadb-install-db", "--user=root", f"--datadir={db}",
                             "--auth-root-authentication-method=normal"], check=True, capture_output=True, timeout=120)
-        pid = self.root / "mariadb.pid"
-        self.pids.append(pid)
         self._spawn("mariadb", "mariadbd", "--user=root", f"--datadir={db}", f"--socket={self.root / 'mysql.sock'}",
-                    f"--port={self.db_port}", "--bind-address=127.0.0.1", f"--pid-file={pid}",
+                    f"--port={self.db_port}", "--bind-address=127.0.0.1", f"--pid-file={self.root / 'mariadb.pid'}",
                     f"--log-error={self.root / 'log' / 'mariadb.err'}", "--innodb-buffer-pool-size=32M")
 
         def ready() -> bool:
@@ -120,7 +117,6 @@ class LocalSlurm:
             f"StoragePort={self.db_port}", "StorageUser=root", "StorageLoc=slurm_acct_db", "",
         ]))
         conf.chmod(0o600)
-        self.pids.append(self.root / "slurmdbd.pid")
         self._spawn("slurmdbd", "slurmdbd", "-D")  # reads slurmdbd.conf beside SLURM_CONF
         _wait(lambda: self._port_open(self.dbd_port), "slurmdbd", self.root / "log" / "slurmdbd.log")
 
@@ -136,7 +132,8 @@ class LocalSlurm:
         self.conf.write_text("\n".join([
             f"ClusterName={CLUSTER}", "SlurmctldHost=localhost", f"SlurmctldPort={self.ctl_port}",
             f"SlurmdPort={self.slurmd_port}", "SlurmUser=root", "SlurmdUser=root", "AuthType=auth/munge",
-            "CredType=cred/munge", f"AuthInfo=socket={self.munge_socket}",
+            # cred_expire: a requeued job may start again after 10 s (default 120)
+            "CredType=cred/munge", f"AuthInfo=socket={self.munge_socket},cred_expire=10",
             f"StateSaveLocation={self.root / 'state'}", f"SlurmdSpoolDir={self.root / 'spool'}",
             f"SlurmctldPidFile={self.root / 'slurmctld.pid'}", f"SlurmdPidFile={self.root / 'slurmd.pid'}",
             f"SlurmctldLogFile={log / 'slurmctld.log'}", f"SlurmdLogFile={log / 'slurmd.log'}",
@@ -149,9 +146,8 @@ class LocalSlurm:
             "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP", "",
         ]))
         self.run("sacctmgr", "-i", "add", "cluster", CLUSTER, check=False)
-        self.pids += [self.root / "slurmctld.pid", self.root / "slurmd.pid"]
-        self._spawn("slurmctld", "slurmctld", "-f", str(self.conf), "-i")
-        self._spawn("slurmd", "slurmd", "-f", str(self.conf), "-N", "localhost")
+        self._spawn("slurmctld", "slurmctld", "-D", "-f", str(self.conf), "-i")
+        self._spawn("slurmd", "slurmd", "-D", "-f", str(self.conf), "-N", "localhost")
 
         def idle() -> bool:
             out = self.run("sinfo", "-h", "-o", "%T", check=False)
@@ -160,13 +156,15 @@ class LocalSlurm:
         _wait(idle, "slurmctld + slurmd (node idle)", log / "slurmctld.log", 60)
 
     def stop(self) -> None:
-        for pid_file in reversed(self.pids):
+        """Stop the daemons, newest first (jobs still running on the node end with slurmd)."""
+        for daemon in reversed(self.daemons):
+            daemon.terminate()
             try:
-                pid = int(pid_file.read_text().split()[0])
-                os.kill(pid, signal.SIGTERM)
-            except (OSError, ValueError, IndexError):
-                continue
-        time.sleep(1)
+                daemon.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+                daemon.wait()
+        self.daemons.clear()
 
 
 if __name__ == "__main__":

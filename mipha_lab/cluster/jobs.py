@@ -27,6 +27,7 @@ def _enter_job(environment: dict[str, str]) -> submitit.JobEnvironment:
                         format=f"%(asctime)s %(levelname)s rank{job.global_rank} %(name)s: %(message)s", stream=sys.stderr)
     from mipha_lab.train import preemption
 
+    logging.getLogger("submitit").propagate = False  # submitit logs to the job's log itself
     preemption.install(job._usr_sig())
     return job
 

@@ -44,9 +44,19 @@ def ensure_generated(card: MixtureCard, data_root: Path) -> None:
         return
     from mipha_lab.data.synthetic import generate
 
-    if not all((data_root / source.annotations).is_file() for source in card.sources):
-        log.info("generating the synthetic shapes data into %s", data_root / "shapes")
-        generate(data_root / "shapes")
+    def missing() -> bool:
+        return not all((data_root / source.annotations).is_file() for source in card.sources)
+
+    if missing():
+        # the jobs of a sweep may start together on a fresh data root: one generates, the others wait
+        import fcntl
+
+        (data_root / "shapes").mkdir(parents=True, exist_ok=True)
+        with open(data_root / "shapes" / ".generating.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if missing():
+                log.info("generating the synthetic shapes data into %s", data_root / "shapes")
+                generate(data_root / "shapes")
 
 
 def load_mixture(

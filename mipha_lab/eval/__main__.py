@@ -1,6 +1,6 @@
 """`python -m mipha_lab.eval run MODEL_OR_RUN --benchmarks pope,mme --data-root DIR [--batch-size N]
-[--limit K] [--out DIR]`: answer and score; `python -m mipha_lab.eval score BENCHMARK ...`: score an
-answer file with the official rules.
+[--limit K] [--out DIR] [--cluster PROFILE [--wait]]`: answer and score (as a cluster job with --cluster);
+`python -m mipha_lab.eval score BENCHMARK ...`: score an answer file with the official rules.
 
   score pope          --questions Q.jsonl --answers A.jsonl --annotations DIR
   score mme           --questions Q.jsonl --answers A.jsonl --ground-truth DIR
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 from mipha_lab.errors import exit_status
@@ -105,7 +106,6 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     With --nproc N (or under torchrun / SLURM) each process answers a share; rank 0 merges and scores."""
     import os
     import subprocess
-    from pathlib import Path
 
     from mipha_lab.eval.runner import load_model, run_benchmarks
     from mipha_lab.registry import BENCHMARKS
@@ -114,18 +114,49 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     names = [n.strip() for n in args.benchmarks.split(",") if n.strip()]
     for name in names:
         BENCHMARKS.get(name)  # an unknown name fails before the model loads, with suggestions
+    model_path = Path(args.model)
+    out = Path(args.out) if args.out else (model_path / "eval" if (model_path / "final").is_dir() else Path("eval"))
+    if args.cluster:
+        return submit(args, argv, out)
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        child = [a for i, a in enumerate(argv) if a != "--nproc" and not a.startswith("--nproc=")
-                 and (i == 0 or argv[i - 1] != "--nproc")]  # torchrun would take --nproc for its own option
+        child = without(argv, "--nproc")  # torchrun would take --nproc for its own option
         return subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
                                 f"--nproc_per_node={args.nproc}", "-m", "mipha_lab.eval", *child])
     dist = init_distributed(process_group=int(os.environ.get("WORLD_SIZE", "1")) > 1)
-    model_path = Path(args.model)
-    out = Path(args.out) if args.out else (model_path / "eval" if (model_path / "final").is_dir() else Path("eval"))
     model = load_model(model_path).to(dist.device)
     run_benchmarks(model, names, args.data_root, out, batch_size=args.batch_size, limit=args.limit,
                    model_id=model_path.name, image_strategy=args.image_strategy, dist=dist,
                    check_batch_invariance=args.check_batch_invariance)
+    return 0
+
+
+def without(argv: list[str], option: str, takes_value: bool = True) -> list[str]:
+    """`argv` less `option` (as `--opt value` or `--opt=value`)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = takes_value
+        elif not arg.startswith(option + "="):
+            out.append(arg)
+    return out
+
+
+def submit(args: argparse.Namespace, argv: list[str], out: Path) -> int:
+    """The same command as a cluster job (one task per --nproc), paths made absolute for the job."""
+    from mipha_lab.cluster.profile import load_profile
+    from mipha_lab.cluster.submit import submit_command
+
+    child = without(without(without(argv, "--cluster"), "--wait", takes_value=False), "--nproc")
+    child = [str(Path(a).resolve()) if a == args.model else a for a in child]
+    child = without(without(child, "--out"), "--data-root") + ["--out", str(Path(out).resolve()),
+                                                              "--data-root", str(Path(args.data_root).resolve())]
+    job = submit_command(main, child, load_profile(args.cluster), Path(out).resolve() / ".jobs",
+                         f"eval-{Path(args.model).name}", tasks=args.nproc)
+    if args.wait:
+        job.result()  # raises with the job's log when it failed
+        print((Path(out) / "summary.md").read_text(), end="")
     return 0
 
 
@@ -144,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     runner.add_argument("--check-batch-invariance", type=int, default=0, metavar="K",
                         help="answer the first K questions again at batch 1 and report the agreement")
     runner.add_argument("--nproc", type=int, default=1, help="processes on this machine (torchrun), each answering a share")
+    runner.add_argument("--cluster", metavar="PROFILE", help="submit as a job: slurm/NAME.yaml or `local`")
+    runner.add_argument("--wait", action="store_true", help="with --cluster: wait for the job and show the scores")
     scorer = commands.add_parser("score", help="score an answer file")
     scorer.add_argument("benchmark", choices=sorted(SCORERS))
     for flag in ("--questions", "--answers", "--annotations", "--ground-truth", "--table", "--results"):
