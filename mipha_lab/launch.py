@@ -111,7 +111,7 @@ def submit(args: argparse.Namespace) -> int:
         print(follow_hint(runs_root, cells))
         return 0
     wait_for(submissions)
-    rows = print_status([cell.run_path for cell in cells])
+    rows = print_status([cell.run_path for cell in cells], runs_root)
     return 1 if any(row["state"] != "done" for row in rows) else 0
 
 

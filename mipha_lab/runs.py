@@ -11,6 +11,7 @@ import argparse
 import csv
 import datetime as dt
 import json
+import pickle
 import sys
 from pathlib import Path
 from typing import Any
@@ -51,8 +52,22 @@ def _scores(path: Path) -> dict[str, float]:
     return {r["benchmark"]: float(r["value"]) for r in rows if heads.get(r["benchmark"]) == r["metric"]}
 
 
-def _error_tail(status: dict[str, Any], job: dict[str, Any] | None) -> list[str]:
+def job_outcome(job: dict[str, Any] | None) -> tuple[str | None, str]:
+    """('success' | 'error', submitit's result or traceback) once the job's main task has ended."""
+    result = Path(job["result"]) if job and job.get("result") else None
+    if result is None or not result.is_file():
+        return None, ""
+    try:
+        outcome, value = pickle.loads(result.read_bytes())
+    except Exception:  # noqa: BLE001 - a half-written or foreign file says nothing
+        return None, ""
+    return outcome, str(value)
+
+
+def _error_tail(status: dict[str, Any], job: dict[str, Any] | None, traceback: str) -> list[str]:
     lines = [status["reason"]] if status.get("reason") else []
+    if traceback:
+        return lines + traceback.strip().splitlines()[-ERROR_LINES:]
     log = Path(job["stderr"]) if job and job.get("stderr") else None
     if log is not None and log.is_file():
         lines += log.read_text(errors="replace").splitlines()[-ERROR_LINES:]
@@ -73,7 +88,11 @@ def run_row(path: Path, slurm: dict[str, str], root: Path | None = None) -> dict
         state = from_slurm if state != "done" else state
     elif state in ("running", "evaluating") and slurm_state is None and not RunLock(path).held():
         state = "failed"  # no job and no process holds the folder: it died without writing its status
+    outcome, traceback = job_outcome(job)
+    if outcome == "error" and state != "done":
+        state = "failed"
     last = metrics[-1] if metrics else {}
+    total = status.get("total_steps") or (last.get("step") if state == "done" else None)
     elapsed = _seconds(manifest.get("created"), status.get("updated"))
     gpus = len((manifest.get("hardware") or {}).get("gpus") or [])
     step_seconds = sum(sum(row.get("time", {}).values()) for row in metrics)
@@ -82,15 +101,15 @@ def run_row(path: Path, slurm: dict[str, str], root: Path | None = None) -> dict
         "state": state,
         "slurm_state": slurm_state, "job_id": job["job_id"] if job else None,
         "stage": status.get("stage") or last.get("stage"), "step": status.get("step") or last.get("step"),
-        "total_steps": status.get("total_steps"), "loss": last.get("loss"), "elapsed_s": elapsed,
+        "total_steps": total, "loss": last.get("loss"), "elapsed_s": elapsed,
         "gpu_hours": step_seconds * manifest.get("world_size", 1) / 3600 if gpus else 0.0,
-        "scores": _scores(path), "error": _error_tail(status, job) if state == "failed" else [],
+        "scores": _scores(path), "error": _error_tail(status, job, traceback) if state == "failed" else [],
     }
 
 
 def status_rows(paths: list[Path], root: Path | None = None) -> list[dict[str, Any]]:
     jobs = [RunFolder(p).read_json("job.json") for p in paths]
-    slurm = job_states([j["job_id"] for j in jobs if j])
+    slurm = job_states([j["job_id"] for j in jobs if j and j["executor"] == "slurm"])
     return [run_row(p, slurm, root) for p in paths]
 
 

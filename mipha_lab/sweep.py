@@ -43,12 +43,17 @@ def config_hash(experiment: Experiment) -> str:
 
 
 def _short_keys(keys: list[str]) -> dict[str, str]:
-    """The fewest trailing components of each key path that tell the keys apart."""
-    for depth in range(1, max((k.count(".") + 1 for k in keys), default=1) + 1):
-        short = {k: ".".join(k.split(".")[-depth:]) for k in keys}
-        if len(set(short.values())) == len(keys):
-            return short
-    return {k: k for k in keys}
+    """For each key path, the fewest trailing components that no other key ends with."""
+    def suffix(key: str, depth: int) -> str:
+        return ".".join(key.split(".")[-depth:])
+
+    short = {}
+    for key in keys:
+        depth = 1
+        while depth <= key.count(".") and any(suffix(o, depth) == suffix(key, depth) for o in keys if o != key):
+            depth += 1
+        short[key] = suffix(key, depth)
+    return short
 
 
 def _format(value: Any) -> str:

@@ -63,6 +63,7 @@ def record_job(cell: Cell, job: Any, profile: ClusterProfile, shape: Shape, eval
         "job_id": str(job.job_id), "executor": profile.executor, "profile": profile.name,
         "submitted": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "shape": shape.model_dump(), "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr),
+        "result": str(job.paths.result_pickle),
         "eval_job_id": str(eval_job.job_id) if eval_job is not None else None,
     })
 
@@ -93,9 +94,9 @@ def submit_cells(cells: list[Cell], profile: ClusterProfile, out: Callable[[str]
             eval_job = submit_evaluation(cell, job, profile, logs) if separate_eval else None
             record_job(cell, job, profile, shape, eval_job)
             submissions.append(Submission(cell, job, eval_job))
-        array = jobs[0].job_id.split("_")[0] if len(jobs) > 1 else jobs[0].job_id
-        out(f"submitted {len(jobs)} run(s) as {'job array ' if len(jobs) > 1 else 'job '}{array} "
-            f"({profile.executor}, {shape.describe()}):")
+        as_array = len(jobs) > 1 and profile.executor == "slurm"
+        what = f"job array {jobs[0].job_id.split('_')[0]}" if as_array else f"{len(jobs)} job(s)"
+        out(f"submitted {len(jobs)} run(s) as {what} ({profile.executor}, {shape.describe()}):")
         for cell, job in zip(group, jobs):
             out(f"  {job.job_id}  {cell.run_path}")
     return submissions

@@ -245,7 +245,7 @@ class StageRunner:
         model = self.model
         local = [
             sum(float(count_targets(b["input_ids"], b["attention_mask"], b["labels"], model.num_image_tokens,
-                                    model.config.max_positions)) for b in micro),
+                                    model.config.max_positions)) for b in micro if b["input_ids"].numel()),
             sum(float(b["attention_mask"].sum()) + float(b["image_counts"].sum()) * (model.num_image_tokens - 1) for b in micro),
             sum(float(len(b["ids"])) for b in micro),
             sum(float(b["image_counts"].sum()) for b in micro),
@@ -261,6 +261,9 @@ class StageRunner:
         for batch in micro:
             report.add(batch["skipped"])
         targets, tokens, samples, images = self.global_counts(micro)
+        if samples == 0:
+            raise ConfigError(f"stage '{self.stage.name}', step {step + 1}: every sample of the global batch was skipped "
+                              f"({report.summary()}); is max_length {self.stage.max_length} too short?")
         start = time.perf_counter()
         loss_sum = 0.0
         for index, batch in enumerate(micro):
