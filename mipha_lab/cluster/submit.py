@@ -42,7 +42,7 @@ def executor_for(profile: ClusterProfile, shape: Shape, logs: Path, name: str,
                     "constraint": profile.constraint, "exclusive": profile.exclusive or None}
         executor.update_parameters(
             slurm_setup=profile.setup, slurm_signal_delay_s=profile.signal_delay_s,
-            slurm_additional_parameters={"requeue": True, **profile.sbatch},
+            slurm_additional_parameters={"requeue": True, "open-mode": "append", **profile.sbatch},  # one log across requeues
             slurm_array_parallelism=max_concurrent or profile.max_concurrent or 256,
             **{f"slurm_{k}": v for k, v in optional.items() if v is not None},
         )
@@ -128,7 +128,13 @@ def submit_command(main: Callable[[list[str]], int], argv: list[str], profile: C
 def wait_for(submissions: list[Submission], poll_s: float = 2.0) -> None:
     """Block until every job (and dependent evaluation job) has ended, with a progress bar."""
     jobs = [j for s in submissions for j in (s.job, s.eval_job) if j is not None]
+    slurm_ids = [job.job_id for job in jobs if isinstance(job, submitit.SlurmJob)]
+
+    def ended() -> int:  # submitit's result file, and Slurm's accounting for its jobs
+        active = {i for i, state in job_states(slurm_ids).items() if RUN_STATE.get(state) in ACTIVE}
+        return sum(job.done() and job.job_id not in active for job in jobs)
+
     with tqdm(total=len(jobs), desc="jobs", unit="job", file=sys.stderr) as bar:
         while bar.n < len(jobs):
             time.sleep(poll_s)
-            bar.update(sum(job.done() for job in jobs) - bar.n)
+            bar.update(ended() - bar.n)
