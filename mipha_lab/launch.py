@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait", action="store_true", help="with --cluster: wait for the jobs, then show their status")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and cost; train nothing")
     parser.add_argument("--gpu", default="H100", help="GPU type the plan assumes (peak bf16 rate)")
-    parser.add_argument("--num-gpus", type=int, default=8, help="GPUs the plan assumes")
+    parser.add_argument("--num-gpus", type=int, default=None,
+                        help="GPUs the plan assumes (default: those of the --cluster profile, else 8)")
     parser.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation the plan assumes")
     parser.add_argument("--json", action="store_true", help="with --dry-run: stdout holds only the plan as JSON")
     args = parser.parse_intermixed_args(argv)
@@ -115,6 +116,18 @@ def submit(args: argparse.Namespace) -> int:
     return 1 if any(row["state"] != "done" for row in rows) else 0
 
 
+def planned_gpus(args: argparse.Namespace, experiment) -> int:
+    """--num-gpus, else the GPUs a run gets from its --cluster profile and `resources:`, else 8."""
+    if args.num_gpus:
+        return args.num_gpus
+    if args.cluster:
+        from mipha_lab.cluster.profile import load_profile
+
+        shape = load_profile(args.cluster).shape(experiment.resources)
+        return shape.nodes * shape.gpus_per_node or 8
+    return 8
+
+
 def dry_run(args: argparse.Namespace) -> int:
     """The plan on stdout (a table, or only JSON with --json); logs and errors on stderr. A sweep
     (or several files) prints every cell's plan and the total."""
@@ -127,7 +140,8 @@ def dry_run(args: argparse.Namespace) -> int:
 
     def show() -> int:
         cells = expand_all(args.experiments, args.overrides)
-        plans = [plan_experiment(c.experiment, gpu=args.gpu, num_gpus=args.num_gpus, mfu=args.mfu) for c in cells]
+        plans = [plan_experiment(c.experiment, gpu=args.gpu, num_gpus=planned_gpus(args, c.experiment), mfu=args.mfu)
+                 for c in cells]
         if len(cells) == 1 and not cells[0].overrides:
             print(json.dumps(plans[0]) if args.json else format_plan(plans[0]))
             return 0
