@@ -156,7 +156,10 @@ class LocalSlurm:
         _wait(idle, "slurmctld + slurmd (node idle)", log / "slurmctld.log", 60)
 
     def stop(self) -> None:
-        """Stop the daemons, newest first (jobs still running on the node end with slurmd)."""
+        """Cancel what is still queued or running (a failed test may leave jobs), then stop the daemons."""
+        if self.daemons:
+            self.run("scancel", f"--user={os.getuid()}", check=False)
+            time.sleep(2)
         for daemon in reversed(self.daemons):
             daemon.terminate()
             try:
