@@ -8,6 +8,7 @@ can change one field of one stage in a few lines. Override paths may address a s
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,6 +29,9 @@ class ModelConfig(StrictModel):
     llm: str
     feature_layer: int | None = None
     feature_select: Literal["patch", "cls_patch"] | None = None
+    # the encoder's input side when it differs from its card's (the resolution axis): the image is
+    # resized to it and position embeddings are interpolated (bicubic; DINOv2 always interpolates)
+    image_size: int | None = Field(None, ge=8)
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     pretrained: bool = True  # load the cards' hub weights (tiny cards have none: random init)
     max_positions: int | None = None
@@ -286,12 +290,66 @@ def apply_override(data: dict[str, Any], override: str, source: str = "command l
             raise ConfigError(f"{source}: cannot set {path}: {'.'.join(keys[:depth])} is a {type(node).__name__}")
 
 
-def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Experiment:
-    """Read, resolve `extends`, apply overrides, validate. Errors name the file and the key path."""
+class Scale(StrictModel):
+    """A scale file (`experiments/scales/tiny.yaml`): the same experiment structure at another size.
+    `experiment` is merged onto the file before any override; then every vision and language-model
+    card is replaced by its sibling `<components><name>` and the values listed in `map` are replaced
+    (`{key path: {value: new value}}`), after overrides and sweeps, so each cell keeps its identity."""
+
+    components: str | None = None
+    map: dict[str, dict[Any, Any]] = Field(default_factory=dict)
+    experiment: dict[str, Any] = Field(default_factory=dict)
+    name: str = "scale"
+
+
+def load_scale(spec: str | Path) -> Scale:
+    """A scale by name (experiments/scales/NAME.yaml, also shipped in the package) or by path."""
+    path = Path(spec)
+    if not path.is_file():
+        package = Path(__file__).resolve().parent
+        found = [d / "scales" / f"{spec}.yaml" for d in (package / "_experiments", package.parent / "experiments")]
+        path = next((p for p in found if p.is_file()), found[-1])
+    data = load_yaml(path)
+    data.setdefault("name", path.stem)
+    return validate(Scale, data, path)
+
+
+def get_path(data: Any, path: str) -> Any:
+    """The value at `key.sub` (list items by name or index), or None where the path does not exist."""
+    node = data
+    for key in path.split("."):
+        if isinstance(node, list):
+            node = next((i for i in node if isinstance(i, dict) and i.get("name") == key), None) if not key.isdigit() \
+                else (node[int(key)] if int(key) < len(node) else None)
+        elif isinstance(node, dict):
+            node = node.get(key)
+        else:
+            return None
+    return node
+
+
+def _finish_scale(data: dict[str, Any], scale: Scale) -> None:
+    model = data.get("model", {})
+    if scale.components:
+        for key in ("vision", "llm"):
+            if isinstance(model.get(key), str) and not model[key].startswith(scale.components):
+                model[key] = scale.components + model[key]
+    for path, values in scale.map.items():
+        current = get_path(data, path)
+        if current is not None and current in values:
+            apply_override(data, f"{path}={json.dumps(values[current])}", f"scale '{scale.name}'")
+
+
+def load_experiment(path: str | Path, overrides: list[str] | None = None, scale: Scale | None = None) -> Experiment:
+    """Read, resolve `extends`, apply the scale and the overrides, validate. Errors name the file and the key path."""
     path = Path(path)
     data, chain = _resolve_file(path)
+    if scale is not None:
+        data = deep_merge(data, scale.experiment)
     for override in overrides or []:
         apply_override(data, override)
+    if scale is not None:
+        _finish_scale(data, scale)
     data.setdefault("run_name", path.stem)
     if len(chain) > 1 or "extends_chain" not in data:  # a resolved config.yaml keeps the chain it records
         data["extends_chain"] = chain
@@ -304,3 +362,20 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
 
 def dump_experiment(experiment: Experiment) -> str:
     return yaml.safe_dump(experiment.model_dump(mode="json"), sort_keys=False)
+
+
+IGNORED_ON_RESUME = ("eval", "tracking", "resources", "data_workers", "extends_chain", "source", "runs_root",
+                     "data_root")
+
+
+def config_differences(stored: Any, current: Any, ignored: tuple[str, ...] = IGNORED_ON_RESUME,
+                       prefix: str = "") -> list[str]:
+    """Key paths whose values differ between two resolved configs, top-level keys in `ignored` left out
+    (by default what a resume may change). Stages are named by their names."""
+    if isinstance(stored, dict) and isinstance(current, dict):
+        return [d for key in sorted(set(stored) | set(current)) if not (not prefix and key in ignored)
+                for d in config_differences(stored.get(key), current.get(key), ignored, f"{prefix}{key}.")]
+    if isinstance(stored, list) and isinstance(current, list) and len(stored) == len(current):
+        return [d for i, (a, b) in enumerate(zip(stored, current))
+                for d in config_differences(a, b, ignored, f"{prefix}{a.get('name', i) if isinstance(a, dict) else i}.")]
+    return [] if stored == current else [prefix.rstrip(".")]

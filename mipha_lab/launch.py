@@ -41,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="experiment files, quoted globs or run folders (default: the embedded demo), then "
                              "key.sub=value overrides applied to each")
     parser.add_argument("--nproc", type=int, default=1, help="processes on this machine (torchrun)")
+    parser.add_argument("--scale", metavar="NAME",
+                        help="run every experiment at another scale: `tiny` (experiments/scales/tiny.yaml) or a file")
+    parser.add_argument("--seeds", type=lambda v: [int(s) for s in v.split(",")], metavar="S,S,...",
+                        help="run every cell with each of these seeds")
     parser.add_argument("--cluster", metavar="PROFILE",
                         help="submit as jobs: a profile (slurm/NAME.yaml) or `local` (submitit's local executor)")
     parser.add_argument("--wait", action="store_true", help="with --cluster: wait for the jobs, then show their status")
@@ -53,13 +57,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     args.experiments = [t for t in args.targets if not is_override(t)] or [str(default_experiment())]
     args.overrides = [t for t in args.targets if is_override(t)]
+
     if args.dry_run:
         return dry_run(args)
     if args.cluster:
         return exit_status(lambda: submit(args))
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        passed = [*(["--scale", args.scale] if args.scale else []),
+                  *(["--seeds", ",".join(map(str, args.seeds))] if args.seeds else [])]
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-                   "-m", "mipha_lab.launch", *args.experiments, *args.overrides]
+                   "-m", "mipha_lab.launch", *args.experiments, *args.overrides, *passed]
         return subprocess.call(command)
     logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -70,12 +77,20 @@ def is_override(target: str) -> bool:
     return "=" in target and not target.endswith((".yaml", ".yml")) and not Path(target).exists()
 
 
+def experiment_cells(args: argparse.Namespace) -> list:
+    """The runs the command line asks for: files, globs, folders, sweeps, at --scale, times --seeds."""
+    from mipha_lab.config import load_scale
+    from mipha_lab.sweep import expand_all
+
+    scale = load_scale(args.scale) if args.scale else None
+    return expand_all(args.experiments, args.overrides, scale, args.seeds)
+
+
 def train_here(args: argparse.Namespace) -> int:
     """Every cell in turn in this process (group); a failed cell is reported and the others still run."""
-    from mipha_lab.sweep import expand_all
     from mipha_lab.train.trainer import run_experiment
 
-    cells = expand_all(args.experiments, args.overrides)
+    cells = experiment_cells(args)
     main_rank = os.environ.get("RANK", "0") == "0"
     if len(cells) == 1:
         run = run_experiment(cells[0].experiment)
@@ -103,9 +118,8 @@ def submit(args: argparse.Namespace) -> int:
     from mipha_lab.cluster.profile import load_profile
     from mipha_lab.cluster.submit import submit_cells, wait_for
     from mipha_lab.runs import follow_hint, print_status
-    from mipha_lab.sweep import expand_all
 
-    cells = expand_all(args.experiments, args.overrides)
+    cells = experiment_cells(args)
     submissions = submit_cells(cells, load_profile(args.cluster))
     runs_root = Path(cells[0].experiment.runs_root)
     if not args.wait:
@@ -134,12 +148,11 @@ def dry_run(args: argparse.Namespace) -> int:
     import json
 
     from mipha_lab.plan import format_plan, plan_experiment
-    from mipha_lab.sweep import expand_all
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 
     def show() -> int:
-        cells = expand_all(args.experiments, args.overrides)
+        cells = experiment_cells(args)
         plans = [plan_experiment(c.experiment, gpu=args.gpu, num_gpus=planned_gpus(args, c.experiment), mfu=args.mfu)
                  for c in cells]
         if len(cells) == 1 and not cells[0].overrides:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from mipha_lab.config import Experiment, StageConfig
-from mipha_lab.data.mixtures import sample_indices
+from mipha_lab.data.mixtures import ensure_generated, sample_indices
 from mipha_lab.errors import ConfigError
 from mipha_lab.model import MultimodalModel
 from mipha_lab.registry import MIXTURES
@@ -46,7 +46,9 @@ def stage_data(stage: StageConfig, experiment: Experiment) -> dict[str, float]:
     """Samples per epoch, images, text and supervised tokens per sample for one stage."""
     root = Path(experiment.data_root)
     samples = images = text = supervised = 0.0
-    for source in MIXTURES.get(stage.mixture).sources:
+    card = MIXTURES.get(stage.mixture)
+    ensure_generated(card, root)  # synthetic data costs seconds: plan on the real thing
+    for source in card.sources:
         path = root / source.annotations
         if path.is_file():
             records = json.loads(path.read_text())

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mipha_lab.config import Experiment, load_experiment
+from mipha_lab.config import Experiment, Scale, SweepConfig, load_experiment
 from mipha_lab.errors import ConfigError
 
 NOT_HASHED = ("tracking", "resources", "run_name", "runs_root", "data_root", "source", "extends_chain", "sweep")
@@ -77,17 +77,21 @@ def sweep_points(experiment: Experiment) -> list[dict[str, Any]]:
     return [{**g, **z, **s} for g in grid for z in zipped for s in seeds]
 
 
-def expand(path: str | Path, overrides: list[str] | None = None) -> list[Cell]:
-    """One experiment file -> its cells (one cell, with its own run name, when it has no sweep)."""
+def expand(path: str | Path, overrides: list[str] | None = None, scale: Scale | None = None,
+           seeds: list[int] | None = None) -> list[Cell]:
+    """One experiment file -> its cells (one cell, with its own run name, when it has no sweep).
+    `seeds` runs every cell with each seed (a `sweep: {seeds: ...}` added to the file's own)."""
     overrides = list(overrides or [])
-    base = load_experiment(path, overrides)
+    base = load_experiment(path, overrides, scale)
+    if seeds:
+        base = base.model_copy(update={"sweep": (base.sweep or SweepConfig()).model_copy(update={"seeds": seeds})})
     if base.sweep is None:
         return [Cell(base)]
     name = base.sweep.name or base.run_name
     cells = []
     for point in sweep_points(base):
         swept = [f"{key}={json.dumps(value)}" for key, value in point.items()]
-        experiment = load_experiment(path, overrides + swept + ["sweep=null"])
+        experiment = load_experiment(path, overrides + swept + ["sweep=null"], scale)
         run_name = f"{name}/{cell_name(point, config_hash(experiment))}"
         cells.append(Cell(experiment.model_copy(update={"run_name": run_name}), point))
     names = [c.run_name for c in cells]
@@ -97,16 +101,21 @@ def expand(path: str | Path, overrides: list[str] | None = None) -> list[Cell]:
 
 
 def experiment_files(targets: list[str]) -> list[Path]:
-    """Files, globs (quoted so the shell leaves them to us) and run folders (their config.yaml)."""
+    """Files, globs (quoted so the shell leaves them to us; `**` descends into folders), folders of
+    experiment files (every YAML below them) and run folders (their config.yaml)."""
     files: list[Path] = []
     for target in targets:
-        matches = sorted(glob.glob(target)) if glob.has_magic(target) else [target]
+        matches = sorted(glob.glob(target, recursive=True)) if glob.has_magic(target) else [target]
         if not matches:
             raise ConfigError(f"{target}: no experiment file matches")
         for match in map(Path, matches):
-            files.append(match / "config.yaml" if match.is_dir() else match)
+            if match.is_dir() and not (match / "config.yaml").is_file():
+                files += sorted(match.rglob("*.yaml"))  # a folder of experiment files: the whole study
+            else:
+                files.append(match / "config.yaml" if match.is_dir() else match)
     return files
 
 
-def expand_all(targets: list[str], overrides: list[str] | None = None) -> list[Cell]:
-    return [cell for path in experiment_files(targets) for cell in expand(path, overrides)]
+def expand_all(targets: list[str], overrides: list[str] | None = None, scale: Scale | None = None,
+               seeds: list[int] | None = None) -> list[Cell]:
+    return [cell for path in experiment_files(targets) for cell in expand(path, overrides, scale, seeds)]

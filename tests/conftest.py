@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -32,3 +33,24 @@ def shared_fixtures() -> Path:
     if not SHARED_FIXTURES.is_dir():
         pytest.skip(f"golden fixtures not found at {SHARED_FIXTURES} (they sit beside the clone in CI)")
     return SHARED_FIXTURES
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """A real single-node Slurm cluster for the session (tests/local_slurm.py); SLURM_CONF points at it.
+    A cluster that cannot start fails the tests that need it, with the reason: never a skip."""
+    from local_slurm import LocalSlurm, SlurmUnavailable
+
+    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+    except (SlurmUnavailable, OSError, subprocess.SubprocessError) as err:
+        pytest.fail(f"could not start the local Slurm cluster: {err}")
+    previous = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(cluster.conf)
+    yield cluster
+    cluster.stop()
+    if previous is None:
+        os.environ.pop("SLURM_CONF")
+    else:
+        os.environ["SLURM_CONF"] = previous

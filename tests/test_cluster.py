@@ -1,7 +1,8 @@
 """Against a real single-node Slurm (munge, MariaDB + slurmdbd, slurmctld, slurmd; tests/local_slurm.py):
 a sweep as one job array, skipped when launched again; a 2-task DeepSpeed job with its evaluation as a
 dependent job; a requeued job and a signalled job resume to the weights of an uninterrupted run.
-Where Slurm cannot be started these tests fail with the reason: they are never skipped."""
+Where Slurm cannot be started these tests fail with the reason: they are never skipped (the `slurm`
+fixture is in conftest.py)."""
 from __future__ import annotations
 
 import json
@@ -15,7 +16,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from local_slurm import LocalSlurm, SlurmUnavailable
 from mipha_lab.cluster.slurm_state import job_states
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,23 +23,6 @@ MICRO = REPO / "experiments" / "micro.yaml"
 SWEEP = REPO / "experiments" / "micro_sweep.yaml"
 PROFILE = REPO / "slurm" / "test-node.yaml"
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"))
-    try:
-        cluster.start()
-    except (SlurmUnavailable, OSError, subprocess.SubprocessError) as err:
-        pytest.fail(f"could not start the local Slurm cluster: {err}")
-    previous = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = str(cluster.conf)
-    yield cluster
-    cluster.stop()
-    if previous is None:
-        os.environ.pop("SLURM_CONF")
-    else:
-        os.environ["SLURM_CONF"] = previous
 
 
 @pytest.fixture(scope="module")

@@ -33,9 +33,11 @@ def _lookup(registry: Registry[Any], spec: str | Card) -> Any:
 
 
 def build_vision(
-    spec: VisionSpec, *, pretrained: bool = False, feature_layer: int | None = None, select: str | None = None
+    spec: VisionSpec, *, pretrained: bool = False, feature_layer: int | None = None, select: str | None = None,
+    image_size: int | None = None,
 ) -> tuple[nn.Module, ComponentSpec]:
-    """A vision tower from a card name, a card, a registered class name, or a ready module."""
+    """A vision tower from a card name, a card, a registered class name, or a ready module. `image_size`
+    changes the card's input side (the resolution axis); position embeddings are then interpolated."""
     if isinstance(spec, nn.Module):
         return spec, ComponentSpec(name=_registered_name(VISION, spec))
     from mipha_lab.model.vision_backends import build_vision_tower
@@ -45,7 +47,11 @@ def build_vision(
         return found(), ComponentSpec(name=spec if isinstance(spec, str) else type(found).__name__)
     features = found.features.model_dump()
     features.update({k: v for k, v in {"layer": feature_layer, "select": select}.items() if v is not None})
-    card = found.model_copy(update={"features": FeatureSpec(**features)}).named(found.name, found.source)
+    update: dict[str, Any] = {"features": FeatureSpec(**features)}
+    if image_size is not None and image_size != found.image.size:
+        side = {"crop_size": image_size} if found.image.crop_size else {}
+        update["image"] = found.image.model_copy(update={"resize_size": image_size, **side})
+    card = found.model_copy(update=update).named(found.name, found.source)
     return build_vision_tower(card, pretrained), ComponentSpec(name=card.name, card=card.to_dict())
 
 
@@ -88,10 +94,12 @@ def build_vlm(
     feature_layer: int | None = None,
     select: str | None = None,
     with_tokenizer: bool = True,
+    image_size: int | None = None,
 ) -> MultimodalModel:
     """Build a model from registry names (`build_vlm("tiny-siglip-so400m-384", "tiny-phi-2")`), cards
     or objects. `pretrained` loads the cards' hub weights (the tiny cards have none: random init)."""
-    tower, vision_spec = build_vision(vision, pretrained=pretrained, feature_layer=feature_layer, select=select)
+    tower, vision_spec = build_vision(vision, pretrained=pretrained, feature_layer=feature_layer, select=select,
+                                      image_size=image_size)
     lm, card_tokenizer, llm_spec, card_template = build_llm(
         llm, pretrained=pretrained, attn_implementation=attn_implementation, with_tokenizer=with_tokenizer
     )

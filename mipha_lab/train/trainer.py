@@ -6,11 +6,10 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from mipha_lab.config import Experiment
+from mipha_lab.config import Experiment, config_differences
 from mipha_lab.data.mixtures import ensure_generated
 from mipha_lab.errors import ConfigError
 from mipha_lab.model import MultimodalModel, build_vlm
@@ -41,7 +40,7 @@ def build_model(experiment: Experiment, with_tokenizer: bool = True) -> Multimod
         m.vision, m.llm, m.projector, projector_args=m.projector_args, pretrained=m.pretrained,
         attn_implementation=resolve_attn_implementation(m.attn_implementation),
         max_positions=NO_TRUNCATION if experiment.quirks.no_truncation_after_splice else m.max_positions,
-        feature_layer=m.feature_layer, select=m.feature_select, with_tokenizer=with_tokenizer,
+        feature_layer=m.feature_layer, select=m.feature_select, with_tokenizer=with_tokenizer, image_size=m.image_size,
     )
 
 
@@ -123,20 +122,6 @@ def preflight(experiment: Experiment) -> None:
                                f"(get them with `huggingface-cli download {repo}`, or point the card at a local folder)")
     if missing:
         raise ConfigError(f"{experiment.source or experiment.run_name}: cannot start, missing:\n  - " + "\n  - ".join(missing))
-
-
-IGNORED_ON_RESUME = ("eval", "tracking", "resources", "data_workers", "extends_chain", "source", "runs_root",
-                     "data_root")
-
-
-def config_differences(stored: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
-    """Key paths whose values differ between two resolved configs (what a resume must not change)."""
-    if isinstance(stored, dict) and isinstance(current, dict):
-        return [d for key in sorted(set(stored) | set(current)) if not (not prefix and key in IGNORED_ON_RESUME)
-                for d in config_differences(stored.get(key), current.get(key), f"{prefix}{key}.")]
-    if isinstance(stored, list) and isinstance(current, list) and len(stored) == len(current):
-        return [d for i, (a, b) in enumerate(zip(stored, current)) for d in config_differences(a, b, f"{prefix}{i}.")]
-    return [] if stored == current else [prefix.rstrip(".")]
 
 
 def prepare_run(run: RunFolder, experiment: Experiment, world_size: int) -> str | None:

@@ -1,0 +1,57 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # The overhaul study: one table per axis
+# Every axis of the Mipha study against its baseline (the base recipe): the mean score of each cell
+# over its seeds per benchmark (the paper's column order), the delta against the baseline with a 95%
+# interval from a paired bootstrap over questions and seeds, and the mean z-score across benchmarks.
+# Set `RUNS_ROOT` (default `runs`) and `OUT` (default `analysis/output`).
+
+# %%
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+from IPython.display import Markdown, display
+
+from mipha_lab import analysis
+
+RUNS_ROOT = Path(os.environ.get("RUNS_ROOT", "runs"))
+OUT = Path(os.environ.get("OUT", "analysis/output"))
+DRAWS = int(os.environ.get("DRAWS", "1000"))
+OUT.mkdir(parents=True, exist_ok=True)
+cells = analysis.study(RUNS_ROOT)
+print(f"{sum(len(c.runs) for c in cells)} runs in {len(cells)} cells under {RUNS_ROOT}")
+
+# %%
+tables = {axis: analysis.axis_table(members, DRAWS) for axis, members in analysis.axes(cells).items()}
+markdown = "\n\n".join(analysis.format_axis_table(axis, rows) for axis, rows in tables.items())
+(OUT / "overhaul_tables.md").write_text(markdown + "\n")
+display(Markdown(markdown))
+
+# %% [markdown]
+# The aggregate per axis: mean z-score of each cell across benchmarks (higher is better).
+
+# %%
+fig, axes_grid = plt.subplots(1, len(tables), figsize=(3.2 * len(tables), 3.2), squeeze=False)
+for plot, (axis, rows) in zip(axes_grid[0], tables.items()):
+    names = [r["cell"] for r in rows]
+    plot.bar(range(len(rows)), [r["aggregate_z"] or 0 for r in rows],
+             color=["tab:gray" if r["baseline"] else "tab:blue" for r in rows])
+    plot.set_xticks(range(len(rows)), names, rotation=45, ha="right", fontsize=8)
+    plot.set_title(axis, fontsize=10)
+    plot.axhline(0, color="black", linewidth=0.5)
+axes_grid[0][0].set_ylabel("mean z-score")
+fig.tight_layout()
+fig.savefig(OUT / "overhaul_aggregate.png", dpi=120)
