@@ -22,7 +22,6 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 from IPython.display import Markdown, display
 
 from mipha_lab import analysis
@@ -44,14 +43,14 @@ display(Markdown(markdown))
 # The aggregate per axis: mean z-score of each cell across benchmarks (higher is better).
 
 # %%
-fig, axes_grid = plt.subplots(1, len(tables), figsize=(3.2 * len(tables), 3.2), squeeze=False)
-for plot, (axis, rows) in zip(axes_grid[0], tables.items()):
+fig, panels = analysis.figure_grid(len(tables))
+for plot, (axis, rows) in zip(panels, tables.items()):
     names = [r["cell"] for r in rows]
     plot.bar(range(len(rows)), [r["aggregate_z"] or 0 for r in rows],
              color=["tab:gray" if r["baseline"] else "tab:blue" for r in rows])
     plot.set_xticks(range(len(rows)), names, rotation=45, ha="right", fontsize=8)
     plot.set_title(axis, fontsize=10)
     plot.axhline(0, color="black", linewidth=0.5)
-axes_grid[0][0].set_ylabel("mean z-score")
+panels[0].set_ylabel("mean z-score")
 fig.tight_layout()
 fig.savefig(OUT / "overhaul_aggregate.png", dpi=120)

@@ -20,7 +20,6 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 from IPython.display import Markdown, display
 
 from mipha_lab import analysis
@@ -32,21 +31,19 @@ cells = analysis.study(RUNS_ROOT)
 by_axis = analysis.axes(cells)
 
 # %%
-fig, grid = plt.subplots(2, len(by_axis), figsize=(3.2 * len(by_axis), 5.5), squeeze=False)
-for column, (axis, members) in enumerate(by_axis.items()):
-    for cell in members:
-        for run in cell.runs:
-            steps = [m["step"] for m in run.metrics]
-            label = f"{cell.name} s{run.config.get('seed', 0)}"
-            grid[0][column].plot(steps, [m["loss"] for m in run.metrics], linewidth=0.8, label=label)
-            grid[1][column].plot(steps, [m["tokens_per_s"] for m in run.metrics], linewidth=0.8, label=label)
-    grid[0][column].set_title(axis, fontsize=10)
-    grid[0][column].legend(fontsize=6)
-    grid[1][column].set_xlabel("step")
-grid[0][0].set_ylabel("loss")
-grid[1][0].set_ylabel("tokens/s")
-fig.tight_layout()
-fig.savefig(OUT / "training_curves.png", dpi=120)
+for metric, label in (("loss", "loss"), ("tokens_per_s", "tokens/s")):
+    fig, panels = analysis.figure_grid(len(by_axis))
+    for plot, (axis, members) in zip(panels, by_axis.items()):
+        for cell in members:
+            for run in cell.runs:
+                plot.plot([m["step"] for m in run.metrics], [m[metric] for m in run.metrics], linewidth=0.8,
+                          label=f"{cell.name} s{run.config.get('seed', 0)}")
+        plot.set_title(axis, fontsize=10)
+        plot.set_xlabel("step")
+        plot.set_ylabel(label)
+        plot.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(OUT / f"training_curves_{metric}.png", dpi=100)
 
 # %%
 costs = [analysis.run_costs(run) for cell in cells for run in cell.runs]

@@ -348,3 +348,16 @@ def run_costs(run: Run) -> dict[str, Any]:
             "mfu": float(np.mean(mfu)) if mfu else None,
             "gpu_hours": seconds * manifest.get("world_size", 1) / 3600 if gpus else 0.0,
             "train_seconds": seconds}
+
+
+def figure_grid(panels: int, columns: int = 4, size: tuple[float, float] = (3.4, 3.0)):
+    """A matplotlib figure with `panels` axes wrapped into rows of `columns` (spare axes hidden)."""
+    import matplotlib.pyplot as plt
+
+    rows = max(1, math.ceil(panels / columns))
+    cols = min(columns, max(panels, 1))
+    fig, grid = plt.subplots(rows, cols, figsize=(size[0] * cols, size[1] * rows), squeeze=False)
+    flat = [ax for row in grid for ax in row]
+    for spare in flat[panels:]:
+        spare.set_visible(False)
+    return fig, flat[:panels]

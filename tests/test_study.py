@@ -184,5 +184,5 @@ def test_tiny_study_through_slurm_then_the_notebooks(slurm, data_root, tmp_path)
     assert all("[" in c["evidence"] for c in judged)  # each verdict rests on an interval
     interval = analysis.paired_bootstrap(table["resolution"][1], table["resolution"][0], "shapes-vqa", draws=200)
     assert interval.low < interval.high and len(interval.draws) == 200
-    for png in ("overhaul_aggregate.png", "claims.png", "training_curves.png"):
+    for png in ("overhaul_aggregate.png", "claims.png", "training_curves_loss.png", "training_curves_tokens_per_s.png"):
         assert (out_dir / png).stat().st_size > 5000
