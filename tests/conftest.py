@@ -36,6 +36,16 @@ def shared_fixtures() -> Path:
 
 
 @pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> Path:
+    """The synthetic shapes data, generated once for the session (tests only read it)."""
+    from mipha_lab.data.synthetic import generate
+
+    root = tmp_path_factory.mktemp("data")
+    generate(root / "shapes", n_train=2000, n_eval=200, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
 def slurm(tmp_path_factory):
     """A real single-node Slurm cluster for the session (tests/local_slurm.py); SLURM_CONF points at it.
     A cluster that cannot start fails the tests that need it, with the reason: never a skip."""

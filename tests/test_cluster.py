@@ -25,15 +25,6 @@ PROFILE = REPO / "slurm" / "test-node.yaml"
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    from mipha_lab.data.synthetic import generate
-
-    root = tmp_path_factory.mktemp("data")
-    generate(root / "shapes", n_train=2000, n_eval=200, progress=False)
-    return root
-
-
 def launch(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", "mipha_lab.launch", *args, "--cluster", str(PROFILE)],

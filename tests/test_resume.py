@@ -19,15 +19,6 @@ MICRO = Path(__file__).resolve().parents[1] / "experiments" / "micro.yaml"
 LORA = ["stages.instruct.trainable.lm_body={mode: lora, r: 4, alpha: 8, dropout: 0.1}"]
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    from mipha_lab.data.synthetic import generate
-
-    root = tmp_path_factory.mktemp("data")
-    generate(root / "shapes", n_train=2000, n_eval=200, progress=False)
-    return root
-
-
 def launch(cwd: Path, data_root: Path, *overrides: str, kill_at: str | None = None, nproc: int = 1) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     env.pop(KILL_AT, None)

@@ -127,15 +127,6 @@ SEEDED = ["base", "vision_tuning/frozen"]  # the baseline and one axis with 2 se
 NOTEBOOKS = ("overhaul_tables", "claims", "training_curves")
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    from mipha_lab.data.synthetic import generate
-
-    root = tmp_path_factory.mktemp("data")
-    generate(root / "shapes", n_train=2000, n_eval=200, progress=False)
-    return root
-
-
 @pytest.mark.slow
 def test_tiny_study_through_slurm_then_the_notebooks(slurm, data_root, tmp_path):
     from mipha_lab.cluster.slurm_state import ACTIVE, RUN_STATE, job_states

@@ -19,15 +19,6 @@ MICRO = REPO / "experiments" / "micro.yaml"
 SWEEP = REPO / "experiments" / "micro_sweep.yaml"
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    from mipha_lab.data.synthetic import generate
-
-    root = tmp_path_factory.mktemp("data")
-    generate(root / "shapes", n_train=2000, n_eval=200, progress=False)
-    return root
-
-
 def write_sweep(tmp_path: Path, sweep: str) -> Path:
     path = tmp_path / "study.yaml"
     path.write_text(f"extends: {MICRO}\nsweep:\n{sweep}")
