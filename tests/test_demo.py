@@ -28,3 +28,12 @@ def test_demo_trains_and_beats_the_thresholds(tmp_path):
     assert vqa["count_accuracy"] / 100 >= 1.6 * CHANCE["count"]
     # yes/no (target 80%) is not reached yet by the tiny from-scratch model: reported, not asserted
     assert json.loads((run / "status.json").read_text())["state"] == "done"
+
+    # the README's chat command on the demo model and the bundled example image
+    start = time.time()
+    chat = subprocess.run([sys.executable, "-m", "mipha_lab.serve.cli", "--model-path", str(run), "--prompt",
+                           "What color is the circle?", "--temperature", "0"], capture_output=True, text=True,
+                          timeout=300, env=env)
+    print(f"chat: {time.time() - start:.1f} s, reply {chat.stdout.strip()!r}")
+    assert chat.returncode == 0, chat.stderr[-2000:]
+    assert chat.stdout.strip() and not chat.stdout.startswith(("INFO", "WARNING"))  # stdout holds the reply alone

@@ -36,13 +36,26 @@ def job_states(job_ids: list[str]) -> dict[str, str]:
     listing = _query(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(ids)])
     for line in (listing or "").splitlines():
         job, _, state = line.partition("|")
-        if job in ids:
-            states[job] = state.split()[0] if state else "UNKNOWN"  # "CANCELLED by 0" -> CANCELLED
+        for task in array_tasks(job):  # pending tasks of an array are one line: 12_[3-8%2]
+            if task in ids:
+                states[task] = state.split()[0] if state else "UNKNOWN"  # "CANCELLED by 0" -> CANCELLED
     missing = [i for i in ids if i not in states]
     if missing:
-        queue = _query(["squeue", "-h", "-o", "%i|%T", "-j", ",".join(missing)])
+        queue = _query(["squeue", "-h", "-r", "-o", "%i|%T", "-j", ",".join(sorted({i.split("_")[0] for i in missing}))])
         for line in (queue or "").splitlines():
             job, _, state = line.partition("|")
             if job in missing:
                 states[job] = state
     return states
+
+
+def array_tasks(job: str) -> list[str]:
+    """`12_[3-5,7%2]` -> 12_3, 12_4, 12_5, 12_7; any other id as it is."""
+    if "_[" not in job:
+        return [job]
+    array, ranges = job.split("_[", 1)
+    tasks = []
+    for part in ranges.rstrip("]").split("%")[0].split(","):
+        first, _, last = part.partition("-")
+        tasks += [f"{array}_{n}" for n in range(int(first), int(last or first) + 1)]
+    return tasks

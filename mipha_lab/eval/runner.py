@@ -25,14 +25,14 @@ def answered(out: Path) -> dict[str, dict[str, Any]]:
             for path in sorted(out.glob("answers.partial*.jsonl")) for a in read_jsonl(path)}
 
 
-def load_model(path: str | Path) -> Any:
+def load_model(path: str | Path, allow_pickle: bool = False) -> Any:
     """A run folder (its final/) or a saved model folder."""
     from mipha_lab.model import MultimodalModel
 
     path = Path(path)
     if (path / "final" / "config.json").is_file():
         path = path / "final"
-    return MultimodalModel.from_pretrained(path).eval()
+    return MultimodalModel.from_pretrained(path, allow_pickle=allow_pickle).eval()
 
 
 def run_benchmark(model: Any, benchmark: Benchmark, data_root: str | Path, out: Path, *, batch_size: int = 16,

@@ -136,10 +136,48 @@ def build_from_config(config: VLMConfig, tokenizer: Any = None) -> MultimodalMod
     return MultimodalModel(tower, proj, lm, config, tokenizer)
 
 
-def load_model_folder(folder: str | Path, dtype: torch.dtype | None = None) -> MultimodalModel:
-    """Rebuild from config.json alone (never from the folder's name), then load the safetensors weights."""
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def load_weights(model: nn.Module, folder: Path, allow_pickle: bool = False) -> None:
+    """The folder's safetensors weights; pickle-based files (which can run code when unpickled) only with
+    `allow_pickle`, and then through `torch.load(weights_only=True)`. Every tensor must land in place."""
     from safetensors.torch import load_model
 
+    weights = folder / WEIGHTS_NAME
+    if weights.is_file():
+        load_model(model, str(weights), strict=True)
+        return
+    pickled = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if not pickled:
+        raise ConfigError(f"{folder}: missing {WEIGHTS_NAME}")
+    if not allow_pickle:
+        raise ConfigError(f"{folder}: the weights are pickle files ({', '.join(p.name for p in pickled)}), which can "
+                          "run code when loaded; they are refused - convert them to safetensors, or pass "
+                          "--allow-pickle to read them with torch.load(weights_only=True)")
+    state: dict[str, torch.Tensor] = {}
+    for path in pickled:
+        state.update(torch.load(path, map_location="cpu", weights_only=True))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in _tied_names(model)]
+    if missing or unexpected:
+        raise ConfigError(f"{folder}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+
+
+def _tied_names(model: nn.Module) -> set[str]:
+    """Names of parameters that share memory with an earlier one (saved once, re-tied on load)."""
+    seen: dict[int, str] = {}
+    tied = set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if tensor.data_ptr() in seen:
+            tied.add(name)
+        seen.setdefault(tensor.data_ptr(), name)
+    return tied
+
+
+def load_model_folder(folder: str | Path, dtype: torch.dtype | None = None, allow_pickle: bool = False) -> MultimodalModel:
+    """Rebuild from config.json alone (never from the folder's name), then load the weights (safetensors;
+    pickle files only with `allow_pickle`). No code from the folder is ever run."""
     folder = Path(folder)
     config_path = folder / "config.json"
     if not config_path.is_file():
@@ -158,10 +196,7 @@ def load_model_folder(folder: str | Path, dtype: torch.dtype | None = None) -> M
 
         tokenizer = AutoTokenizer.from_pretrained(folder)
     model = build_from_config(config, tokenizer)
-    weights = folder / WEIGHTS_NAME
-    if not weights.is_file():
-        raise ConfigError(f"{folder}: missing {WEIGHTS_NAME}")
-    load_model(model, str(weights), strict=True)
+    load_weights(model, folder, allow_pickle)
     if dtype is not None:
         model.to(dtype)
     return model.eval()

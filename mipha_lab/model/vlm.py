@@ -258,7 +258,8 @@ class MultimodalModel(nn.Module):
         return state
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, dtype: torch.dtype | None = None) -> "MultimodalModel":
+    def from_pretrained(cls, folder: str | Path, dtype: torch.dtype | None = None,
+                        allow_pickle: bool = False) -> "MultimodalModel":
         from mipha_lab.model.build import load_model_folder
 
-        return load_model_folder(folder, dtype=dtype)
+        return load_model_folder(folder, dtype=dtype, allow_pickle=allow_pickle)
