@@ -96,7 +96,16 @@ class Conversation:
         pixels = None
         if self.image is not None:
             pixels = self.processor(self.image)[None].to(device, next(self.model.parameters()).dtype)
-        streamer = ReplyStreamer(self.model.tokenizer, self.template.stop_strings, emit)
+        started = [False]
+
+        def emit_stripped(piece: str) -> None:  # the reply as printed equals the stripped answer
+            if not started[0]:
+                piece = piece.lstrip()
+                started[0] = bool(piece)
+            if piece:
+                emit(piece)
+
+        streamer = ReplyStreamer(self.model.tokenizer, self.template.stop_strings, emit_stripped)
         self.model.generate(ids, torch.ones_like(ids), pixels, max_new_tokens=self.max_new_tokens,
                             temperature=self.temperature, top_p=self.top_p, stop_strings=self.template.stop_strings,
                             streamer=streamer)
