@@ -16,22 +16,13 @@
 
 # %%
 import json
-import os
-from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from IPython.display import Markdown, display
 
 from mipha_lab import analysis
 
-RUNS_ROOT = Path(os.environ.get("RUNS_ROOT", "runs"))
-OUT = Path(os.environ.get("OUT", "analysis/output"))
-DRAWS = int(os.environ.get("DRAWS", "1000"))
-OUT.mkdir(parents=True, exist_ok=True)
-cells = analysis.study(RUNS_ROOT)
+cells, OUT, DRAWS = analysis.notebook_setup()
 rows = analysis.claims_table(cells, DRAWS)
 
 # %%

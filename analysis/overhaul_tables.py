@@ -16,22 +16,11 @@
 # Set `RUNS_ROOT` (default `runs`) and `OUT` (default `analysis/output`).
 
 # %%
-import os
-from pathlib import Path
-
-import matplotlib
-
-matplotlib.use("Agg")
 from IPython.display import Markdown, display
 
 from mipha_lab import analysis
 
-RUNS_ROOT = Path(os.environ.get("RUNS_ROOT", "runs"))
-OUT = Path(os.environ.get("OUT", "analysis/output"))
-DRAWS = int(os.environ.get("DRAWS", "1000"))
-OUT.mkdir(parents=True, exist_ok=True)
-cells = analysis.study(RUNS_ROOT)
-print(f"{sum(len(c.runs) for c in cells)} runs in {len(cells)} cells under {RUNS_ROOT}")
+cells, OUT, DRAWS = analysis.notebook_setup()
 
 # %%
 tables = {axis: analysis.axis_table(members, DRAWS) for axis, members in analysis.axes(cells).items()}

@@ -14,20 +14,11 @@
 # and per run the mean tokens/s, MFU (GPUs with a known peak) and GPU-hours. Set `RUNS_ROOT` and `OUT`.
 
 # %%
-import os
-from pathlib import Path
-
-import matplotlib
-
-matplotlib.use("Agg")
 from IPython.display import Markdown, display
 
 from mipha_lab import analysis
 
-RUNS_ROOT = Path(os.environ.get("RUNS_ROOT", "runs"))
-OUT = Path(os.environ.get("OUT", "analysis/output"))
-OUT.mkdir(parents=True, exist_ok=True)
-cells = analysis.study(RUNS_ROOT)
+cells, OUT, DRAWS = analysis.notebook_setup()
 by_axis = analysis.axes(cells)
 
 # %%

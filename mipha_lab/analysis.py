@@ -9,7 +9,6 @@ the seed form one cell. Notebooks in analysis/ call these functions and stay thi
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ import numpy as np
 import yaml
 
 from mipha_lab.config import config_differences
+from mipha_lab.eval.benchmarks import headline_scores
 
 NOT_COMPARED = ("seed", "run_name", "runs_root", "data_root", "source", "extends_chain", "tracking", "resources",
                 "sweep", "eval", "data_workers", "checkpoint")
@@ -60,7 +60,8 @@ class Cell:
 
     @property
     def name(self) -> str:
-        return Path(self.runs[0].source or self.runs[0].name).stem if self.runs[0].source else self.runs[0].name
+        source = self.runs[0].source
+        return Path(source).stem if source else self.runs[0].name
 
     @property
     def seeds(self) -> list[int]:
@@ -71,25 +72,13 @@ class Cell:
         return float(np.mean(values)) if values else None
 
 
-def _headline_scores(path: Path) -> dict[str, float]:
-    from mipha_lab.eval.benchmarks import BENCHMARKS
-
-    summary = path / "eval" / "summary.csv"
-    if not summary.is_file():
-        return {}
-    with summary.open() as handle:
-        rows = list(csv.DictReader(handle))
-    return {r["benchmark"]: float(r["value"]) for r in rows
-            if r["benchmark"] in BENCHMARKS and BENCHMARKS.get(r["benchmark"]).headline == r["metric"]}
-
-
 def load_run(path: Path) -> Run:
     records = {}
     for file in sorted((path / "eval").glob("*/records.jsonl")):
         records[file.parent.name] = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
     metrics_file = path / "metrics.jsonl"
     metrics = [json.loads(line) for line in metrics_file.read_text().splitlines()] if metrics_file.is_file() else []
-    return Run(path, yaml.safe_load((path / "config.yaml").read_text()), metrics, _headline_scores(path), records)
+    return Run(path, yaml.safe_load((path / "config.yaml").read_text()), metrics, headline_scores(path / "eval"), records)
 
 
 def load_runs(root: str | Path) -> list[Run]:
@@ -129,6 +118,22 @@ def assign_axes(cells: list[Cell]) -> list[Cell]:
 
 def study(root: str | Path) -> list[Cell]:
     return assign_axes(group_cells(load_runs(root)))
+
+
+def notebook_setup() -> tuple[list[Cell], Path, int]:
+    """What every notebook starts from: the cells under $RUNS_ROOT (default runs), the output folder
+    $OUT (default analysis/output, created) and $DRAWS bootstrap draws (default 1000)."""
+    import os
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    root = Path(os.environ.get("RUNS_ROOT", "runs"))
+    out = Path(os.environ.get("OUT", "analysis/output"))
+    out.mkdir(parents=True, exist_ok=True)
+    cells = study(root)
+    print(f"{sum(len(c.runs) for c in cells)} runs in {len(cells)} cells under {root}")
+    return cells, out, int(os.environ.get("DRAWS", "1000"))
 
 
 def axes(cells: list[Cell]) -> dict[str, list[Cell]]:

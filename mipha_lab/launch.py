@@ -130,14 +130,12 @@ def submit(args: argparse.Namespace) -> int:
     return 1 if any(row["state"] != "done" for row in rows) else 0
 
 
-def planned_gpus(args: argparse.Namespace, experiment) -> int:
+def planned_gpus(args: argparse.Namespace, profile, experiment) -> int:
     """--num-gpus, else the GPUs a run gets from its --cluster profile and `resources:`, else 8."""
     if args.num_gpus:
         return args.num_gpus
-    if args.cluster:
-        from mipha_lab.cluster.profile import load_profile
-
-        shape = load_profile(args.cluster).shape(experiment.resources)
+    if profile is not None:
+        shape = profile.shape(experiment.resources)
         return shape.nodes * shape.gpus_per_node or 8
     return 8
 
@@ -152,9 +150,12 @@ def dry_run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 
     def show() -> int:
+        from mipha_lab.cluster.profile import load_profile
+
         cells = experiment_cells(args)
-        plans = [plan_experiment(c.experiment, gpu=args.gpu, num_gpus=planned_gpus(args, c.experiment), mfu=args.mfu)
-                 for c in cells]
+        profile = load_profile(args.cluster) if args.cluster else None
+        plans = [plan_experiment(c.experiment, gpu=args.gpu, num_gpus=planned_gpus(args, profile, c.experiment),
+                                 mfu=args.mfu) for c in cells]
         if len(cells) == 1 and not cells[0].overrides:
             print(json.dumps(plans[0]) if args.json else format_plan(plans[0]))
             return 0

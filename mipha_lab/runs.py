@@ -8,7 +8,6 @@ shows the last lines of its error.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import json
 import pickle
@@ -18,6 +17,7 @@ from typing import Any
 
 from mipha_lab.cluster.slurm_state import RUN_STATE, job_states
 from mipha_lab.errors import MiphaLabError, exit_status
+from mipha_lab.eval.benchmarks import headline_scores
 from mipha_lab.run_folder import RunFolder
 from mipha_lab.run_lock import RunLock
 
@@ -37,19 +37,6 @@ def _seconds(start: str | None, end: str | None) -> float | None:
     if not start or not end:
         return None
     return (dt.datetime.fromisoformat(end) - dt.datetime.fromisoformat(start)).total_seconds()
-
-
-def _scores(path: Path) -> dict[str, float]:
-    """Headline score of each benchmark, from eval/summary.csv."""
-    from mipha_lab.eval.benchmarks import BENCHMARKS
-
-    summary = path / "eval" / "summary.csv"
-    if not summary.is_file():
-        return {}
-    with summary.open() as handle:
-        rows = list(csv.DictReader(handle))
-    heads = {name: BENCHMARKS.get(name).headline for name in {r["benchmark"] for r in rows} if name in BENCHMARKS}
-    return {r["benchmark"]: float(r["value"]) for r in rows if heads.get(r["benchmark"]) == r["metric"]}
 
 
 def job_outcome(job: dict[str, Any] | None) -> tuple[str | None, str]:
@@ -103,7 +90,7 @@ def run_row(path: Path, slurm: dict[str, str], root: Path | None = None) -> dict
         "stage": status.get("stage") or last.get("stage"), "step": status.get("step") or last.get("step"),
         "total_steps": total, "loss": last.get("loss"), "elapsed_s": elapsed,
         "gpu_hours": step_seconds * manifest.get("world_size", 1) / 3600 if gpus else 0.0,
-        "scores": _scores(path), "error": _error_tail(status, job, traceback) if state == "failed" else [],
+        "scores": headline_scores(path / "eval"), "error": _error_tail(status, job, traceback) if state == "failed" else [],
     }
 
 

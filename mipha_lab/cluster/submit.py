@@ -49,13 +49,12 @@ def executor_for(profile: ClusterProfile, shape: Shape, logs: Path, name: str,
     return executor
 
 
-def queued_job(cell: Cell) -> str | None:
-    """The job id of a cell already waiting or running on the cluster, if any."""
-    record = RunFolder(cell.run_path).read_json("job.json")
-    if not record:
-        return None
-    state = job_states([record["job_id"]]).get(record["job_id"])
-    return record["job_id"] if state and RUN_STATE.get(state) in ACTIVE else None
+def queued_jobs(cells: list[Cell]) -> dict[str, str]:
+    """Run name -> job id of the cells already waiting or running on the cluster (one Slurm query)."""
+    records = {c.run_name: RunFolder(c.run_path).read_json("job.json") for c in cells}
+    records = {name: r for name, r in records.items() if r and r.get("executor") == "slurm"}
+    states = job_states([r["job_id"] for r in records.values()])
+    return {name: r["job_id"] for name, r in records.items() if RUN_STATE.get(states.get(r["job_id"], "")) in ACTIVE}
 
 
 def record_job(cell: Cell, job: Any, profile: ClusterProfile, shape: Shape, eval_job: Any = None) -> None:
@@ -71,9 +70,10 @@ def record_job(cell: Cell, job: Any, profile: ClusterProfile, shape: Shape, eval
 def submit_cells(cells: list[Cell], profile: ClusterProfile, out: Callable[[str], None] = print) -> list[Submission]:
     """Submit every cell that is neither finished nor queued; one job array per resource shape."""
     pending: dict[Shape, list[Cell]] = {}
+    queued_by_name = queued_jobs(cells)
     for cell in cells:
         state = (RunFolder(cell.run_path).read_status() or {}).get("state")
-        queued = queued_job(cell) if state != "done" else None
+        queued = queued_by_name.get(cell.run_name)
         if state == "done":
             out(f"skip {cell.run_name}: finished ({cell.run_path})")
         elif queued:

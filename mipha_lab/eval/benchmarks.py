@@ -177,3 +177,16 @@ _add(Benchmark("shapes-pope", {"questions": "shapes/eval/shapes-pope/questions.j
      "synthetic shapes existence questions in POPE's format, scored by the POPE scorer")
 
 PAPER_ORDER = ("vqav2", "gqa", "scienceqa-img", "textvqa", "pope", "mme", "mmbench")
+
+
+def headline_scores(eval_folder: Path) -> dict[str, float]:
+    """The headline figure of each benchmark in a run's eval/summary.csv (written by eval.runner); {} without one."""
+    import csv
+
+    summary = Path(eval_folder) / "summary.csv"
+    if not summary.is_file():
+        return {}
+    with summary.open() as handle:
+        rows = list(csv.DictReader(handle))
+    return {r["benchmark"]: float(r["value"]) for r in rows
+            if r["benchmark"] in BENCHMARKS and BENCHMARKS.get(r["benchmark"]).headline == r["metric"]}
