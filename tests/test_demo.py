@@ -37,3 +37,16 @@ def test_demo_trains_and_beats_the_thresholds(tmp_path):
     print(f"chat: {time.time() - start:.1f} s, reply {chat.stdout.strip()!r}")
     assert chat.returncode == 0, chat.stderr[-2000:]
     assert chat.stdout.strip() and not chat.stdout.startswith(("INFO", "WARNING"))  # stdout holds the reply alone
+
+    # the demo model exports to transformers' Llava: same logits, same greedy tokens
+    llava = tmp_path / "demo-llava"
+    export = subprocess.run([sys.executable, "-m", "mipha_lab.export", "hf-llava", str(run), str(llava)],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert export.returncode == 0, export.stderr[-2000:]
+    from mipha_lab.eval.runner import load_model
+    from tests.interop_helpers import hf_llava_outputs, inputs, logits
+
+    ours = load_model(run)
+    _, hf_logits, hf_tokens = hf_llava_outputs(llava, backend="pil")
+    assert (hf_logits - logits(ours)).abs().max() < 1e-4
+    assert hf_tokens == ours.generate(*inputs(ours), max_new_tokens=8)[0].tolist()

@@ -151,8 +151,11 @@ def test_save_and_load_give_identical_logits(tmp_path, vision, llm):
 def test_loading_refuses_folders_that_are_not_ours(tmp_path):
     with pytest.raises(ConfigError, match="has no config.json"):
         MultimodalModel.from_pretrained(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mipha_phi"}))
-    with pytest.raises(ConfigError, match="model_type='mipha_phi'.*converted"):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava_llama"}))
+    with pytest.raises(ConfigError, match="model_type='llava_llama'.*mipha_phi"):
+        MultimodalModel.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mipha_phi"}))  # released layout, no weights
+    with pytest.raises(ConfigError, match=r"no weights \(\*.safetensors\)"):
         MultimodalModel.from_pretrained(tmp_path)
 
 

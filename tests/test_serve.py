@@ -117,7 +117,7 @@ def test_bad_input_is_refused_clearly(model_dir, args, message):
 def test_a_folder_that_is_not_a_model_is_named(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "llava"}')
     out = cli("--model-path", str(tmp_path), "--prompt", "hi")
-    assert out.returncode == 2 and "not a mipha-lab model" in out.stderr
+    assert out.returncode == 2 and "unknown model format" in out.stderr and "mipha_phi" in out.stderr
 
 
 def test_conv_mode_override_warns(model_dir):

@@ -147,3 +147,24 @@ def test_roles_must_alternate():
 
     with pytest.raises(InputError, match="expected 'assistant'"):
         get_template("phi").render([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
+
+
+@pytest.mark.parametrize("name", ["phi", "gemma", "phi-3", "chatml"])
+def test_jinja_chat_template_renders_exactly_our_prompt(name):
+    """The exported chat template: transformers' apply_chat_template with list content == our prompt."""
+    from mipha_lab.model.tiny_tokenizer import tiny_tokenizer
+
+    template = get_template(name)
+    tokenizer = tiny_tokenizer(eos=template.end)
+    tokenizer.chat_template = template.jinja()
+    listed = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]},
+              {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+              {"role": "user", "content": "And the shape?"}]
+    ours = [{"role": "user", "content": "<image>\nWhat colour?"}, {"role": "assistant", "content": "red"},
+            {"role": "user", "content": "And the shape?"}]
+    system = [{"role": "system", "content": "Answer briefly."}]
+    for a, b in ((listed, ours), (system + listed, system + ours)):
+        assert tokenizer.apply_chat_template(a, add_generation_prompt=True, tokenize=False) == template.prompt(b)
+    answered = listed[:2]
+    rendered = "".join(s.text for s in template.render(ours[:2]))
+    assert tokenizer.apply_chat_template(answered, tokenize=False) == rendered

@@ -117,7 +117,8 @@ class ImageProcessor:
             "image_std": list(spec.std),
         }
         if spec.resize == "square":
-            config.update(image_processor_type="SiglipImageProcessor", size={"height": spec.size, "width": spec.size})
+            config.update(image_processor_type="SiglipImageProcessor", size={"height": spec.size, "width": spec.size},
+                          do_center_crop=False)
         else:
             config.update(
                 image_processor_type="CLIPImageProcessor",
@@ -126,3 +127,22 @@ class ImageProcessor:
                 crop_size={"height": spec.size, "width": spec.size},
             )
         return config
+
+
+def spec_from_hf_config(config: dict, fallback_size: int) -> ImageSpec:
+    """The ImageSpec a transformers `preprocessor_config.json` describes (SigLIP: a square resize; CLIP and
+    DINOv2: shortest edge, then a centre crop), so a released checkpoint keeps its own preprocessing."""
+    size = config.get("size", fallback_size)
+    names = {int(v): k for k, v in _RESAMPLE.items()}
+    crop = config.get("crop_size") if config.get("do_center_crop", "crop_size" in config) else None
+    crop_side = crop if isinstance(crop, int) or crop is None else crop.get("height", crop.get("shortest_edge"))
+    if isinstance(size, dict) and "shortest_edge" in size:
+        resize, side = "shortest_edge", size["shortest_edge"]
+    else:
+        resize, side = "square", size if isinstance(size, int) else size["height"]
+    return ImageSpec(
+        resize=resize, resize_size=side, crop_size=crop_side,
+        resample=names.get(int(config.get("resample", Image.Resampling.BICUBIC)), "bicubic"),
+        rescale_factor=config.get("rescale_factor", 1 / 255),
+        mean=tuple(config["image_mean"]), std=tuple(config["image_std"]),
+    )

@@ -17,6 +17,7 @@ reproduces that quirk).
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -114,6 +115,31 @@ class Template:
     def prompt(self, messages: Sequence[Message]) -> str:
         """The inference prompt: the conversation so far, ending with the generation tag."""
         return "".join(s.text for s in self.render(messages, add_generation_prompt=True))
+
+    def jinja(self) -> str:
+        """This template as a transformers chat template: `apply_chat_template` renders exactly `prompt()`
+        (and `render()` with answers), for string content or list content (`{"type": "image"}` becomes
+        `<image>\\n`, as our prompts put it, and text items are concatenated)."""
+        lit = json.dumps
+        system_before, system_after = self.system_format.split("{system}")
+        user_before, user_after = self.user_format.split("{content}")
+        prompt_part, generated_part = self.split_assistant_tag()
+        return "".join([
+            "{%- set ns = namespace(system=" + lit(self.system) + ") -%}",
+            "{%- for m in messages if m['role'] == 'system' -%}{%- set ns.system = m['content'] if m['content'] is string "
+            "else m['content'] | map(attribute='text') | join('') -%}{%- endfor -%}",
+            "{{- " + lit(self.bos or "") + " -}}",
+            "{%- if ns.system is not none -%}{{- " + lit(system_before) + " + ns.system + " + lit(system_after) + " -}}{%- endif -%}",
+            "{%- for m in messages if m['role'] != 'system' -%}",
+            "{%- set c = namespace(text='') -%}",
+            "{%- if m['content'] is string -%}{%- set c.text = m['content'] -%}{%- else -%}{%- for item in m['content'] -%}",
+            "{%- if item['type'] == 'image' -%}{%- set c.text = c.text + " + lit(IMAGE_TOKEN + "\n") + " -%}",
+            "{%- elif item['type'] == 'text' -%}{%- set c.text = c.text + item['text'] -%}{%- endif -%}{%- endfor -%}{%- endif -%}",
+            "{%- if m['role'] == 'user' -%}{{- " + lit(user_before) + " + c.text + " + lit(user_after) + " -}}",
+            "{%- else -%}{{- " + lit(prompt_part + generated_part) + " + c.text + " + lit(self.end + self.after_end) + " -}}{%- endif -%}",
+            "{%- endfor -%}",
+            "{%- if add_generation_prompt -%}{{- " + lit(self.generation_tag) + " -}}{%- endif -%}",
+        ])
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,10 @@ import torch
 from torch import nn
 
 from mipha_lab.errors import ConfigError
+from mipha_lab.model.adapters import restore_adapters
 from mipha_lab.model.projectors import grid_side
-from mipha_lab.model.vlm import WEIGHTS_NAME, ComponentSpec, MultimodalModel, VLMConfig
+from mipha_lab.model.released import RELEASED, is_released, load_released
+from mipha_lab.model.vlm import ComponentSpec, MultimodalModel, VLMConfig
 from mipha_lab.registry import LLM, PROJECTORS, VISION
 from mipha_lab.registry.cards import Card, FeatureSpec, LLMCard, VisionCard
 from mipha_lab.registry.core import Registry
@@ -117,7 +119,7 @@ def build_vlm(
 def _rebuild_llm(spec: ComponentSpec, attn_implementation: str) -> nn.Module:
     if spec.card is not None:
         card = validate(LLMCard, spec.card, "config.json: llm.card").named(spec.name, "config.json")
-        return build_llm(card, attn_implementation=attn_implementation)[0]
+        return build_llm(card, attn_implementation=attn_implementation, with_tokenizer=False)[0]
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = dict(spec.args["config"])
@@ -139,29 +141,44 @@ def build_from_config(config: VLMConfig, tokenizer: Any = None) -> MultimodalMod
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
-def load_weights(model: nn.Module, folder: Path, allow_pickle: bool = False) -> None:
-    """The folder's safetensors weights; pickle-based files (which can run code when unpickled) only with
-    `allow_pickle`, and then through `torch.load(weights_only=True)`. Every tensor must land in place."""
-    from safetensors.torch import load_model
+def read_tensors(folder: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Every tensor of the folder's weight files (shards included): safetensors; pickle-based files (which
+    can run code when unpickled) only with `allow_pickle`, and then through `torch.load(weights_only=True)`."""
+    from safetensors.torch import load_file
 
-    weights = folder / WEIGHTS_NAME
-    if weights.is_file():
-        load_model(model, str(weights), strict=True)
-        return
+    state: dict[str, torch.Tensor] = {}
+    shards = sorted(folder.glob("*.safetensors"))
+    if shards:
+        for path in shards:
+            state.update(load_file(path))
+        return state
     pickled = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if not pickled:
-        raise ConfigError(f"{folder}: missing {WEIGHTS_NAME}")
+        raise ConfigError(f"{folder}: no weights (*.safetensors) found")
     if not allow_pickle:
         raise ConfigError(f"{folder}: the weights are pickle files ({', '.join(p.name for p in pickled)}), which can "
                           "run code when loaded; they are refused - convert them to safetensors, or pass "
                           "--allow-pickle to read them with torch.load(weights_only=True)")
-    state: dict[str, torch.Tensor] = {}
     for path in pickled:
         state.update(torch.load(path, map_location="cpu", weights_only=True))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k not in _tied_names(model)]
-    if missing or unexpected:
-        raise ConfigError(f"{folder}: weights do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    return state
+
+
+def place_weights(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    """Load `state` into `model`: every stored tensor must land in place (same name, same shape) and every
+    parameter must be stored, except those tied to one stored earlier."""
+    own = model.state_dict()
+    unexpected = sorted(set(state) - set(own))
+    missing = sorted(set(own) - set(state) - _tied_names(model))
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state if k in own and state[k].shape != own[k].shape]
+    if unexpected or missing or wrong:
+        raise ConfigError(f"{source}: the weights do not match the model - stored but without a place: "
+                          f"{unexpected[:5]}, not stored: {missing[:5]}, wrong shape (stored vs model): {wrong[:5]}")
+    model.load_state_dict(state, strict=False)
+
+
+def load_weights(model: nn.Module, folder: Path, allow_pickle: bool = False) -> None:
+    place_weights(model, read_tensors(folder, allow_pickle), folder)
 
 
 def _tied_names(model: nn.Module) -> set[str]:
@@ -176,18 +193,21 @@ def _tied_names(model: nn.Module) -> set[str]:
 
 
 def load_model_folder(folder: str | Path, dtype: torch.dtype | None = None, allow_pickle: bool = False) -> MultimodalModel:
-    """Rebuild from config.json alone (never from the folder's name), then load the weights (safetensors;
-    pickle files only with `allow_pickle`). No code from the folder is ever run."""
+    """Rebuild from config.json alone (never from the folder's name) - our format or a released Mipha /
+    LLaVA-Phi checkpoint - then load the weights (safetensors; pickle files only with `allow_pickle`).
+    No code from the folder is ever run."""
     folder = Path(folder)
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise ConfigError(f"{folder} is not a model folder: it has no config.json")
     raw = json.loads(config_path.read_text())
+    if is_released(raw):
+        model = load_released(folder, raw, allow_pickle)
+        return (model.to(dtype) if dtype is not None else model).eval()
     if raw.get("format") != "mipha-lab":
-        kind = raw.get("model_type", "unknown")
         raise ConfigError(
-            f"{config_path}: not a mipha-lab model (format={raw.get('format')!r}, model_type={kind!r}); "
-            "released Mipha / LLaVA-Phi checkpoints must be converted to this format first"
+            f"{config_path}: unknown model format (format={raw.get('format')!r}, model_type={raw.get('model_type')!r}); "
+            f"expected a mipha-lab model or a released checkpoint with model_type one of {', '.join(RELEASED)}"
         )
     config = validate(VLMConfig, raw, config_path)
     tokenizer = None
@@ -196,6 +216,7 @@ def load_model_folder(folder: str | Path, dtype: torch.dtype | None = None, allo
 
         tokenizer = AutoTokenizer.from_pretrained(folder)
     model = build_from_config(config, tokenizer)
+    restore_adapters(model, config.adapters)
     load_weights(model, folder, allow_pickle)
     if dtype is not None:
         model.to(dtype)

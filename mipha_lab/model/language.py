@@ -29,6 +29,11 @@ def lm_config(card: LLMCard, attn_implementation: str = "sdpa"):
 
     arch = dict(card.architecture)
     config = AutoConfig.for_model(arch.pop("model_type"), **arch)
+    if "hidden_act" in arch and config.hidden_act != arch["hidden_act"]:
+        # transformers 5 rewrites Gemma's "gelu" to the tanh approximation; the card's activation is what runs
+        # (Mipha-2.4B was trained with the exact GELU its config names)
+        log.info("%s: keeping hidden_act=%s (transformers changed it to %s)", card.name, arch["hidden_act"], config.hidden_act)
+        config.hidden_act = arch["hidden_act"]
     config._attn_implementation = resolve_attn_implementation(attn_implementation)
     return config
 

@@ -13,6 +13,7 @@ from pydantic import Field
 from torch import nn
 
 from mipha_lab.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from mipha_lab.model.adapters import LoraSpec
 from mipha_lab.model.splice import Spliced, block_causal_mask, check_image_counts, splice
 from mipha_lab.validation import StrictModel
 
@@ -42,6 +43,7 @@ class VLMConfig(StrictModel):
     max_positions: int
     image_token_index: int = IMAGE_TOKEN_INDEX
     attn_implementation: str = "sdpa"
+    adapters: list[LoraSpec] = Field(default_factory=list)  # LoRA adapters held unmerged in the weights
 
 
 @dataclass

@@ -13,6 +13,7 @@ from torch import nn
 
 from mipha_lab.config import MODULES, ModulePolicy, QuirksConfig, StageConfig, Trainable
 from mipha_lab.errors import ConfigError
+from mipha_lab.model.adapters import add_lora
 
 
 @dataclass
@@ -59,41 +60,6 @@ def blocks(model: nn.Module, module: str) -> nn.ModuleList:
     raise ConfigError(f"mode 'partial' applies to vision and lm_body, not {module}")
 
 
-def _linear_names(module: nn.Module) -> list[str]:
-    return sorted({name.rsplit(".", 1)[-1] for name, child in module.named_modules() if isinstance(child, nn.Linear)})
-
-
-def add_lora(module: nn.Module, policy: ModulePolicy) -> None:
-    """Inject LoRA adapters into the linear layers of `module` (peft), in place."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    targets = _linear_names(module) if policy.target_modules == "all-linear" else policy.target_modules
-    config = LoraConfig(r=policy.r, lora_alpha=policy.alpha, lora_dropout=policy.dropout, target_modules=targets)
-    inject_adapter_in_model(config, module)
-
-
-def merge_lora(model: nn.Module) -> int:
-    """Fold every LoRA adapter into its base layer and remove the adapter modules; returns how many."""
-    from peft.tuners.lora import LoraLayer
-
-    merged = 0
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LoraLayer):
-            module.merge()
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer())
-            merged += 1
-    return merged
-
-
-def _lora_target(model: nn.Module, module: str) -> nn.Module:
-    if module == "lm_body":
-        return model.language_model.get_decoder()
-    if module == "vision":
-        return model.vision_tower
-    raise ConfigError(f"mode 'lora' applies to vision and lm_body, not {module}")
-
-
 def check_tied(trainable: Trainable, model: nn.Module, llm_name: str) -> None:
     if is_tied(model) and trainable.lm_head != trainable.lm_embeddings:
         raise ConfigError(
@@ -128,7 +94,7 @@ def apply_policy(model: nn.Module, stage: StageConfig, llm_name: str = "",
     for module in MODULES:
         policy = getattr(trainable, module)
         if policy.mode == "lora":
-            add_lora(_lora_target(model, module), policy)
+            add_lora(model, module, policy.r, policy.alpha, policy.dropout, policy.target_modules)
     groups = module_parameters(model)
     param_groups: list[dict[str, Any]] = []
     rows: list[ModuleRow] = []

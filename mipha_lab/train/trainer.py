@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from mipha_lab.config import Experiment, config_differences
 from mipha_lab.data.mixtures import ensure_generated
 from mipha_lab.errors import ConfigError
 from mipha_lab.model import MultimodalModel, build_vlm
+from mipha_lab.model.adapters import merge_lora
 from mipha_lab.registry import MIXTURES, add_card_dir
 from mipha_lab.run_folder import RunFolder
 from mipha_lab.run_lock import RunLock
@@ -21,7 +23,6 @@ from mipha_lab.train.checkpoint import (
     set_rng_state,
 )
 from mipha_lab.train.distributed import Distributed, init_distributed
-from mipha_lab.train.policy import merge_lora
 from mipha_lab.train.preemption import Preempted
 from mipha_lab.train.stage import StageRunner, gathered_state
 from mipha_lab.train.tracking import Tracker
@@ -66,8 +67,20 @@ def save_model(model: MultimodalModel, folder: Path, dist: Distributed, zero3: b
     dist.barrier()
 
 
+def publish_final(run_path: Path, last_stage: str, dist: Distributed) -> None:
+    """final/ is the last stage's saved model (LoRA adapters unmerged, as trained), written as a whole."""
+    if dist.main:
+        final, staging = run_path / "final", run_path / "final.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(run_path / "stages" / last_stage, staging)
+        shutil.rmtree(final, ignore_errors=True)
+        staging.rename(final)
+    dist.barrier()
+
+
 def finish_stage(model: MultimodalModel, dist: Distributed, zero3: bool) -> None:
-    """Fold LoRA adapters into the weights so the next stage (and final/) starts from plain weights."""
+    """Fold LoRA adapters into the weights so the next stage starts from plain weights (the stage's saved
+    model keeps them unmerged)."""
     if zero3:
         import deepspeed
 
@@ -190,17 +203,15 @@ def train_and_evaluate(experiment: Experiment, run: RunFolder, dist: Distributed
             runner = StageRunner(model, index, experiment, run, dist, tracker, state)
             zero3 = zero3 or runner.zero3
             done = runner.train(checkpoint if checkpoint and index == state.stage_index else None)
-            finish_stage(model, dist, zero3)
             save_model(model, run.path / "stages" / stage.name, dist, zero3)
+            finish_stage(model, dist, zero3)
             state = TrainState(index + 1, 0, done.global_step)
             boundary = writer.save(state, gathered_state(model, dist, zero3))
             checkpoint = None
             if zero3:  # ZeRO-3 left this module partitioned: the next stage gets a fresh one, as a resume would
                 model = rebuilt(experiment, boundary, dist)
                 zero3 = False
-        if checkpoint is not None:  # every stage was done before this launch: the last stage's weights
-            load_model_state(checkpoint, model)
-        save_model(model, run.path / "final", dist, zero3)
+        publish_final(run.path, experiment.stages[-1].name, dist)
     except BaseException as err:
         if dist.main and not isinstance(err, Preempted):  # a preempted stage has written its own status
             run.status("failed", reason=f"{type(err).__name__}: {err}", step=state.global_step)

@@ -1,0 +1,51 @@
+"""`python -m mipha_lab.convert mipha IN_DIR OUT_DIR [--allow-pickle]`: a released Mipha / LLaVA-Phi checkpoint
+(`mipha_phi`, `mipha_gemma`, `mipha_phi3`, `llava_phi`) written in our format (config.json with resolved
+cards, one safetensors file, tokenizer, preprocessor). The checkpoint is recognised by its config.json
+and tensor names, never by the folder's name; every stored tensor must land in place. Released folders
+also load directly (serve.cli, eval, export); converting once saves the checks on every later load.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from mipha_lab.errors import ConfigError, exit_status
+
+
+def convert_mipha(source: Path, out: Path, allow_pickle: bool = False) -> Path:
+    from mipha_lab.model.build import load_model_folder
+    from mipha_lab.model.released import RELEASED, is_released
+
+    config_path = source / "config.json"
+    if not config_path.is_file():
+        raise ConfigError(f"{source}: no config.json - not a model folder")
+    if not is_released(json.loads(config_path.read_text())):
+        raise ConfigError(f"{config_path}: model_type is not one of {', '.join(RELEASED)} (a released Mipha / "
+                          "LLaVA-Phi checkpoint); a mipha-lab model needs no conversion")
+    model = load_model_folder(source, allow_pickle=allow_pickle)
+    model.save_pretrained(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mipha_lab.convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("format", choices=["mipha"], help="the released layout (Mipha and LLaVA-Phi share one)")
+    parser.add_argument("source", type=Path, help="the released checkpoint's folder")
+    parser.add_argument("out", type=Path, help="the folder to write")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="read .bin/.pt weights (torch.load with weights_only=True); refused otherwise")
+    args = parser.parse_args(argv)
+
+    def run() -> int:
+        out = convert_mipha(args.source, args.out, args.allow_pickle)
+        print(f"wrote {out} (load it with MultimodalModel.from_pretrained or any --model-path)")
+        return 0
+
+    return exit_status(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""`python -m mipha_lab.export hf-llava MODEL_OR_RUN OUT_DIR`: a model as transformers'
+`LlavaForConditionalGeneration` + `LlavaProcessor` (the door to vLLM, SGLang and the wider ecosystem);
+`python -m mipha_lab.export merged RUN OUT_DIR`: a LoRA-trained model with its adapters folded in.
+
+hf-llava needs a Hugging Face vision tower (SigLIP or CLIP) at its native resolution and the
+`mlp2x_gelu` projector. The processor carries our chat template (list-content messages render exactly
+our prompt) and a `LlavaImageProcessor` with `do_pad` (LLaVA's expand-to-square on the mean colour,
+then the tower's resize), and the generation config stops at the template's end token.
+Weights are read from safetensors; pickle files only with --allow-pickle.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mipha_lab.errors import ConfigError, exit_status
+
+# tower model_type -> (Llava's feature strategy for our `patch` selection, extra tokens before the patches)
+LLAVA_TOWERS = {"siglip_vision_model": ("full", 0), "clip_vision_model": ("default", 1)}
+
+
+def _checked(model: Any) -> tuple[str, int, Any]:
+    """(feature strategy, additional image tokens, the template) of a model Llava can express, else a refusal."""
+    from mipha_lab.data.templates import PlainTemplate, get_template
+    from mipha_lab.model.projectors import MLP2xGeluProjector
+    from mipha_lab.model.vision_backends import TransformersVisionTower
+
+    tower = model.vision_tower
+    kind = getattr(getattr(tower, "backbone", None), "config", None)
+    kind = getattr(kind, "model_type", None)
+    if not isinstance(tower, TransformersVisionTower) or kind not in LLAVA_TOWERS:
+        raise ConfigError(f"hf-llava export needs a transformers SigLIP or CLIP vision tower; this model has "
+                          f"{model.config.vision.name} ({type(tower).__name__}, {kind})")
+    if type(model.projector) is not MLP2xGeluProjector:
+        raise ConfigError(f"hf-llava export needs the mlp2x_gelu projector (Llava's own); this model has "
+                          f"{model.config.projector.name}")
+    if tower.image_size != tower.backbone.config.image_size:
+        raise ConfigError(f"hf-llava export needs the tower at its native {tower.backbone.config.image_size} px; this "
+                          f"model interpolates it to {tower.image_size} px, which Llava does not do")
+    template = get_template(model.config.template or "")
+    if isinstance(template, PlainTemplate):
+        raise ConfigError("hf-llava export needs a chat template; this model uses 'plain' (stage-1 captions only)")
+    strategy, extra = LLAVA_TOWERS[kind]
+    if tower.select == "cls_patch":
+        strategy = "full"
+    return strategy, extra, template
+
+
+def final_norm(body: Any) -> Any:
+    """The LM body's last normalisation (Phi: `final_layernorm`, most others: `norm`)."""
+    norm = getattr(body, "final_layernorm", None) or getattr(body, "norm", None)
+    if norm is None:
+        raise ConfigError(f"{type(body).__name__}: no final norm found")
+    return norm
+
+
+@torch.no_grad()
+def fold_head_bias(norm: Any, target: Any, head: Any) -> None:
+    """Llava's head has no bias, Phi's has one: fold it in exactly. After a LayerNorm the features n sum to
+    zero, so logits W(n*w + b) + c equal W'(n + 1) with W' = W diag(w) + a 1^T, a = (W b + c - W w) / H:
+    the norm's weight and bias become ones and the head absorbs the rest (computed in float64)."""
+    if not isinstance(norm, torch.nn.LayerNorm):
+        raise ConfigError(f"the LM head has a bias and its final norm is {type(norm).__name__}, not a LayerNorm: "
+                          "Llava (whose head has no bias) cannot express it exactly")
+    weight, bias = head.weight.double(), head.bias.double()
+    scale, shift = norm.weight.double(), norm.bias.double()
+    scaled = weight * scale
+    offset = (weight @ shift + bias - scaled.sum(dim=1)) / weight.shape[1]
+    target.weight.copy_(scaled + offset[:, None])
+    norm.weight.fill_(1.0)
+    norm.bias.fill_(1.0)
+
+
+def to_llava(model: Any) -> tuple[Any, Any]:
+    """(LlavaForConditionalGeneration with our weights, LlavaProcessor) for a MultimodalModel."""
+    from transformers import GenerationConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    from mipha_lab.constants import IMAGE_TOKEN
+    from mipha_lab.data.image_processing import ImageProcessor
+    from mipha_lab.model.adapters import merge_lora
+
+    merge_lora(model)
+    strategy, extra, template = _checked(model)
+    tower, lm, tokenizer = model.vision_tower, model.language_model, model.tokenizer
+    if tokenizer is None:
+        raise ConfigError("hf-llava export needs the model's tokenizer (saved with the model)")
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    if image_id >= lm.config.vocab_size:
+        raise ConfigError(f"the tokenizer's {IMAGE_TOKEN} id {image_id} is outside the LM's {lm.config.vocab_size} "
+                          "embeddings; Llava looks it up there, so this model cannot be exported as is")
+    config = LlavaConfig(
+        vision_config=tower.backbone.config.to_dict(), text_config=lm.config.to_dict(),
+        image_token_index=image_id, image_seq_length=model.num_image_tokens, projector_hidden_act="gelu",
+        vision_feature_select_strategy=strategy, vision_feature_layer=tower.feature_layer,
+        multimodal_projector_bias=True, tie_word_embeddings=bool(lm.config.tie_word_embeddings),
+    )
+    end_id = tokenizer.convert_tokens_to_ids(template.end)
+    llava = LlavaForConditionalGeneration(config).eval()
+    parts = llava.model
+    parts.vision_tower.load_state_dict(tower.backbone.state_dict())
+    parts.multi_modal_projector.linear_1.load_state_dict(model.projector[0].state_dict())
+    parts.multi_modal_projector.linear_2.load_state_dict(model.projector[2].state_dict())
+    parts.language_model.load_state_dict(lm.get_decoder().state_dict())
+    head = lm.get_output_embeddings()
+    if head.bias is None:
+        llava.lm_head.load_state_dict(head.state_dict())
+    else:
+        fold_head_bias(final_norm(parts.language_model), llava.lm_head, head)
+    llava.generation_config = GenerationConfig(eos_token_id=end_id, pad_token_id=end_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id,
+                                               bos_token_id=lm.config.bos_token_id, do_sample=False)
+    images = ImageProcessor(tower.image_spec).hf_config()
+    images.pop("image_processor_type")
+    processor = LlavaProcessor(
+        image_processor=LlavaImageProcessorPil(**images, do_pad=True), tokenizer=tokenizer,
+        patch_size=tower.patch_size, vision_feature_select_strategy=strategy, num_additional_image_tokens=extra,
+        chat_template=template.jinja(), image_token=IMAGE_TOKEN,
+    )
+    return llava, processor
+
+
+def export_hf_llava(source: Path, out: Path, allow_pickle: bool = False) -> Path:
+    from mipha_lab.eval.runner import load_model
+
+    llava, processor = to_llava(load_model(source, allow_pickle=allow_pickle))
+    llava.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def export_merged(source: Path, out: Path, allow_pickle: bool = False) -> tuple[Path, int]:
+    """Our format with every LoRA adapter folded into its base weights (the same outputs, plain layers)."""
+    from mipha_lab.eval.runner import load_model
+    from mipha_lab.model.adapters import merge_lora
+
+    model = load_model(source, allow_pickle=allow_pickle)
+    merged = merge_lora(model)
+    model.save_pretrained(out)
+    return out, merged
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m mipha_lab.export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("format", choices=["hf-llava", "merged"])
+    parser.add_argument("source", type=Path, help="a run folder (its final/), a saved model or a released checkpoint")
+    parser.add_argument("out", type=Path, help="the folder to write")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="read .bin/.pt weights (torch.load with weights_only=True); refused otherwise")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+
+    def run() -> int:
+        if not args.source.exists():
+            raise ConfigError(f"{args.source}: no such run folder or model folder")
+        if args.format == "hf-llava":
+            out = export_hf_llava(args.source, args.out, args.allow_pickle)
+            print(f"wrote {out}: LlavaForConditionalGeneration + LlavaProcessor (load with "
+                  f"LlavaForConditionalGeneration.from_pretrained('{out}') and AutoProcessor.from_pretrained('{out}'))")
+        else:
+            out, merged = export_merged(args.source, args.out, args.allow_pickle)
+            print(f"wrote {out}: {merged} LoRA layer(s) merged into their base weights")
+        return 0
+
+    return exit_status(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
