@@ -8,7 +8,6 @@ before anything is timed. Prints `dataloader: <ratio>x (...)` and writes bench/r
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -24,6 +23,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from bench._common import parser  # noqa: E402
 from bench._results import write_result  # noqa: E402
 from mipha_lab.constants import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX  # noqa: E402
 from mipha_lab.data.batching import collate_padded  # noqa: E402
@@ -120,14 +120,12 @@ def throughput(dataset, workers: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="a few dozen samples (what CI runs)")
-    parser.add_argument("--samples", type=int, default=None)
-    parser.add_argument("--workers", type=int, default=0, help="loader processes, the same for both")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
-    args = parser.parse_args(argv)
-    samples = args.samples or (48 if args.smoke else 400)
+    cli = parser(__doc__, "two dozen samples, timed once (what CI runs)")
+    cli.add_argument("--samples", type=int, default=None)
+    cli.add_argument("--workers", type=int, default=0, help="loader processes, the same for both")
+    cli.add_argument("--repeats", type=int, default=None)
+    args = cli.parse_args(argv)
+    samples, repeats = args.samples or (24 if args.smoke else 400), args.repeats or (1 if args.smoke else 3)
     tokenizer = load_tokenizer(LLM.get("tiny-phi-2"))
     with tempfile.TemporaryDirectory() as tmp:
         path = make_data(Path(tmp), samples)
@@ -140,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
             assert float((a["pixel_values"] - b["pixel_values"]).abs().max()) < 1e-5
         ours_rate, ref_rate = [], []
-        for _ in range(args.repeats):  # interleaved, best of each: this machine is noisy
+        for _ in range(repeats):  # interleaved, best of each: this machine is noisy
             ref_rate.append(throughput(reference, args.workers))
             ours_rate.append(throughput(ours, args.workers))
     ratio = max(ours_rate) / max(ref_rate)

@@ -10,7 +10,6 @@ bench/results/eval_throughput.json (keys `speedup`, `agreement`).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -22,6 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench._common import parser  # noqa: E402
 from bench._results import write_result  # noqa: E402
 from mipha_lab.data.templates import get_template  # noqa: E402
 from mipha_lab.eval.benchmarks import llava_questions  # noqa: E402
@@ -46,12 +46,10 @@ def timed_answers(model, questions, batch_size: int) -> tuple[float, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="a hundred questions (what CI runs)")
-    parser.add_argument("--model", type=Path, default=None)
-    parser.add_argument("--questions", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args(argv)
+    cli = parser(__doc__, "a hundred questions (what CI runs)")
+    cli.add_argument("--model", type=Path, default=None)
+    cli.add_argument("--questions", type=int, default=None)
+    args = cli.parse_args(argv)
     count = args.questions or (96 if args.smoke else 480)
     with tempfile.TemporaryDirectory() as tmp:
         run = args.model or trained_micro(Path(tmp))

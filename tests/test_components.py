@@ -66,6 +66,20 @@ def test_open_clip_tower_matches_a_manual_block_loop():
 
 
 @pytest.mark.parametrize("name", TINY_TOWERS)
+def test_towers_stop_at_the_feature_layer_and_keep_every_block(name):
+    """The blocks after the feature layer never run (wasted compute) but stay (released checkpoints)."""
+    tower = build_vision_tower(VISION.get(name)).eval()
+    blocks, ran = tower.blocks, []
+    used = tower.absolute_layer(len(blocks)) + 1
+    for index, block in enumerate(blocks):
+        block.register_forward_hook(lambda *_, index=index: ran.append(index))
+    tower(pixels(tower))
+    assert ran == list(range(used)) and used < len(blocks)
+    assert len(tower.blocks) == len(blocks) and any(k.startswith("backbone.") for k in tower.state_dict())
+    assert sum(1 for k in tower.state_dict() if f".{used}." in k) > 0
+
+
+@pytest.mark.parametrize("name", TINY_TOWERS)
 def test_tiny_towers_output_grid_and_reject_wrong_sizes(name):
     tower = build_vision_tower(VISION.get(name)).eval()
     assert sum(p.numel() for p in tower.parameters()) < 5_000_000

@@ -223,7 +223,19 @@ def test_packed_plan_respects_the_budget_and_wastes_little():
     assert sum(lengths) / (1024 * len(plan)) > 0.9
 
 
-def test_packed_batch_has_the_loss_and_gradients_of_the_padded_batch(shapes, model):
+@pytest.mark.parametrize("llm,attention,checkpointing", [
+    ("tiny-phi-2", "sdpa", False), ("tiny-phi-2", "sdpa", True), ("tiny-phi-2", "eager", False),
+    ("tiny-gemma-2b", "sdpa", False), ("tiny-qwen2.5-0.5b", "sdpa", False), ("tiny-smollm2-1.7b", "sdpa", False),
+])
+def test_packed_batch_has_the_loss_and_gradients_of_the_padded_batch(shapes, llm, attention, checkpointing):
+    """Per-sample SDPA (`sdpa_packed`, also when checkpointed blocks recompute it) and the block-causal
+    mask (eager) both keep samples apart."""
+    torch.manual_seed(0)
+    model = build_vlm("tiny-siglip-so400m-384", llm, attn_implementation=attention)
+    expected = "sdpa_packed" if attention == "sdpa" else attention
+    assert model.language_model.config._attn_implementation == expected
+    if checkpointing:
+        model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     records, _ = load_mixture("shapes-instruct", shapes, seed=0)
     data = dataset(model, records[:6])
     items = [data[i] for i in range(6)]

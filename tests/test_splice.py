@@ -6,7 +6,7 @@ import torch
 
 from mipha_lab.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX as IMG
 from mipha_lab.errors import InputError
-from mipha_lab.model.splice import splice, splice_reference
+from mipha_lab.model.splice import count_targets, splice, splice_reference
 
 
 def random_batch(images_per_row: list[int], seed: int = 0, tokens_per_image: int = 5, dim: int = 4):
@@ -81,3 +81,23 @@ def test_left_padded_prompt_longer_than_the_model_is_refused():
     input_ids, mask, embeds, feats, _ = random_batch([1], seed=2)
     with pytest.raises(InputError, match="exceeds the model's 3 positions"):
         splice(input_ids, mask, embeds, feats, padding_side="left", max_length=3)
+
+
+@pytest.mark.parametrize("max_length", [None, 7])
+def test_packed_row_truncates_each_sample_alone(max_length):
+    """A packed row is its samples spliced one by one, each cut to `max_length` on its own; the loss
+    count known before the forward pass agrees."""
+    input_ids, mask, embeds, feats, labels = random_batch([1, 0, 2, 1], seed=11)
+    real = mask.bool()
+    ids, labs, row_embeds = input_ids[real][None], labels[real][None], embeds[real][None]
+    segments = torch.arange(4)[:, None].expand_as(mask)[real][None]
+    got = splice(ids, torch.ones_like(ids), row_embeds, feats, labs, max_length=max_length, segment_ids=segments)
+    alone = splice(input_ids, mask, embeds, feats, labels, max_length=max_length)
+    n = alone.lengths.tolist()
+    assert max_length is None or alone.truncated.sum() > 0
+    for field in ("inputs_embeds", "labels", "position_ids"):
+        want = torch.cat([getattr(alone, field)[b, : n[b]] for b in range(4)])
+        assert torch.equal(getattr(got, field)[0], want), field
+    assert int(got.truncated) == int(alone.truncated.sum())
+    expected = count_targets(ids, torch.ones_like(ids), labs, 5, max_length, segment_ids=segments)
+    assert int(expected) == int((got.labels[:, 1:] != IGNORE_INDEX).sum())

@@ -122,9 +122,11 @@ def _rebuild_llm(spec: ComponentSpec, attn_implementation: str) -> nn.Module:
         return build_llm(card, attn_implementation=attn_implementation, with_tokenizer=False)[0]
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from mipha_lab.model.language import transformers_attention
+
     config = dict(spec.args["config"])
     hf_config = AutoConfig.for_model(config.pop("model_type"), **config)
-    return AutoModelForCausalLM.from_config(hf_config, attn_implementation=attn_implementation)
+    return AutoModelForCausalLM.from_config(hf_config, attn_implementation=transformers_attention(attn_implementation))
 
 
 def build_from_config(config: VLMConfig, tokenizer: Any = None) -> MultimodalModel:

@@ -24,6 +24,15 @@ def resolve_attn_implementation(requested: str = "auto") -> str:
     return "flash_attention_2" if torch.cuda.is_available() else "sdpa"
 
 
+def transformers_attention(requested: str = "auto") -> str:
+    """The attention implementation the LM is built with: SDPA runs as `sdpa_packed` (plain SDPA, and
+    per-sample attention on packed rows)."""
+    from mipha_lab.model.packed_attention import PACKED_SDPA
+
+    resolved = resolve_attn_implementation(requested)
+    return PACKED_SDPA if resolved == "sdpa" else resolved
+
+
 def lm_config(card: LLMCard, attn_implementation: str = "sdpa"):
     from transformers import AutoConfig
 
@@ -34,7 +43,7 @@ def lm_config(card: LLMCard, attn_implementation: str = "sdpa"):
         # (Mipha-2.4B was trained with the exact GELU its config names)
         log.info("%s: keeping hidden_act=%s (transformers changed it to %s)", card.name, arch["hidden_act"], config.hidden_act)
         config.hidden_act = arch["hidden_act"]
-    config._attn_implementation = resolve_attn_implementation(attn_implementation)
+    config._attn_implementation = transformers_attention(attn_implementation)
     return config
 
 

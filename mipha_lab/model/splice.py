@@ -3,7 +3,8 @@
 Input rows hold text token ids and one IMAGE_TOKEN_INDEX per image; `attention_mask` marks the real
 tokens (any padding side). Each image placeholder becomes the image's feature tokens. The output
 rows are compact (real tokens first for right padding, last for left padding), truncated to
-`max_length` *after* splicing, with the truncation counted per row. No Python loop over samples.
+`max_length` *after* splicing (per row, or per sample in packed rows), with the truncation counted per
+row. No Python loop over samples.
 """
 from __future__ import annotations
 
@@ -30,14 +31,37 @@ class Spliced:
         return self.attention_mask.sum(1)
 
 
+def sample_starts(values: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
+    """For each token, `values` (non-decreasing along the row) at the first token of its packed sample."""
+    changed = torch.ones_like(segment_ids, dtype=torch.bool)
+    changed[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return torch.where(changed, values, 0).cummax(dim=1).values
+
+
 def spliced_positions(
-    is_image: torch.Tensor, valid: torch.Tensor, tokens_per_image: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+    is_image: torch.Tensor,
+    valid: torch.Tensor,
+    tokens_per_image: int,
+    max_length: int | None = None,
+    segment_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Where each input token starts once every image placeholder becomes `tokens_per_image` positions
-    (padding takes none), and each row's spliced length."""
+    (padding takes none), how many of its positions are kept, and each row's untruncated length.
+
+    Truncation to `max_length` applies to each row, or with `segment_ids` (packed rows) to each sample,
+    so that one long sample never cuts the samples packed after it."""
     width = torch.where(is_image, tokens_per_image, 1) * valid
-    end = width.cumsum(1)
-    return end - width, end[:, -1]
+    full_start = width.cumsum(1) - width
+    lengths = width.sum(1)
+    if max_length is None:
+        kept_width = width
+    else:
+        if segment_ids is not None:
+            room = max_length - (full_start - sample_starts(full_start, segment_ids))
+        else:
+            room = max_length - full_start
+        kept_width = torch.minimum(width, room.clamp(min=0))
+    return kept_width.cumsum(1) - kept_width, kept_width, lengths
 
 
 def check_image_counts(
@@ -89,22 +113,18 @@ def splice(
     check_image_counts(is_image, num_images)
     tokens_per_image = 0 if image_features is None else image_features.shape[1]
 
-    start, lengths = spliced_positions(is_image, valid, tokens_per_image)
-    length = int(lengths.max()) if batch else 0
-    if max_length is not None and length > max_length:
-        if padding_side == "left":
-            raise InputError(f"prompt of {length} positions exceeds the model's {max_length} positions")
-        length = max_length
-    kept = lengths.clamp(max=length)
+    start, kept_width, lengths = spliced_positions(is_image, valid, tokens_per_image, max_length, segment_ids)
+    kept = kept_width.sum(1)
+    if padding_side == "left" and bool((kept < lengths).any()):
+        raise InputError(f"prompt of {int(lengths.max())} positions exceeds the model's {max_length} positions")
+    length = int(kept.max()) if batch else 0
     offset = (length - kept) if padding_side == "left" else torch.zeros_like(kept)
 
     out = text_embeds.new_zeros(batch, length, text_embeds.shape[-1])
     out_labels = None if labels is None else torch.full((batch, length), IGNORE_INDEX, dtype=labels.dtype, device=device)
 
-    rows, cols = (valid & ~is_image).nonzero(as_tuple=True)
+    rows, cols = (valid & ~is_image & (kept_width > 0)).nonzero(as_tuple=True)
     pos = start[rows, cols] + offset[rows]
-    keep = pos < length
-    rows, cols, pos = rows[keep], cols[keep], pos[keep]
     out = out.index_put((rows, pos), text_embeds[rows, cols])
     if out_labels is not None and labels is not None:
         out_labels[rows, pos] = labels[rows, cols]
@@ -115,9 +135,10 @@ def splice(
     if num_images:
         assert image_features is not None
         img_rows, img_cols = is_image.nonzero(as_tuple=True)
-        img_pos = (start[img_rows, img_cols] + offset[img_rows])[:, None] + torch.arange(tokens_per_image, device=device)
+        inside = torch.arange(tokens_per_image, device=device)
+        img_pos = (start[img_rows, img_cols] + offset[img_rows])[:, None] + inside
+        keep = inside < kept_width[img_rows, img_cols][:, None]
         img_rows = img_rows[:, None].expand_as(img_pos)
-        keep = img_pos < length
         out = out.index_put((img_rows[keep], img_pos[keep]), image_features.to(out.dtype)[keep])
         if out_segments is not None and segment_ids is not None:
             out_segments[img_rows[keep], img_pos[keep]] = segment_ids[img_rows, img_cols[:, None].expand_as(img_pos)][keep]
@@ -126,10 +147,7 @@ def splice(
     mask = ((arange >= offset[:, None]) & (arange < (offset + kept)[:, None])).long()
     position_ids = (arange - offset[:, None]).clamp(min=0).masked_fill(mask == 0, 1)
     if out_segments is not None:
-        changed = torch.ones_like(out_segments, dtype=torch.bool)
-        changed[:, 1:] = out_segments[:, 1:] != out_segments[:, :-1]
-        segment_start = torch.where(changed, arange, 0).cummax(dim=1).values
-        position_ids = (arange - segment_start).masked_fill(mask == 0, 1)
+        position_ids = (arange - sample_starts(arange.expand_as(out_segments), out_segments)).masked_fill(mask == 0, 1)
     return Spliced(out, mask, position_ids, out_labels, lengths - kept, out_segments)
 
 
@@ -140,16 +158,15 @@ def count_targets(
     tokens_per_image: int,
     max_length: int | None = None,
     image_token_index: int = IMAGE_TOKEN_INDEX,
+    segment_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """How many positions the loss will average over once images are spliced in and the row is
-    truncated - known before any forward pass, so a global batch can be normalised exactly."""
+    """How many positions the loss will average over once images are spliced in and the row (or each
+    packed sample) is truncated - known before any forward pass, so a global batch can be normalised
+    exactly."""
     valid = attention_mask.bool()
     is_image = (input_ids == image_token_index) & valid
-    start, _ = spliced_positions(is_image, valid, tokens_per_image)
-    target = (labels != IGNORE_INDEX) & valid & ~is_image & (start >= 1)
-    if max_length is not None:
-        target &= start < max_length
-    return target.sum()
+    start, kept_width, _ = spliced_positions(is_image, valid, tokens_per_image, max_length, segment_ids)
+    return ((labels != IGNORE_INDEX) & valid & ~is_image & (kept_width > 0) & (start >= 1)).sum()
 
 
 def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:

@@ -53,14 +53,28 @@ class TransformersVisionTower(VisionTower):
         self._interpolate = card.image.size != config.image_size and model_type != "dinov2"
 
     @property
-    def blocks(self) -> nn.ModuleList:
+    def _encoder(self) -> tuple[nn.Module, str]:
         encoder = getattr(self.backbone, "vision_model", self.backbone).encoder  # transformers 4 nests vision_model
-        return encoder.layers if hasattr(encoder, "layers") else encoder.layer
+        return encoder, "layers" if hasattr(encoder, "layers") else "layer"
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        encoder, name = self._encoder
+        return getattr(encoder, name)
 
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Runs the blocks up to the feature layer only: the encoder loops over a shortened list of the
+        same modules (the released towers' last block is never used; it stays, unrun, for checkpoints)."""
         kwargs = {"interpolate_pos_encoding": True} if self._interpolate else {}
-        out = self.backbone(pixel_values=pixel_values, output_hidden_states=True, **kwargs)
-        return out.hidden_states[self.absolute_layer(self.num_layers) + 1]
+        index = self.absolute_layer(self.num_layers)
+        encoder, name = self._encoder
+        blocks = getattr(encoder, name)
+        setattr(encoder, name, blocks[: index + 1])
+        try:
+            out = self.backbone(pixel_values=pixel_values, output_hidden_states=True, **kwargs)
+        finally:
+            setattr(encoder, name, blocks)
+        return out.hidden_states[index + 1]
 
 
 class TimmVisionTower(VisionTower):
@@ -92,7 +106,7 @@ class TimmVisionTower(VisionTower):
         index = self.absolute_layer(len(self.backbone.blocks))
         (out,) = self.backbone.forward_intermediates(
             pixel_values, indices=[index], return_prefix_tokens=True, norm=False,
-            output_fmt="NLC", intermediates_only=True,
+            output_fmt="NLC", intermediates_only=True, stop_early=True,
         )
         if isinstance(out, tuple):
             spatial, prefix = out
@@ -138,7 +152,8 @@ class OpenClipVisionTower(VisionTower):
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         index = self.absolute_layer(len(self.backbone.transformer.resblocks))
         out = self.backbone.forward_intermediates(
-            pixel_values, indices=[index], intermediates_only=True, output_fmt="NLC", output_extra_tokens=True
+            pixel_values, indices=[index], intermediates_only=True, output_fmt="NLC", output_extra_tokens=True,
+            stop_early=True,
         )
         spatial, prefix = out["image_intermediates"][0], out.get("image_intermediates_prefix")
         return spatial if not prefix else torch.cat([prefix[0], spatial], dim=1)

@@ -14,6 +14,7 @@ from torch import nn
 
 from mipha_lab.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from mipha_lab.model.adapters import LoraSpec
+from mipha_lab.model.packed_attention import PACKED_SDPA, PackedSegments
 from mipha_lab.model.splice import Spliced, block_causal_mask, check_image_counts, splice
 from mipha_lab.validation import StrictModel
 
@@ -151,22 +152,17 @@ class MultimodalModel(nn.Module):
         """Loss over supervised tokens (the head runs only on those) and, if asked, all logits.
 
         `segment_ids` marks packed rows (several samples per row): positions restart per sample and
-        attention stays within each sample (flash-attention varlen from the position ids when it is
-        the attention implementation, else an explicit block-causal mask)."""
+        attention stays within each sample (see `_attention_inputs`)."""
         spliced = self.embed(
             input_ids, attention_mask, pixel_values, labels,
             padding_side=padding_side, image_counts=image_counts, sample_ids=sample_ids, segment_ids=segment_ids,
         )
-        mask: torch.Tensor | None = spliced.attention_mask
-        if spliced.segment_ids is not None:
-            flash = self.config.attn_implementation.startswith("flash")
-            mask = None if flash else block_causal_mask(spliced.segment_ids)
         body = self.language_model.get_decoder()
         hidden = body(
             inputs_embeds=spliced.inputs_embeds,
-            attention_mask=mask,
             position_ids=spliced.position_ids,
             use_cache=False,
+            **self._attention_inputs(spliced),
         ).last_hidden_state
         head = self.language_model.get_output_embeddings()
         loss = loss_sum = count = None
@@ -179,6 +175,23 @@ class MultimodalModel(nn.Module):
             loss = loss_sum / count.clamp(min=1)
         logits = head(hidden).float() if return_logits else None
         return VLMOutput(loss, loss_sum, count, logits, spliced)
+
+    def _attention_inputs(self, spliced: Spliced) -> dict[str, Any]:
+        """How the LM keeps packed samples apart: flash-attention from the restarting position ids (no
+        mask), `sdpa_packed` from the spans, any other implementation from a block-causal mask."""
+        if spliced.segment_ids is None:
+            return {"attention_mask": spliced.attention_mask}
+        implementation = self.language_model.config._attn_implementation
+        if implementation.startswith("flash"):
+            return {"attention_mask": None}
+        if implementation == PACKED_SDPA:
+            # an all-ones 2D mask: transformers builds no (L, L) mask, the spans do the masking
+            return {"attention_mask": torch.ones_like(spliced.attention_mask),
+                    "packed_segments": PackedSegments.from_ids(spliced.segment_ids)}
+        allowed = block_causal_mask(spliced.segment_ids)  # additive, as eager attention adds the mask to its scores
+        dtype = spliced.inputs_embeds.dtype
+        return {"attention_mask": torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+                .masked_fill(~allowed, torch.finfo(dtype).min)}
 
     # ----------------------------------------------------------------- generation
     @torch.no_grad()

@@ -245,7 +245,8 @@ class StageRunner:
         model = self.model
         local = [
             sum(float(count_targets(b["input_ids"], b["attention_mask"], b["labels"], model.num_image_tokens,
-                                    model.config.max_positions)) for b in micro if b["input_ids"].numel()),
+                                    model.config.max_positions, segment_ids=b.get("segment_ids")))
+                for b in micro if b["input_ids"].numel()),
             sum(float(b["attention_mask"].sum()) + float(b["image_counts"].sum()) * (model.num_image_tokens - 1) for b in micro),
             sum(float(len(b["ids"])) for b in micro),
             sum(float(b["image_counts"].sum()) for b in micro),

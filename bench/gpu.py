@@ -1,0 +1,472 @@
+r"""GPU measurement of Mipha-3B (SigLIP-SO400M-384 + mlp2x_gelu + Phi-2 at real size, random init, bf16) in
+one run of a few minutes, with no network: the figures a few minutes on a borrowed GPU can give.
+
+Measured in one process, so every ratio compares like with like:
+- the card's bf16 matmul peak (8192^3 products timed with CUDA events), next to its datasheet peak;
+- training steps of the recipe `experiments/siglip_phi2_fullft.yaml`: stage 2 (everything trains) and
+  stage 1 (the projector only: quirk 1 off), each padded and packed, with the micro batch, gradient
+  accumulation (its global batch over 8 GPUs) and activation checkpointing the recipe gives the stage,
+  and packed once more without the recipe's LM recomputation (memory allowing, the faster choice).
+  Samples are synthetic: one image (729 tokens) and about 400 text tokens in stage 2 (the sample the
+  45% MFU target is stated for), the pretraining card's caption length in stage 1, the supervised
+  share of each stage's mixture card. About 15 optimizer steps after 2 of warm-up, at most 60 s per
+  configuration; an out-of-memory configuration is recorded and the run goes on. Reported: samples/s,
+  tokens/s, MFU (analytic FLOPs of train/flops.py, recomputation not counted) against the measured and
+  the datasheet peak, peak memory, the loss; and, on the same samples before training, the loss of a
+  packed row and of those samples padded (equal up to rounding);
+- greedy generation of 32 new tokens for 16 prompts with an image: batched vs one at a time, the
+  speedup and whether the greedy tokens agree.
+
+Packed rows hold micro batch x the longest sample's positions, the most a padded micro-batch holds, so
+packing on and off use the same memory (the trainer's packed rows hold micro batch x max_length; without
+flash-attention packing costs attention over the whole row, which this measures too). Weights,
+gradients and AdamW states are bf16 (DeepSpeed's bf16 keeps an fp32 master copy: its optimizer step
+costs a little more). Attention: flash-attention 2 when it imports, else SDPA (`auto`, as the recipe).
+
+Progress goes to stderr, a summary table to stdout, the figures to bench/results/gpu-<card>.json.
+`--cpu-smoke` runs the same code with the tiny cards in fp32 on the CPU in seconds (what CI runs); its
+JSON goes to --out (default: a new temporary folder), never into the repository.
+
+It needs torch, transformers and the project's small pure-Python dependencies (pyyaml, pydantic, pillow,
+numpy, tqdm), not deepspeed, wandb, submitit, timm, open_clip or an installed project. On the lent H200
+(Python 3.12, torch and transformers installed, pydantic missing), carry pydantic as wheels. Once, here:
+
+    echo /.whl/ >> .git/info/exclude
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d .whl pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+        typing-extensions==4.16.0
+
+then one device run with carry [".whl"] and timeout_s 480 (its caps bound it at about 5.5 minutes; estimated at
+3 to 5, it has not run on a GPU yet):
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl && export PYTHONPATH=/tmp/site || exit; set -o pipefail;
+    python3 bench/gpu.py --out $OUT 2>&1 | tee $OUT/gpu.log
+
+and copy gpu-<card>.json from what comes back into bench/results/.
+
+    python bench/gpu.py [--cpu-smoke] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+import random
+import re
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from itertools import cycle, islice
+from pathlib import Path
+from typing import Any, Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from bench._results import write_result  # noqa: E402
+from mipha_lab.config import Experiment, StageConfig, load_experiment  # noqa: E402
+from mipha_lab.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX  # noqa: E402
+from mipha_lab.data.batching import (  # noqa: E402
+    collate_packed, collate_padded, plan_packed, plan_padded, real_token_fraction,
+)
+from mipha_lab.model import MultimodalModel  # noqa: E402
+from mipha_lab.registry import MIXTURES  # noqa: E402
+from mipha_lab.registry.cards import SourceStats  # noqa: E402
+from mipha_lab.train.engine import TorchEngine  # noqa: E402
+from mipha_lab.train.flops import batch_flops, peak_flops  # noqa: E402
+from mipha_lab.train.policy import apply_policy  # noqa: E402
+from mipha_lab.train.stage import enable_checkpointing, peak_memory_mb, sample_sizes  # noqa: E402
+from mipha_lab.train.trainer import build_model  # noqa: E402
+
+RECIPE = REPO / "experiments" / "siglip_phi2_fullft.yaml"
+RECIPE_GPUS = 8  # the recipe's global batches are for 8 GPUs (its header): accumulation per GPU follows
+STARTED = time.perf_counter()
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that differs between the real measurement and the CPU smoke run."""
+
+    device: str
+    dtype: torch.dtype
+    tiny: bool  # the recipe's cards replaced by their tiny siblings
+    stage2_text_tokens: int  # mean text tokens of a stage-2 sample (stage 1: its mixture card's)
+    warmup_steps: int
+    steps: int
+    cap_s: float  # per training configuration, warm-up included
+    generation_cap_s: float  # for the one-prompt-at-a-time pass
+    matmul_side: int
+    matmul_repeats: int
+    prompts: int
+    prompt_text_tokens: int
+    new_tokens: int
+
+
+REAL = Settings(device="cuda", dtype=torch.bfloat16, tiny=False, stage2_text_tokens=400, warmup_steps=2, steps=15,
+                cap_s=60.0, generation_cap_s=30.0, matmul_side=8192, matmul_repeats=20, prompts=16,
+                prompt_text_tokens=48, new_tokens=32)
+SMOKE = Settings(device="cpu", dtype=torch.float32, tiny=True, stage2_text_tokens=40, warmup_steps=1, steps=2,
+                 cap_s=60.0, generation_cap_s=30.0, matmul_side=1024, matmul_repeats=3, prompts=8,
+                 prompt_text_tokens=12, new_tokens=8)
+
+
+def note(message: str) -> None:
+    print(f"[{time.perf_counter() - STARTED:6.1f} s] {message}", file=sys.stderr, flush=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def card_slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def recipe(settings: Settings) -> Experiment:
+    """The recipe with random init (no hub); in the smoke run with the tiny siblings of its cards."""
+    overrides = ["model.pretrained=false"]
+    experiment = load_experiment(RECIPE, overrides)
+    if settings.tiny:
+        overrides += [f"model.vision=tiny-{experiment.model.vision}", f"model.llm=tiny-{experiment.model.llm}"]
+        experiment = load_experiment(RECIPE, overrides)
+    return experiment
+
+
+def build(experiment: Experiment, settings: Settings) -> MultimodalModel:
+    """Parameters are created on the target device (a 3B-parameter random init on the CPU would take minutes)."""
+    with torch.device(settings.device):
+        model = build_model(experiment, with_tokenizer=False)
+    return model.to(dtype=settings.dtype).train()
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype, side: int, repeats: int) -> float:
+    """Dense matmul throughput: the peak this card reaches in practice, the fair MFU denominator."""
+    a, b = (torch.randn(side, side, device=device, dtype=dtype) for _ in range(2))
+    begin = time.perf_counter()
+    while time.perf_counter() - begin < 1.0:  # clocks ramp up from idle
+        a @ b
+        sync(device)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            a @ b
+        end.record()
+        end.synchronize()
+        seconds = start.elapsed_time(end) / 1e3
+    else:
+        begin = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        seconds = time.perf_counter() - begin
+    return 2.0 * side**3 * repeats / seconds / 1e12
+
+
+def make_samples(count: int, text_mean: int, supervised_share: float, vocab: int, images: torch.Tensor,
+                 seed: int) -> list[dict[str, Any]]:
+    """Dataset items as the collators take them: one image, then text whose last tokens are supervised
+    (answers come last); text lengths spread +-50% around the mean so that padding costs what it costs."""
+    rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
+    items = []
+    for index in range(count):
+        text = rng.randint(max(2, text_mean // 2), max(2, 3 * text_mean // 2))
+        ids = torch.randint(1, vocab, (1 + text,), generator=generator)
+        ids[0] = IMAGE_TOKEN_INDEX
+        labels = ids.clone()
+        labels[: 1 + text - max(1, round(text * supervised_share))] = IGNORE_INDEX
+        items.append({"id": f"sample-{index}", "input_ids": ids, "labels": labels,
+                      "pixel_values": images[index % len(images)][None]})
+    return items
+
+
+def mixture_stats(stage: StageConfig) -> SourceStats:
+    """The declared figures of the stage's data: sample lengths follow the recipe's data without the data."""
+    stats = MIXTURES.get(stage.mixture).sources[0].stats
+    if stats is None:
+        raise SystemExit(f"mixture {stage.mixture!r} declares no stats (text_tokens, supervised_tokens)")
+    return stats
+
+
+def on(device: torch.device, batch: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+Sizes = list[tuple[int, int, int]]  # (text tokens, images, supervised tokens) of each sample, for FLOPs
+
+
+def collated(items: list[dict[str, Any]], rows: list[list[int]], batching: str,
+             device: torch.device) -> list[tuple[dict[str, Any], Sizes]]:
+    """Micro-batches on the device before the clock starts (data loading is not what is measured)."""
+    collate = collate_packed if batching == "packed" else collate_padded
+    return [(on(device, batch), sample_sizes(batch)) for batch in (collate([items[i] for i in row]) for row in rows)]
+
+
+def forward(model: MultimodalModel, batch: dict[str, Any]):
+    """The trainer's call (stage.py), so the benchmark pays for the same checks and splicing."""
+    return model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"],
+                 image_counts=batch["image_counts"], sample_ids=batch["ids"], segment_ids=batch["segment_ids"],
+                 return_logits=False)
+
+
+def guarded(measure: Callable[[], dict[str, Any]], device: torch.device) -> dict[str, Any]:
+    """Out of memory, or a kernel this card or torch lacks, ends one configuration, not the run."""
+    try:
+        return measure()
+    except torch.cuda.OutOfMemoryError as err:
+        message = f"out of memory: {str(err).splitlines()[0]}"
+    except (RuntimeError, NotImplementedError) as err:
+        message = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    note(message)
+    return {"error": message}
+
+
+@torch.no_grad()
+def packing_loss(model: MultimodalModel, items: list[dict[str, Any]], device: torch.device) -> dict[str, Any]:
+    """One packed row and the same samples padded, before any step: packing must not change the loss."""
+    losses = {name: float(forward(model, on(device, collate(items))).loss)
+              for name, collate in (("padded", collate_padded), ("packed", collate_packed))}
+    return {**losses, "samples": len(items), "abs_difference": abs(losses["packed"] - losses["padded"])}
+
+
+def train(model: MultimodalModel, stage: StageConfig, param_groups: list[dict[str, Any]],
+          micro: list[tuple[dict[str, Any], Sizes]], accumulation: int, settings: Settings,
+          peaks: dict[str, float | None], device: torch.device) -> dict[str, Any]:
+    """Optimizer steps of `accumulation` micro-batches each (forward, backward, clipping, AdamW) until the
+    steps are done or the cap is reached; figures over the steps after warm-up."""
+    engine = TorchEngine(model, param_groups, stage, len(micro) // accumulation)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    losses: list[torch.Tensor] = []
+    begin, timed_from, done = time.perf_counter(), None, 0
+    try:
+        for step in range(len(micro) // accumulation):
+            if step == settings.warmup_steps:
+                sync(device)
+                timed_from = time.perf_counter()
+            for batch, _ in micro[step * accumulation:(step + 1) * accumulation]:
+                out = forward(model, batch)
+                engine.backward(out.loss / accumulation)
+                losses.append(out.loss.detach())
+            engine.step()
+            if step >= settings.warmup_steps:
+                done += 1
+            if time.perf_counter() - begin > settings.cap_s:
+                break
+        sync(device)
+        end = time.perf_counter()
+    finally:
+        model.zero_grad(set_to_none=True)
+    values = [float(loss) for loss in losses]
+    figures: dict[str, Any] = {"loss_first": values[0], "loss_last": values[-1],
+                               "loss_finite": all(math.isfinite(v) for v in values),
+                               "peak_memory_gib": peak_memory_mb(device) / 1024, "steps": done}
+    if timed_from is None or not done:
+        return {**figures, "error": f"no step after warm-up within {settings.cap_s:.0f} s"}
+    seconds = end - timed_from
+    first = settings.warmup_steps * accumulation
+    timed = [size for _, sizes in micro[first:first + done * accumulation] for size in sizes]
+    flops = batch_flops(model, timed, stage.activation_checkpointing.model_dump())
+    tokens = sum(text + images * model.num_image_tokens for text, images, _ in timed)
+    achieved = flops.useful / seconds
+    return {
+        **figures, "seconds": seconds, "samples": len(timed), "samples_per_s": len(timed) / seconds,
+        "tokens_per_s": tokens / seconds, "tflops_per_s": achieved / 1e12,
+        "useful_tflop_per_sample": flops.useful / len(timed) / 1e12,
+        "recompute_share": flops.recompute / (flops.useful + flops.recompute),
+        "mfu_measured_peak": achieved / (peaks["measured"] * 1e12),
+        "mfu_datasheet_peak": achieved / (peaks["datasheet"] * 1e12) if peaks["datasheet"] else None,
+    }
+
+
+def measure_stage(model: MultimodalModel, key: str, stage: StageConfig, text_mean: int, settings: Settings,
+                  peaks: dict[str, float | None],
+                  device: torch.device) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Both batchings of one stage on the same samples: the timed steps of each, and the loss check."""
+    param_groups, _ = apply_policy(model, stage)
+    enable_checkpointing(model, stage)
+    stats = mixture_stats(stage)
+    share = stats.supervised_tokens / stats.text_tokens
+    accumulation = max(1, stage.global_batch // (stage.micro_batch * RECIPE_GPUS))
+    micro_batches = (settings.warmup_steps + settings.steps) * accumulation
+    side = model.vision_tower.image_size
+    images = torch.randn(8, 3, side, side, generator=torch.Generator().manual_seed(1)).to(device, settings.dtype)
+    vocab = model.language_model.get_input_embeddings().weight.shape[0]
+    items = make_samples(2 * micro_batches * stage.micro_batch, text_mean, share, vocab, images, seed=2)
+    lengths = [len(item["input_ids"]) - 1 + model.num_image_tokens for item in items]
+    budget = stage.micro_batch * max(lengths)
+    plans = {"padded": plan_padded(len(items), stage.micro_batch, seed=3, epoch=0),
+             "packed": plan_packed(lengths, budget, seed=3, epoch=0)}
+    check = guarded(lambda: packing_loss(model, [items[i] for i in plans["packed"][0]], device), device)
+    note(f"{key}: packed vs padded loss on the same {len(plans['packed'][0])} samples: {check}")
+    results = {}
+    variants = [(batching, batching, plan, stage) for batching, plan in plans.items()]
+    if stage.activation_checkpointing.lm:  # the recipe recomputes the LM: packed rows without it too
+        no_recompute = stage.activation_checkpointing.model_copy(update={"lm": False})
+        variants.append(("packed-no-recompute", "packed", plans["packed"],
+                         stage.model_copy(update={"activation_checkpointing": no_recompute})))
+    for name, batching, plan, setting in variants:
+        if not setting.activation_checkpointing.lm:
+            model.language_model.gradient_checkpointing_disable()
+        chosen = list(islice(cycle(plan), micro_batches))
+        note(f"{key}-{name}: {micro_batches} micro-batches of {sum(map(len, chosen)) / len(chosen):.1f} samples, "
+             f"accumulation {accumulation}, checkpointing {setting.activation_checkpointing.model_dump()}")
+        figures = guarded(lambda: train(model, setting, param_groups, collated(items, chosen, batching, device),
+                                        accumulation, settings, peaks, device), device)
+        results[f"{key}-{name}"] = {
+            "stage": stage.name, "batching": batching, "micro_batch": stage.micro_batch, "accumulation": accumulation,
+            "activation_checkpointing": setting.activation_checkpointing.model_dump(),
+            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "samples_per_micro_batch": sum(map(len, chosen)) / len(chosen),
+            "real_token_fraction": real_token_fraction(chosen, lengths, budget if batching == "packed" else None),
+            "row_budget": budget if batching == "packed" else None, **figures,
+        }
+        note(f"{key}-{name}: {row_text(results[f'{key}-{name}'])}")
+    return results, check
+
+
+def greedy(row: torch.Tensor, eos: int) -> list[int]:
+    """Generated tokens up to and including the first end token (the rest is padding)."""
+    tokens = row.tolist()
+    return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
+
+
+def measure_generation(model: MultimodalModel, settings: Settings, device: torch.device) -> dict[str, Any]:
+    """Batched greedy generation (left padding after splicing, KV cache) against one prompt at a time,
+    as LLaVA evaluates; the one-at-a-time pass stops at the cap and compares the prompts it reached."""
+    model.eval()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    side = model.vision_tower.image_size
+    images = torch.randn(settings.prompts, 3, side, side, generator=torch.Generator().manual_seed(4))
+    images = images.to(device, settings.dtype)
+    vocab = model.language_model.get_input_embeddings().weight.shape[0]
+    items = make_samples(settings.prompts, settings.prompt_text_tokens, 0.0, vocab, images, seed=5)
+    eos = model.language_model.config.eos_token_id
+
+    def generate(chosen: list[dict[str, Any]], new_tokens: int) -> torch.Tensor:
+        batch = on(device, collate_padded(chosen))
+        return model.generate(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                              max_new_tokens=new_tokens, eos_token_id=eos)
+
+    generate(items[:2], 2)  # first-call costs (kernels, allocator) out of the timings
+    sync(device)
+    begin = time.perf_counter()
+    batched = [greedy(row, eos) for row in generate(items, settings.new_tokens)]
+    sync(device)
+    batched_s = time.perf_counter() - begin
+    single: list[list[int]] = []
+    begin = time.perf_counter()
+    for item in items:
+        single.append(greedy(generate([item], settings.new_tokens)[0], eos))
+        if time.perf_counter() - begin > settings.generation_cap_s:
+            break
+    sync(device)
+    single_s = time.perf_counter() - begin
+    batched_rate = sum(map(len, batched)) / batched_s
+    single_rate = sum(map(len, single)) / single_s
+    return {
+        "prompts": len(items), "prompts_single": len(single), "new_tokens": settings.new_tokens,
+        "image_tokens": model.num_image_tokens, "prompt_text_tokens": settings.prompt_text_tokens,
+        "tokens_per_s": {"batched": batched_rate, "single": single_rate}, "speedup": batched_rate / single_rate,
+        "agreement": sum(a == b for a, b in zip(batched, single)) / len(single),
+        "peak_memory_gib": peak_memory_mb(device) / 1024,
+    }
+
+
+def row_text(r: dict[str, Any]) -> str:
+    if "samples_per_s" not in r:
+        return f"{r.get('error')}"
+    sheet = f"{r['mfu_datasheet_peak']:.1%}" if r["mfu_datasheet_peak"] is not None else "-"
+    return (f"{r['samples_per_s']:9.2f} {r['tokens_per_s']:10.0f} {r['mfu_measured_peak']:9.1%} {sheet:>10} "
+            f"{r['peak_memory_gib']:8.1f} {r['steps']:5d} {r['loss_last']:7.3f}")
+
+
+def summary(figures: dict[str, Any]) -> str:
+    peaks = figures["peak_tflops"]
+    sheet = f"{peaks['datasheet']:.0f}" if peaks["datasheet"] else "unknown"
+    attention = figures["attn_implementation"]
+    lines = [f"gpu: {figures['device']} ({figures['dtype']}, attention: LM {attention['lm']}, vision "
+             f"{attention['vision']}); matmul peak {peaks['measured']:.3g} TFLOP/s measured, {sheet} datasheet; "
+             f"build {figures['build_s']:.0f} s",
+             f"{'configuration':15} {'samples/s':>9} {'tokens/s':>10} {'MFU meas':>9} {'MFU sheet':>10} "
+             f"{'peak GiB':>8} {'steps':>5} {'loss':>7}"]
+    lines += [f"{name:15} {row_text(r)}" for name, r in figures["training"].items()]
+    lines.append("packed vs padded loss on the same samples: " + ", ".join(
+        f"{key} {c['packed']:.4f} vs {c['padded']:.4f}" if "error" not in c else f"{key} {c['error']}"
+        for key, c in figures["packing_loss"].items()))
+    g = figures["generation"]
+    if "speedup" in g:
+        rates = g["tokens_per_s"]
+        lines.append(f"generation: batch {g['prompts']} vs 1: {g['speedup']:.2f}x ({rates['batched']:.0f} vs "
+                     f"{rates['single']:.0f} tokens/s, {g['new_tokens']} new tokens), greedy tokens equal: "
+                     f"{g['agreement']:.0%}")
+    else:
+        lines.append(f"generation: {g['error']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cpu-smoke", action="store_true", help="tiny cards, fp32, on the CPU (what CI runs)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for the JSON (default: bench/results; with --cpu-smoke a new temporary folder)")
+    args = parser.parse_args(argv)
+    settings = SMOKE if args.cpu_smoke else REAL
+    if settings.device == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA device: run on a GPU, or pass --cpu-smoke")
+    device = torch.device(settings.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    experiment = recipe(settings)
+    datasheet = peak_flops(name)
+    peaks = {"measured": matmul_tflops(device, settings.dtype, settings.matmul_side, settings.matmul_repeats),
+             "datasheet": datasheet / 1e12 if datasheet else None}
+    note(f"{name}: matmul {settings.matmul_side}^3 {settings.dtype}: {peaks['measured']:.3g} TFLOP/s "
+         f"(datasheet {peaks['datasheet']})")
+    training: dict[str, dict[str, Any]] = {}
+    packing: dict[str, dict[str, Any]] = {}
+    stage1_text = round(mixture_stats(experiment.stages[0]).text_tokens)
+    model, build_s = None, 0.0
+    for key, stage, text_mean in (("stage2", experiment.stages[-1], settings.stage2_text_tokens),
+                                  ("stage1", experiment.stages[0], stage1_text)):
+        model = None
+        gc.collect()
+        begin = time.perf_counter()
+        model = build(experiment, settings)
+        sync(device)
+        build_s += time.perf_counter() - begin
+        note(f"built {experiment.model.vision} + {experiment.model.projector} + {experiment.model.llm} on {device} "
+             f"({sum(p.numel() for p in model.parameters()):,} parameters) in {time.perf_counter() - begin:.1f} s")
+        configurations, packing[key] = measure_stage(model, key, stage, text_mean, settings, peaks, device)
+        training.update(configurations)
+    assert model is not None
+    generation = guarded(lambda: measure_generation(model, settings, device), device)
+    lm_attention = model.language_model.config._attn_implementation
+    vision_attention = getattr(model.vision_tower.backbone.config, "_attn_implementation", None)
+    figures = {
+        "smoke": args.cpu_smoke, "device": name, "dtype": str(settings.dtype).removeprefix("torch."),
+        "attn_implementation": {"lm": lm_attention, "vision": vision_attention},
+        "recipe": str(RECIPE.relative_to(REPO)), "cards": [experiment.model.vision, experiment.model.llm],
+        "peak_tflops": peaks, "build_s": build_s, "training": training,
+        "packing_loss": packing, "generation": generation,
+        "seconds_total": time.perf_counter() - STARTED,
+    }
+    out = args.out or (Path(tempfile.mkdtemp(prefix="gpu-smoke-")) if args.cpu_smoke else None)
+    path = write_result("gpu-cpu-smoke" if args.cpu_smoke else f"gpu-{card_slug(name)}", figures, out)
+    print(summary(figures))
+    print(f"-> {path} ({figures['seconds_total']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
