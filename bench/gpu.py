@@ -37,8 +37,8 @@ numpy, tqdm), not deepspeed, wandb, submitit, timm, open_clip or an installed pr
         -d .whl pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
         typing-extensions==4.16.0
 
-then one device run with carry [".whl"] and timeout_s 480 (its caps bound it at about 5.5 minutes; estimated at
-3 to 5, it has not run on a GPU yet):
+then one device run with carry [".whl"] and timeout_s 480 (its caps bound it at about 6.5 minutes; on an H200 it
+took 168-193 s, bench/results/gpu-nvidia-h200-run*.json):
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .whl/*.whl && export PYTHONPATH=/tmp/site || exit; set -o pipefail;

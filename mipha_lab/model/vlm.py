@@ -14,7 +14,7 @@ from torch import nn
 
 from mipha_lab.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from mipha_lab.model.adapters import LoraSpec
-from mipha_lab.model.packed_attention import PACKED_SDPA, PackedSegments
+from mipha_lab.model.packed_attention import PACKED_SDPA, PackedSegments, without_cudnn_attention
 from mipha_lab.model.splice import Spliced, block_causal_mask, check_image_counts, splice
 from mipha_lab.validation import StrictModel
 
@@ -239,7 +239,8 @@ class MultimodalModel(nn.Module):
             kwargs.update(stop_strings=list(stop_strings), tokenizer=tok)
         if output_scores:
             kwargs.update(output_scores=True, output_logits=True, return_dict_in_generate=True)
-        return self.language_model.generate(**kwargs)
+        with without_cudnn_attention():
+            return self.language_model.generate(**kwargs)
 
     # ----------------------------------------------------------------- save / load
     def save_pretrained(self, folder: str | Path) -> Path:
