@@ -29,3 +29,11 @@ def write_result(name: str, figures: dict, out_dir: Path | None = None) -> Path:
     path = folder / f"{name}.json"
     path.write_text(json.dumps({"name": name, "machine": machine(), **figures}, indent=2) + "\n")
     return path
+
+
+def report(name: str, figures: dict, out_dir: Path | None, summary: str) -> int:
+    """Write the results and print the benchmark's line, `<name>: <ratio> (<what over what>) -> <file>`;
+    returns the exit status."""
+    path = write_result(name, figures, out_dir)
+    print(f"{name}: {summary} -> {path}")
+    return 0

@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from bench._common import parser  # noqa: E402
-from bench._results import write_result  # noqa: E402
+from bench._results import report  # noqa: E402
 from mipha_lab.constants import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX  # noqa: E402
 from mipha_lab.data.batching import collate_padded  # noqa: E402
 from mipha_lab.data.image_processing import ImageProcessor  # noqa: E402
@@ -145,10 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     figures = {"ratio": round(ratio, 3), "ours_samples_per_s": round(max(ours_rate), 2),
                "reference_samples_per_s": round(max(ref_rate), 2), "samples": samples, "workers": args.workers,
                "identical_outputs": True, "smoke": args.smoke}
-    path = write_result("dataloader", figures, args.out)
-    print(f"dataloader: {ratio:.2f}x (samples/s of our dataset+collator over a LLaVA-style reference; "
-          f"{max(ours_rate):.1f} vs {max(ref_rate):.1f}) -> {path}")
-    return 0
+    return report("dataloader", figures, args.out,
+                  f"{ratio:.2f}x (samples/s of our dataset+collator over a LLaVA-style reference; "
+                  f"{max(ours_rate):.1f} vs {max(ref_rate):.1f})")
 
 
 if __name__ == "__main__":

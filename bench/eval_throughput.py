@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench._common import parser  # noqa: E402
-from bench._results import write_result  # noqa: E402
+from bench._results import report  # noqa: E402
 from mipha_lab.data.templates import get_template  # noqa: E402
 from mipha_lab.eval.benchmarks import llava_questions  # noqa: E402
 from mipha_lab.eval.generate import answer_questions  # noqa: E402
@@ -69,10 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     figures = {"speedup": rates[best] / rate_1, "agreement": min(agreement.values()), "questions": count,
                "questions_per_s": {"1": rate_1, **{str(k): v for k, v in rates.items()}},
                "agreement_per_batch": {str(k): v for k, v in agreement.items()}, "smoke": args.smoke}
-    path = write_result("eval_throughput", figures, args.out)
-    print(f"eval_throughput: {figures['speedup']:.2f}x (questions/s at batch {best} over batch 1: {rates[best]:.1f} vs "
-          f"{rate_1:.1f}, {count} shapes-vqa questions; answers equal to batch 1: {figures['agreement']:.1%}) -> {path}")
-    return 0
+    return report("eval_throughput", figures, args.out,
+                  f"{figures['speedup']:.2f}x (questions/s at batch {best} over batch 1: {rates[best]:.1f} vs "
+                  f"{rate_1:.1f}, {count} shapes-vqa questions; answers equal to batch 1: {figures['agreement']:.1%})")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from bench._common import TINY_729, parser, tiny_vlm_729  # noqa: E402
-from bench._results import write_result  # noqa: E402
+from bench._results import report  # noqa: E402
 from mipha_lab.config import QuirksConfig, StageConfig  # noqa: E402
 from mipha_lab.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX  # noqa: E402
 from mipha_lab.model import MultimodalModel, build_vlm  # noqa: E402
@@ -126,11 +126,10 @@ def main(argv: list[str] | None = None) -> int:
                           f"phi-2 with {1 if args.smoke else 2} layer(s)"},
         "smoke": args.smoke,
     }
-    path = write_result("flops", figures, args.out)
-    print(f"flops: {figures['ratio']:.3f} (our analytic FLOPs over torch's FLOP counter, forward+backward of one "
-          f"sample, the case furthest from 1; tiny {figures['tiny_ratio']:.3f}, mid-size {figures['mid_ratio']:.3f}; "
-          f"recompute under LM checkpointing {figures['recompute_ratio']:.2f}) -> {path}")
-    return 0
+    return report("flops", figures, args.out,
+                  f"{figures['ratio']:.3f} (our analytic FLOPs over torch's FLOP counter, forward+backward of one "
+                  f"sample, the case furthest from 1; tiny {figures['tiny_ratio']:.3f}, mid-size {figures['mid_ratio']:.3f}; "
+                  f"recompute under LM checkpointing {figures['recompute_ratio']:.2f})")
 
 
 if __name__ == "__main__":

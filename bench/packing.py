@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from bench._common import (  # noqa: E402
     MAX_LENGTH, MICRO_BATCH, TINY_729, Shape, llava_mix_shapes, parser, synthetic_items, tiny_vlm_729, train_pass,
 )
-from bench._results import write_result  # noqa: E402
+from bench._results import report  # noqa: E402
 from mipha_lab.data.batching import (  # noqa: E402
     collate_packed, collate_padded, plan_modality_grouped, plan_packed, real_token_fraction,
 )
@@ -113,11 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         "model": TINY_729 + ", every module trains",
         "attn_implementation": model.language_model.config._attn_implementation,
     }
-    path = write_result("packing", figures, args.out)
-    print(f"packing: {packed_fraction:.1%} real tokens (packed rows of {BUDGET} over modality-grouped padded batches: "
-          f"{padded_fraction:.1%}; training tokens/s packed over padded {figures['tokens_per_s_ratio']:.2f}x, "
-          f"loss difference {figures['loss_abs_difference']:.1e}) -> {path}")
-    return 0
+    return report("packing", figures, args.out,
+                  f"{packed_fraction:.1%} real tokens (packed rows of {BUDGET} over modality-grouped padded batches: "
+                  f"{padded_fraction:.1%}; training tokens/s packed over padded {figures['tokens_per_s_ratio']:.2f}x, "
+                  f"loss difference {figures['loss_abs_difference']:.1e})")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from bench._common import (  # noqa: E402
     MICRO_BATCH, TINY_729, llava_mix_shapes, parser, seconds, synthetic_items, tiny_vlm_729, train_pass,
 )
-from bench._results import write_result  # noqa: E402
+from bench._results import report  # noqa: E402
 from mipha_lab.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX  # noqa: E402
 from mipha_lab.data.batching import collate_padded, plan_modality_grouped  # noqa: E402
 from mipha_lab.model import MultimodalModel, vlm  # noqa: E402
@@ -148,12 +148,11 @@ def main(argv: list[str] | None = None) -> int:
         "positions": sum(s.length for s in trained), "repeats": repeats, "identical_outputs": True,
         "smoke": args.smoke, "model": TINY_729 + ", every module trains",
     }
-    path = write_result("splice", figures, args.out)
     only = figures["splice_only_ratio"]
-    print(f"splice: {ratio:.2f}x (forward+backward time of training micro-batches of {MICRO_BATCH} with the original's "
-          f"per-sample splice over ours; the splice alone {only[str(MICRO_BATCH)]:.2f}x at batch {MICRO_BATCH}, "
-          f"{only[str(LARGE_BATCH)]:.2f}x at batch {LARGE_BATCH}) -> {path}")
-    return 0
+    return report("splice", figures, args.out,
+                  f"{ratio:.2f}x (forward+backward time of training micro-batches of {MICRO_BATCH} with the original's "
+                  f"per-sample splice over ours; the splice alone {only[str(MICRO_BATCH)]:.2f}x at batch {MICRO_BATCH}, "
+                  f"{only[str(LARGE_BATCH)]:.2f}x at batch {LARGE_BATCH})")
 
 
 if __name__ == "__main__":
