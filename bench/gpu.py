@@ -82,7 +82,9 @@ from mipha_lab.registry.cards import SourceStats  # noqa: E402
 from mipha_lab.train.engine import TorchEngine  # noqa: E402
 from mipha_lab.train.flops import batch_flops, peak_flops  # noqa: E402
 from mipha_lab.train.policy import apply_policy  # noqa: E402
-from mipha_lab.train.stage import enable_checkpointing, peak_memory_mb, sample_sizes  # noqa: E402
+from mipha_lab.train.stage import (  # noqa: E402
+    enable_checkpointing, peak_memory_mb, sample_sizes, transformers_checkpointing,
+)
 from mipha_lab.train.trainer import build_model  # noqa: E402
 
 RECIPE = REPO / "experiments" / "siglip_phi2_fullft.yaml"
@@ -317,7 +319,7 @@ def measure_stage(model: MultimodalModel, key: str, stage: StageConfig, text_mea
                          stage.model_copy(update={"activation_checkpointing": no_recompute})))
     for name, batching, plan, setting in variants:
         if not setting.activation_checkpointing.lm:
-            model.language_model.gradient_checkpointing_disable()
+            transformers_checkpointing(model.language_model, enabled=False)
         chosen = list(islice(cycle(plan), micro_batches))
         note(f"{key}-{name}: {micro_batches} micro-batches of {sum(map(len, chosen)) / len(chosen):.1f} samples, "
              f"accumulation {accumulation}, checkpointing {setting.activation_checkpointing.model_dump()}")

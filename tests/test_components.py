@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -182,3 +183,26 @@ def test_tiny_tokenizer_merges_the_space_into_the_next_word():
     assert encoded[-1] == tokenizer.eos_token_id
     again = load_tokenizer(LLM.get("tiny-phi-2"))
     assert again.get_vocab() == tokenizer.get_vocab()
+
+
+@pytest.mark.parametrize("name", ["tiny-siglip-so400m-384", "tiny-timm-siglip-so400m-384", "tiny-openclip-vit-b-16-laion2b"])
+def test_vision_activation_checkpointing_recomputes_with_equal_gradients(name):
+    from mipha_lab.config import CheckpointingConfig
+    from mipha_lab.train.stage import enable_checkpointing
+
+    tower = build_vision_tower(VISION.get(name)).train()
+    calls = []
+    first_child = next(iter(tower.blocks[0].children()))  # transformers recomputes `forward`, not the block's hooks
+    first_child.register_forward_pre_hook(lambda *_: calls.append(1))
+    x, grads = pixels(tower), []
+    for checkpointing in (False, True):
+        if checkpointing:
+            stage = SimpleNamespace(activation_checkpointing=CheckpointingConfig(vision=True))
+            enable_checkpointing(SimpleNamespace(vision_tower=tower), stage)
+        calls.clear()
+        tower.zero_grad()
+        tower(x).square().sum().backward()
+        grads.append([p.grad.clone() for p in tower.parameters() if p.grad is not None])
+        assert len(calls) == (2 if checkpointing else 1)  # the block's forward runs again in backward
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)

@@ -23,6 +23,7 @@ from mipha_lab.data.synthetic import generate
 from mipha_lab.data.templates import get_template
 from mipha_lab.errors import ConfigError
 from mipha_lab.model import build_vlm
+from mipha_lab.train.stage import transformers_checkpointing
 from mipha_lab.registry import MIXTURES
 from mipha_lab.registry.cards import MixtureCard
 
@@ -235,7 +236,7 @@ def test_packed_batch_has_the_loss_and_gradients_of_the_padded_batch(shapes, llm
     expected = "sdpa_packed" if attention == "sdpa" else attention
     assert model.language_model.config._attn_implementation == expected
     if checkpointing:
-        model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        assert transformers_checkpointing(model.language_model)
     records, _ = load_mixture("shapes-instruct", shapes, seed=0)
     data = dataset(model, records[:6])
     items = [data[i] for i in range(6)]

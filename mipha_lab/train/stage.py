@@ -50,17 +50,28 @@ def stage_dataset(model: MultimodalModel, stage: StageConfig, experiment: Experi
     return dataset, skipped
 
 
+def transformers_checkpointing(module: torch.nn.Module, enabled: bool = True) -> bool:
+    """Switch a transformers model's activation checkpointing (non-reentrant); False if it has none.
+    transformers 5.2x renamed `gradient_checkpointing_*` to `activation_checkpointing_*`; both are served."""
+    verb = "enable" if enabled else "disable"
+    for name in (f"activation_checkpointing_{verb}", f"gradient_checkpointing_{verb}"):
+        if hasattr(module, name):
+            kwargs = {name.replace(verb, "kwargs"): {"use_reentrant": False}} if enabled else {}
+            getattr(module, name)(**kwargs)
+            return True
+    return False
+
+
 def enable_checkpointing(model: MultimodalModel, stage: StageConfig) -> None:
     if stage.activation_checkpointing.lm:
-        model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        transformers_checkpointing(model.language_model)
     if stage.activation_checkpointing.vision:
         backbone = model.vision_tower.backbone
-        if hasattr(backbone, "gradient_checkpointing_enable"):
-            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        elif hasattr(backbone, "set_grad_checkpointing"):
-            backbone.set_grad_checkpointing(True)
-        else:
+        if transformers_checkpointing(backbone):
+            return
+        if not hasattr(backbone, "set_grad_checkpointing"):
             raise ConfigError(f"vision tower '{model.vision_tower.name}' has no activation checkpointing")
+        backbone.set_grad_checkpointing(True)
 
 
 def peak_memory_mb(device: torch.device) -> float:
