@@ -110,7 +110,7 @@ def questions(scene: list[Shape], rng: random.Random) -> list[tuple[str, str, st
     return items
 
 
-def generate(out: Path, n_train: int = 2000, n_eval: int = 200, seed: int = 0, progress: bool = True) -> dict:
+def generate(out: Path, n_train: int = 16000, n_eval: int = 200, seed: int = 0, progress: bool = True) -> dict:
     """Write the whole layout; returns counts. Deterministic by seed."""
     from tqdm import tqdm
 
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mipha_lab.data.synthetic", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--n-train", type=int, default=2000)
+    parser.add_argument("--n-train", type=int, default=16000)
     parser.add_argument("--n-eval", type=int, default=200, help="images per evaluation set")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -203,7 +203,8 @@ class StageRunner:
         bar.close()
         if dist.main:
             resumed = f" (resumed at step {state.stage_step})" if state.stage_step else ""
-            print(f"stage {stage.name}: {step} steps{resumed}, {epoch} epoch(s) in {time.time() - started:.0f} s, "
+            epochs = step / steps_per_epoch
+            print(f"stage {stage.name}: {step} steps{resumed}, {epochs:.3g} epoch(s) in {time.time() - started:.0f} s, "
                   f"loss {first_loss if first_loss is not None else float('nan'):.4f} -> {self.last_loss:.4f}; "
                   f"{report.summary()}")
         if dist.main:
