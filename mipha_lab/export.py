@@ -75,6 +75,29 @@ def fold_head_bias(norm: Any, target: Any, head: Any) -> None:
     norm.bias.fill_(1.0)
 
 
+@torch.no_grad()
+def fold_feature_scale(model: Any, llava: Any) -> float:
+    """Llava splices the projector's output into the text embeddings after they are looked up; an LM that
+    scales at lookup (Gemma under transformers 5) would leave the features unscaled there. The factor
+    they still need is folded into the projector's last linear layer (weight and bias), exactly as the
+    model scales them (embedding_scale.py). Returns the factor folded (1.0: nothing to do)."""
+    from mipha_lab.model.embedding_scale import declared_factor, measured_factors
+
+    rule = (model.config.llm.card or {}).get("embedding_scale", "none")
+    hidden = model.language_model.config.hidden_size
+    target = declared_factor(rule, hidden) if model.config.llm.card is not None else model.image_feature_factor
+    if target == 1.0:
+        return 1.0
+    measured = measured_factors(llava)
+    in_forward = measured[1] if measured is not None else 1.0
+    factor = 1.0 if abs(in_forward - target) <= 1e-2 * target else target
+    if factor != 1.0:
+        last = llava.model.multi_modal_projector.linear_2
+        last.weight.mul_(factor)
+        last.bias.mul_(factor)
+    return factor
+
+
 def to_llava(model: Any) -> tuple[Any, Any]:
     """(LlavaForConditionalGeneration with our weights, LlavaProcessor) for a MultimodalModel."""
     from transformers import GenerationConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
@@ -111,6 +134,7 @@ def to_llava(model: Any) -> tuple[Any, Any]:
         llava.lm_head.load_state_dict(head.state_dict())
     else:
         fold_head_bias(final_norm(parts.language_model), llava.lm_head, head)
+    fold_feature_scale(model, llava)
     llava.generation_config = GenerationConfig(eos_token_id=end_id, pad_token_id=end_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id,
                                                bos_token_id=lm.config.bos_token_id, do_sample=False)
     images = ImageProcessor(tower.image_spec).hf_config()

@@ -113,20 +113,26 @@ def test_unknown_formats_and_misplaced_tensors_are_named(tmp_path):
 
 
 # ------------------------------------------------------------------ export to transformers' Llava
-@pytest.mark.parametrize("vision", ["tiny-siglip-so400m-384", "tiny-clip-vit-l-336"])
-def test_export_hf_llava_gives_plain_transformers_the_same_logits_and_tokens(vision, tmp_path):
-    ref = reference(vision, "tiny-phi-2")
+EXPORTS = {"siglip + phi-2": ("tiny-siglip-so400m-384", "tiny-phi-2", "phi", "<|endoftext|>"),
+           "clip + phi-2": ("tiny-clip-vit-l-336", "tiny-phi-2", "phi", "<|endoftext|>"),
+           "siglip + gemma (features scaled)": ("tiny-siglip-so400m-384", gelu_gemma, "gemma", "<eos>")}
+
+
+@pytest.mark.parametrize("case", list(EXPORTS))
+def test_export_hf_llava_gives_plain_transformers_the_same_logits_and_tokens(case, tmp_path):
+    vision, llm, template, end = EXPORTS[case]
+    ref = reference(vision, llm)
     ref.save_pretrained(tmp_path / "ours")
     out = subprocess.run([sys.executable, "-m", "mipha_lab.export", "hf-llava", str(tmp_path / "ours"), str(tmp_path / "hf")],
                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     prompt, hf_logits, hf_tokens = hf_llava_outputs(tmp_path / "hf", backend="pil")
-    assert prompt == get_template("phi").prompt([{"role": "user", "content": "<image>\n" + QUESTION}])
-    assert (hf_logits - logits(ref)).abs().max() < 1e-4  # Phi's head bias folded in exactly
+    assert prompt == get_template(template).prompt([{"role": "user", "content": "<image>\n" + QUESTION}])
+    assert (hf_logits - logits(ref)).abs().max() < 1e-4  # Phi's head bias, Gemma's feature scale folded in exactly
     ids, mask, pixels = inputs(ref)
     assert hf_tokens == ref.generate(ids, mask, pixels, max_new_tokens=8)[0].tolist()
     generation = json.loads((tmp_path / "hf/generation_config.json").read_text())
-    assert generation["eos_token_id"] == ref.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert generation["eos_token_id"] == ref.tokenizer.convert_tokens_to_ids(end)
 
 
 def test_export_refuses_what_llava_cannot_express(tmp_path):

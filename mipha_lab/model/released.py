@@ -106,6 +106,7 @@ def llm_card(folder: Path, config: dict[str, Any], tokenizer: Any) -> LLMCard:
     card = LLMCard(
         description=f"language model of {folder}", hub_id=None, architecture=architecture,
         tokenizer=str(folder), template=template, special_tokens=SpecialTokens(eos=eos),
+        embedding_scale="sqrt_hidden_size" if lm_type == "gemma" else "none",
     )
     return card.named(f"released:{lm_type}", str(folder / "config.json"))
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from mipha_lab.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from mipha_lab.model.adapters import LoraSpec
+from mipha_lab.model.embedding_scale import image_feature_factor, scale_features
 from mipha_lab.model.packed_attention import PACKED_SDPA, PackedSegments, without_cudnn_attention
 from mipha_lab.model.splice import Spliced, block_causal_mask, check_image_counts, splice
 from mipha_lab.validation import StrictModel
@@ -80,6 +81,9 @@ class MultimodalModel(nn.Module):
         self.tokenizer = tokenizer
         self.truncated_samples = 0
         self.truncated_tokens = 0
+        card = config.llm.card
+        self.image_feature_factor = image_feature_factor(
+            language_model, card.get("embedding_scale", "none") if card is not None else None, config.llm.name)
 
     # ----------------------------------------------------------------- inputs
     @property
@@ -87,10 +91,12 @@ class MultimodalModel(nn.Module):
         return self.projector.num_tokens(self.vision_tower.num_tokens)
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(N, 3, S, S) pixels -> (N, T, D_lm) projected features in the LM's dtype."""
+        """(N, 3, S, S) pixels -> (N, T, D_lm) projected features in the LM's dtype, scaled as the LM's text
+        embeddings are when looked up (Gemma under transformers 5; see embedding_scale.py)."""
         dtype = next(self.vision_tower.parameters()).dtype
         features = self.projector(self.vision_tower(pixel_values.to(dtype)))
-        return features.to(self.language_model.get_input_embeddings().weight.dtype)
+        features = features.to(self.language_model.get_input_embeddings().weight.dtype)
+        return scale_features(features, self.image_feature_factor)
 
     def embed(
         self,

@@ -91,6 +91,9 @@ class LLMCard(Card):
     tokenizer: str
     template: str
     special_tokens: SpecialTokens
+    # what the LM multiplies its input embeddings by (Gemma: sqrt_hidden_size); image features get the same
+    # factor, whichever transformers version applies it (mipha_lab/model/embedding_scale.py)
+    embedding_scale: Literal["none", "sqrt_hidden_size"] = "none"
 
 
 class FirstN(StrictModel):
