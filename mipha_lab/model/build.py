@@ -10,6 +10,7 @@ from torch import nn
 
 from mipha_lab.errors import ConfigError
 from mipha_lab.model.adapters import restore_adapters
+from mipha_lab.model.folder_files import load_folder_tokenizer, read_weights, refuse_folder_code
 from mipha_lab.model.projectors import grid_side
 from mipha_lab.model.released import RELEASED, is_released, load_released
 from mipha_lab.model.vlm import ComponentSpec, MultimodalModel, VLMConfig
@@ -140,32 +141,6 @@ def build_from_config(config: VLMConfig, tokenizer: Any = None) -> MultimodalMod
     return MultimodalModel(tower, proj, lm, config, tokenizer)
 
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-
-
-def read_tensors(folder: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """Every tensor of the folder's weight files (shards included): safetensors; pickle-based files (which
-    can run code when unpickled) only with `allow_pickle`, and then through `torch.load(weights_only=True)`."""
-    from safetensors.torch import load_file
-
-    state: dict[str, torch.Tensor] = {}
-    shards = sorted(folder.glob("*.safetensors"))
-    if shards:
-        for path in shards:
-            state.update(load_file(path))
-        return state
-    pickled = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    if not pickled:
-        raise ConfigError(f"{folder}: no weights (*.safetensors) found")
-    if not allow_pickle:
-        raise ConfigError(f"{folder}: the weights are pickle files ({', '.join(p.name for p in pickled)}), which can "
-                          "run code when loaded; they are refused - convert them to safetensors, or pass "
-                          "--allow-pickle to read them with torch.load(weights_only=True)")
-    for path in pickled:
-        state.update(torch.load(path, map_location="cpu", weights_only=True))
-    return state
-
-
 def place_weights(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
     """Load `state` into `model`: every stored tensor must land in place (same name, same shape) and every
     parameter must be stored, except those tied to one stored earlier."""
@@ -180,7 +155,7 @@ def place_weights(model: nn.Module, state: dict[str, torch.Tensor], source: Path
 
 
 def load_weights(model: nn.Module, folder: Path, allow_pickle: bool = False) -> None:
-    place_weights(model, read_tensors(folder, allow_pickle), folder)
+    place_weights(model, read_weights(folder, allow_pickle), folder)
 
 
 def _tied_names(model: nn.Module) -> set[str]:
@@ -196,13 +171,14 @@ def _tied_names(model: nn.Module) -> set[str]:
 
 def load_model_folder(folder: str | Path, dtype: torch.dtype | None = None, allow_pickle: bool = False) -> MultimodalModel:
     """Rebuild from config.json alone (never from the folder's name) - our format or a released Mipha /
-    LLaVA-Phi checkpoint - then load the weights (safetensors; pickle files only with `allow_pickle`).
-    No code from the folder is ever run."""
+    LLaVA-Phi checkpoint - then load the weights (its own weight files, folder_files.py; pickle files only
+    with `allow_pickle`). No code from the folder is ever run."""
     folder = Path(folder)
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise ConfigError(f"{folder} is not a model folder: it has no config.json")
     raw = json.loads(config_path.read_text())
+    refuse_folder_code(folder)
     if is_released(raw):
         model = load_released(folder, raw, allow_pickle)
         return (model.to(dtype) if dtype is not None else model).eval()
@@ -212,11 +188,8 @@ def load_model_folder(folder: str | Path, dtype: torch.dtype | None = None, allo
             f"expected a mipha-lab model or a released checkpoint with model_type one of {', '.join(RELEASED)}"
         )
     config = validate(VLMConfig, raw, config_path)
-    tokenizer = None
-    if (folder / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+    refuse_folder_code(folder)
+    tokenizer = load_folder_tokenizer(folder) if (folder / "tokenizer_config.json").is_file() else None
     model = build_from_config(config, tokenizer)
     restore_adapters(model, config.adapters)
     load_weights(model, folder, allow_pickle)

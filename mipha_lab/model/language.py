@@ -55,7 +55,7 @@ def build_transformers_lm(card: LLMCard, pretrained: bool = False, attn_implemen
     config = lm_config(card, attn_implementation)
     if pretrained and card.hub_id:
         return AutoModelForCausalLM.from_pretrained(
-            card.hub_id, config=config, attn_implementation=config._attn_implementation
+            card.hub_id, config=config, attn_implementation=config._attn_implementation, trust_remote_code=False
         )
     return AutoModelForCausalLM.from_config(config, attn_implementation=config._attn_implementation)
 
@@ -71,9 +71,9 @@ def load_tokenizer(card: LLMCard):
         from mipha_lab.model.tiny_tokenizer import tiny_tokenizer
 
         return tiny_tokenizer(eos=tokens.eos, bos=tokens.bos, pad=tokens.pad)
-    from transformers import AutoTokenizer
+    from mipha_lab.model.folder_files import load_folder_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(card.tokenizer)
+    tokenizer = load_folder_tokenizer(card.tokenizer)
     if tokenizer.eos_token != tokens.eos:
         raise ValueError(
             f"{card.source}: special_tokens.eos is {tokens.eos!r} but the tokenizer of "

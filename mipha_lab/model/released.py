@@ -146,15 +146,14 @@ def our_names(state: dict[str, torch.Tensor], model_keys: set[str], num_heads: i
 def load_released(folder: Path, config: dict[str, Any], allow_pickle: bool = False) -> Any:
     """Our model with the checkpoint's weights, template and preprocessing (the processor copied into the
     folder; features from `mm_vision_select_layer`, -2 in every release)."""
-    from mipha_lab.model.build import build_vlm, place_weights, read_tensors
+    from mipha_lab.model.build import build_vlm, place_weights
+    from mipha_lab.model.folder_files import load_folder_tokenizer, read_weights
     from mipha_lab.model.language import with_image_token
 
-    state = read_tensors(folder, allow_pickle)
+    state = read_weights(folder, allow_pickle)
     tokenizer = None
     if (folder / "tokenizer_config.json").is_file():
-        from transformers import AutoTokenizer
-
-        tokenizer = with_image_token(AutoTokenizer.from_pretrained(folder))
+        tokenizer = with_image_token(load_folder_tokenizer(folder))
     projector = config["vision_config"]["mm_projector"].get("mm_projector_type", "mlp2x_gelu")
     lm = llm_card(folder, config, tokenizer)
     model = build_vlm(vision_card(folder, config, set(state)), lm, projector, with_tokenizer=False,

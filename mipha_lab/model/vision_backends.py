@@ -44,7 +44,7 @@ class TransformersVisionTower(VisionTower):
             **_tower_kwargs(card),
         )
         if pretrained and card.hub_id:
-            self.backbone = MODEL_MAPPING[type(config)].from_pretrained(card.hub_id, config=config)
+            self.backbone = MODEL_MAPPING[type(config)].from_pretrained(card.hub_id, config=config, trust_remote_code=False)
         else:
             self.backbone = AutoModel.from_config(config)
         self.num_layers = config.num_hidden_layers

@@ -106,9 +106,18 @@ class CheckpointWriter:
 
 
 def load_model_state(folder: Path, model: torch.nn.Module) -> None:
+    """The checkpoint's weights (a truncated or corrupt file is an error naming it and the way out)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_model
 
-    load_model(model, str(folder / "model.safetensors"), strict=True)
+    from mipha_lab.errors import ConfigError
+
+    path = folder / "model.safetensors"
+    try:
+        load_model(model, str(path), strict=True)  # re-ties what was saved once
+    except (SafetensorError, OSError) as err:
+        raise ConfigError(f"{path}: not a readable safetensors file ({err}); to resume from the checkpoint before "
+                          f"it, move {folder} out of the way and launch again") from None
 
 
 def load_rng(folder: Path, rank: int) -> None:
