@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,8 +43,8 @@ class ModulePolicy(StrictModel):
     """How one module trains in a stage. A bare string (`frozen`, `full`, `lora`, `partial`) is accepted."""
 
     mode: Mode = "frozen"
-    lr: float | None = None  # absolute learning rate of this module
-    lr_scale: float | None = None  # or a multiplier of the stage's learning rate
+    lr: float | None = Field(None, ge=0, allow_inf_nan=False)  # absolute learning rate of this module
+    lr_scale: float | None = Field(None, ge=0, allow_inf_nan=False)  # or a multiplier of the stage's learning rate
     from_layer: int | None = None  # partial: layers from this index on train
     r: int = 64  # lora
     alpha: int = 16
@@ -73,16 +74,16 @@ class Trainable(StrictModel):
 
 
 class OptimizerConfig(StrictModel):
-    lr: float
+    lr: float = Field(ge=0, allow_inf_nan=False)
     betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
+    eps: float = Field(1e-8, gt=0, allow_inf_nan=False)
+    weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False)
+    max_grad_norm: float | None = Field(1.0, gt=0, allow_inf_nan=False)
 
 
 class ScheduleConfig(StrictModel):
     kind: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_ratio: float = 0.03
+    warmup_ratio: float = Field(0.03, ge=0, le=1)
 
 
 class CheckpointingConfig(StrictModel):
@@ -105,7 +106,7 @@ class QuirksConfig(StrictModel):
 class CheckpointConfig(StrictModel):
     """When to write resumable checkpoints to <run>/checkpoints/ (also at the end of every stage)."""
 
-    every_steps: int | None = None
+    every_steps: int | None = Field(None, gt=0)
     every_minutes: float | None = 30.0
     keep_last: int = Field(2, ge=1)
 
@@ -115,12 +116,12 @@ class StageConfig(StrictModel):
     mixture: str
     template: str
     image_strategy: Literal["square", "pad", "resize-naive", "resize-crop"] = "square"
-    max_length: int = 2048
+    max_length: int = Field(2048, gt=0)
     batching: Literal["padded", "modality-grouped", "packed"] = "padded"
-    global_batch: int
-    micro_batch: int
-    epochs: float | None = 1.0
-    max_steps: int | None = None
+    global_batch: int = Field(gt=0)
+    micro_batch: int = Field(gt=0)
+    epochs: float | None = Field(1.0, gt=0, allow_inf_nan=False)
+    max_steps: int | None = Field(None, gt=0)
     optimizer: OptimizerConfig
     schedule: ScheduleConfig = ScheduleConfig()
     activation_checkpointing: CheckpointingConfig = CheckpointingConfig()
@@ -146,7 +147,7 @@ class EngineConfig(StrictModel):
 
 class EvalConfig(StrictModel):
     benchmarks: list[str] = Field(default_factory=list)
-    batch_size: int = 16
+    batch_size: int = Field(16, gt=0)
     max_new_tokens: int | None = None  # default: each benchmark's own
     image_strategy: Literal["square", "pad", "resize-naive", "resize-crop"] = "pad"
     separate_job: bool = False  # on a cluster: evaluate final/ in its own job, run after training succeeds
@@ -364,6 +365,8 @@ def dump_experiment(experiment: Experiment) -> str:
     return yaml.safe_dump(experiment.model_dump(mode="json"), sort_keys=False)
 
 
+# what a resume after a non-finite stop may change (the advice names these keys)
+AFTER_NONFINITE = re.compile(r"stages\.[^.]+\.(optimizer\.(lr|eps|betas|weight_decay|max_grad_norm)|schedule\.warmup_ratio)(\.\d+)?")
 IGNORED_ON_RESUME = ("eval", "tracking", "resources", "data_workers", "extends_chain", "source", "runs_root",
                      "data_root")
 

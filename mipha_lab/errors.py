@@ -8,6 +8,9 @@ from typing import Callable
 class MiphaLabError(Exception):
     """Base class of every error mipha-lab raises on purpose."""
 
+    exit_code = 2
+    label = "error"
+
 
 class ConfigError(MiphaLabError, ValueError):
     """A YAML file (card, experiment, profile) is malformed or does not match its schema."""
@@ -20,6 +23,10 @@ class UnknownNameError(MiphaLabError, KeyError):
         return str(self.args[0])
 
 
+class StorageError(MiphaLabError, OSError):
+    """A write failed (a full disk, a quota, a file too large); finished work before it is kept."""
+
+
 class InputError(MiphaLabError, ValueError):
     """Model inputs are inconsistent (image count, image size, sequence layout)."""
 
@@ -29,5 +36,8 @@ def exit_status(action: Callable[[], int]) -> int:
     try:
         return action()
     except MiphaLabError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        print(f"{err.label}: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("stopped: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130

@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="submit as jobs: a profile (slurm/NAME.yaml) or `local` (submitit's local executor)")
     parser.add_argument("--wait", action="store_true", help="with --cluster: wait for the jobs, then show their status")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and cost; train nothing")
+    parser.add_argument("--allow-changed-data", action="store_true",
+                        help="resume although the annotation files changed since the run started (refused otherwise)")
     parser.add_argument("--gpu", default="H100", help="GPU type the plan assumes (peak bf16 rate)")
     parser.add_argument("--num-gpus", type=int, default=None,
                         help="GPUs the plan assumes (default: those of the --cluster profile, else 8)")
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cluster:
         return exit_status(lambda: submit(args))
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        passed = [*(["--scale", args.scale] if args.scale else []),
+        passed = [*(["--scale", args.scale] if args.scale else []), *(["--allow-changed-data"] if args.allow_changed_data else []),
                   *(["--seeds", ",".join(map(str, args.seeds))] if args.seeds else [])]
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
                    "-m", "mipha_lab.launch", *args.experiments, *args.overrides, *passed]
@@ -93,7 +95,7 @@ def train_here(args: argparse.Namespace) -> int:
     cells = experiment_cells(args)
     main_rank = os.environ.get("RANK", "0") == "0"
     if len(cells) == 1:
-        run = run_experiment(cells[0].experiment)
+        run = run_experiment(cells[0].experiment, allow_changed_data=args.allow_changed_data)
         if main_rank:
             print(f"run folder: {run.path}")
         return 0
@@ -102,7 +104,7 @@ def train_here(args: argparse.Namespace) -> int:
         if main_rank:
             print(f"== cell {number}/{len(cells)}: {cell.run_name}", file=sys.stderr)
         try:
-            run_experiment(cell.experiment)
+            run_experiment(cell.experiment, allow_changed_data=args.allow_changed_data)
         except Exception as err:  # noqa: BLE001 - one failed cell must not stop the sweep
             logging.getLogger(__name__).exception("cell %s failed", cell.run_name)
             failed.append(f"{cell.run_name}: {type(err).__name__}: {err}")

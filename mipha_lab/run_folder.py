@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import logging
 import os
 import platform
 import socket
@@ -14,6 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from mipha_lab.config import Experiment, dump_experiment
+from mipha_lab.errors import StorageError
+
+log = logging.getLogger(__name__)
 
 PACKAGES = ("mipha-lab", "torch", "torchvision", "transformers", "tokenizers", "timm", "open-clip-torch", "peft",
             "deepspeed", "submitit", "wandb", "safetensors", "pydantic")
@@ -59,8 +63,13 @@ class RunFolder:
         target = self.path / name
         target.parent.mkdir(parents=True, exist_ok=True)
         temporary = target.with_name(target.name + ".tmp")
-        temporary.write_text(text)
-        temporary.replace(target)  # never a half-written file under the real name
+        try:
+            temporary.write_text(text)
+            temporary.replace(target)  # never a half-written file under the real name
+        except OSError as err:
+            temporary.unlink(missing_ok=True)
+            raise StorageError(f"{target}: could not be written ({err.strerror or err}); the previous version is "
+                               "kept - free space, then launch again") from None
         return target
 
     def write_json(self, name: str, data: Any) -> Path:
@@ -68,7 +77,7 @@ class RunFolder:
 
     def create(self, experiment: Experiment, data_files: list[Path], world_size: int) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        self._write("config.yaml", dump_experiment(experiment))
+        self.write_config(experiment)
         versions = {}
         for package in PACKAGES:
             try:
@@ -87,6 +96,15 @@ class RunFolder:
             "data_files": [file_digest(p) for p in data_files if p.is_file()],
         })
 
+    def write_config(self, experiment: Experiment) -> None:
+        self._write("config.yaml", dump_experiment(experiment))
+
+    def record_data(self, data_files: list[Path]) -> None:
+        """The annotation files' digests now (a resume with --allow-changed-data moves the reference)."""
+        manifest = self.read_json("manifest.json") or {}
+        manifest["data_files"] = [file_digest(p) for p in data_files if p.is_file()]
+        self.write_json("manifest.json", manifest)
+
     def status(self, state: str, **fields: Any) -> None:
         self.write_json("status.json", {"state": state, **fields, "updated": _now()})
 
@@ -98,8 +116,14 @@ class RunFolder:
         return self.read_json("status.json")
 
     def append_metrics(self, row: dict[str, Any]) -> None:
-        with (self.path / "metrics.jsonl").open("a") as handle:
-            handle.write(json.dumps(row) + "\n")
+        path = self.path / "metrics.jsonl"
+        try:
+            with path.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
+        except OSError as err:
+            raise StorageError(f"{path}: writing step {row.get('step')}'s metrics failed: {err.strerror or err}; "
+                               "free space, then launch the same command again to resume from the last "
+                               "checkpoint") from None
 
     def truncate_metrics(self, last_step: int) -> None:
         """Drop rows after `last_step` (a resumed run trains those steps again; no duplicates)."""
@@ -107,8 +131,22 @@ class RunFolder:
         self._write("metrics.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
 
     def metrics(self) -> list[dict[str, Any]]:
+        """Every readable row; a line cut short (a kill or a full disk mid-write) is left out with a warning
+        naming it - the step it described is trained again on resume."""
         path = self.path / "metrics.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+        if not path.is_file():
+            return []
+        rows = []
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                rows.append(row)
+            elif line.strip():
+                log.warning("%s:%d: unreadable row left out (cut short by a kill or a full disk?)", path, number)
+        return rows
 
     def write_params(self, stage: str, rows: list[Any], markdown: str) -> None:
         self.write_json(f"params-{stage}.json", [row.__dict__ for row in rows])

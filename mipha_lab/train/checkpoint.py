@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mipha_lab.errors import StorageError
 from mipha_lab.train import faults
 
 CHECKPOINTS = "checkpoints"
@@ -73,11 +74,25 @@ class CheckpointWriter:
 
     def save(self, state: TrainState, model_state: dict[str, torch.Tensor] | None, engine: Any = None) -> Path:
         """Every rank calls this; `model_state` is the full state dict on rank 0 (None elsewhere).
-        Without an engine (the end of a stage) no optimizer state is written: the next stage starts afresh."""
-        from safetensors.torch import save_file
-
+        Without an engine (the end of a stage) no optimizer state is written: the next stage starts afresh.
+        A failed write (a full disk) removes the partial folder and says which checkpoint resumes."""
         final = self.root / f"{PREFIX}{state.global_step:08d}"
         partial = self.root / f".partial-{final.name}"
+        try:
+            return self._save(final, partial, state, model_state, engine)
+        except OSError as err:
+            shutil.rmtree(partial, ignore_errors=True)  # give the space back; complete checkpoints stay
+            kept = latest_checkpoint(self.root.parent)
+            raise StorageError(
+                f"writing checkpoint {final.name} in {self.root} failed: {err.strerror or err}"
+                f"{f' ({err.filename})' if err.filename else ''}; the last complete checkpoint "
+                f"({kept.name if kept else 'none yet'}) is kept - free space, then launch the same command again "
+                "to resume from it") from None
+
+    def _save(self, final: Path, partial: Path, state: TrainState, model_state: dict[str, torch.Tensor] | None,
+              engine: Any) -> Path:
+        from safetensors.torch import save_file
+
         if self.rank == 0:
             for stale in self.root.glob(".partial-*"):
                 shutil.rmtree(stale, ignore_errors=True)

@@ -38,6 +38,25 @@ def _optimizer(param_groups: list[dict[str, Any]], stage: StageConfig) -> torch.
     return torch.optim.AdamW(param_groups, lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
 
 
+HYPERPARAMETERS = ("initial_lr", "betas", "eps", "weight_decay")
+
+
+def configured(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """The hyperparameters the experiment gives each parameter group (read before a checkpoint is loaded)."""
+    return [{k: g[k] for k in HYPERPARAMETERS} for g in optimizer.param_groups]
+
+
+def reapply(optimizer: torch.optim.Optimizer, scheduler: Any, wanted: list[dict[str, Any]]) -> None:
+    """After loading a checkpoint, the experiment's hyperparameters win over the stored ones (they differ
+    only where a resume after a non-finite stop changed them); the learning rate is recomputed exactly as
+    the schedule computes it, so an unchanged experiment resumes bit for bit."""
+    scheduler.base_lrs = [w["initial_lr"] for w in wanted]
+    for index, (group, values) in enumerate(zip(optimizer.param_groups, wanted)):
+        group.update(values)
+        group["lr"] = values["initial_lr"] * scheduler.lr_lambdas[index](scheduler.last_epoch)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
 class TorchEngine:
     """Single process: AdamW, gradient clipping, the schedule; bf16 autocast on GPUs."""
 
@@ -76,9 +95,11 @@ class TorchEngine:
                    folder / "optimizer.pt")
 
     def load_state(self, folder: Path) -> None:
+        wanted = configured(self.optimizer)
         state = torch.load(folder / "optimizer.pt", weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        reapply(self.optimizer, self.scheduler, wanted)
 
 
 class DeepSpeedEngine:
@@ -127,5 +148,7 @@ class DeepSpeedEngine:
         self.engine.save_checkpoint(str(folder / "deepspeed"), tag="state", save_latest=False)
 
     def load_state(self, folder: Path) -> None:
+        wanted = configured(self.optimizer)
         self.engine.load_checkpoint(str(folder / "deepspeed"), tag="state", load_optimizer_states=True,
                                     load_lr_scheduler_states=True, load_module_strict=True)
+        reapply(self.optimizer, self.scheduler, wanted)

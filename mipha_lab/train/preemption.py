@@ -24,9 +24,17 @@ class Preempted(MiphaLabError):
     """The job was signalled; a checkpoint has been saved and the job should be requeued."""
 
 
+class Interrupted(MiphaLabError):
+    """Ctrl-C (SIGINT) during training: a checkpoint was saved at the step boundary; launching again resumes."""
+
+    exit_code = 130
+    label = "stopped"
+
+
 class _State:
     signum: int | None = None
     requested = False
+    interrupted = False
     deferring = False
     fallback: Callable[[int, FrameType | None], Any] | None = None  # submitit's own handler
 
@@ -50,6 +58,29 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
 
 def requested() -> bool:
     return _State.requested
+
+
+def install_interrupt() -> None:
+    """Ctrl-C in the training loop saves a checkpoint at the next step boundary and stops (a second Ctrl-C,
+    or one outside the loop, stops at once); nothing trained since the last checkpoint is lost."""
+    import threading
+
+    _State.interrupted = False
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _on_interrupt)
+
+
+def _on_interrupt(signum: int, frame: FrameType | None) -> None:
+    if _State.deferring and not _State.interrupted:
+        _State.interrupted = True
+        log.warning("Ctrl-C: a checkpoint is saved after the current optimizer step, then the run stops "
+                    "(Ctrl-C again stops at once, losing the steps since the last checkpoint)")
+        return
+    raise KeyboardInterrupt
+
+
+def interrupted() -> bool:
+    return _State.interrupted
 
 
 @contextlib.contextmanager

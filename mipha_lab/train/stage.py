@@ -157,7 +157,8 @@ class StageRunner:
         global_step = self.state.global_step - self.state.stage_step + step
         due = bool(every.every_steps and global_step % every.every_steps == 0) or bool(
             every.every_minutes and time.time() - last_save >= 60 * every.every_minutes)
-        votes = self.dist.all_sum([float(due and self.dist.main), float(preemption.requested())])
+        stop = preemption.requested() or preemption.interrupted()
+        votes = self.dist.all_sum([float(due and self.dist.main), float(stop)])
         return step < total and votes[0] > 0, votes[1] > 0
 
     def save_checkpoint(self, engine: Any, state: TrainState) -> None:
@@ -317,6 +318,12 @@ class StageRunner:
             self.run.status("running", stage=self.stage.name, step=global_step, stage_step=step + 1, total_steps=total)
 
     def stop_preempted(self, global_step: int) -> None:
+        if preemption.interrupted():
+            if self.dist.main:
+                self.run.status("interrupted", stage=self.stage.name, step=global_step)
+            raise preemption.Interrupted(
+                f"stage {self.stage.name}, step {global_step}: interrupted (Ctrl-C); checkpoint saved in "
+                f"{self.run.path / 'checkpoints'} - launch the same command again to resume from it")
         if self.dist.main:
             self.run.status("preempted", stage=self.stage.name, step=global_step)
         raise Preempted(f"stage {self.stage.name}, step {global_step}: signalled to stop; checkpoint saved in "
@@ -332,5 +339,8 @@ class StageRunner:
             (self.run.path / "nonfinite.json").write_text(json.dumps(record, indent=2) + "\n")
         raise NonFiniteLoss(
             f"stage {self.stage.name}, step {global_step}: loss is {self.last_loss}; the step was not applied, the "
-            f"last checkpoint is kept, the batch's {len(ids)} sample ids are in {self.run.path / 'nonfinite.json'}"
+            f"last checkpoint is kept, the batch's {len(ids)} sample ids are in {self.run.path / 'nonfinite.json'}. "
+            f"Fix the cause, then launch again to resume: lower stages.{self.stage.name}.optimizer.lr or "
+            f"max_grad_norm (eps, betas, weight_decay and schedule.warmup_ratio may change too), or repair or "
+            "remove those samples and launch with --allow-changed-data"
         )

@@ -10,19 +10,20 @@ from pathlib import Path
 
 import torch
 
-from mipha_lab.config import Experiment, config_differences
+from mipha_lab.config import AFTER_NONFINITE, Experiment, config_differences
 from mipha_lab.data.mixtures import ensure_generated
 from mipha_lab.errors import ConfigError
 from mipha_lab.model import MultimodalModel, build_vlm
 from mipha_lab.model.adapters import merge_lora
 from mipha_lab.registry import MIXTURES, add_card_dir
-from mipha_lab.run_folder import RunFolder
+from mipha_lab.run_folder import RunFolder, file_digest
 from mipha_lab.run_lock import RunLock
 from mipha_lab.train.checkpoint import (
     CheckpointWriter, TrainState, latest_checkpoint, load_model_state, read_state, rng_state,
     set_rng_state,
 )
 from mipha_lab.train.distributed import Distributed, init_distributed
+from mipha_lab.train import preemption
 from mipha_lab.train.preemption import Preempted
 from mipha_lab.train.stage import StageRunner, gathered_state
 from mipha_lab.train.tracking import Tracker
@@ -137,29 +138,66 @@ def preflight(experiment: Experiment) -> None:
         raise ConfigError(f"{experiment.source or experiment.run_name}: cannot start, missing:\n  - " + "\n  - ".join(missing))
 
 
-def prepare_run(run: RunFolder, experiment: Experiment, world_size: int) -> str | None:
+def prepare_run(run: RunFolder, experiment: Experiment, world_size: int, allow_changed_data: bool = False) -> str | None:
     """On the main rank, holding the lock: a new folder is created; one holding this run resumes.
     Returns the state found ('done', 'failed', ...) or None for a new run."""
-    import yaml
-
     state = (run.read_status() or {}).get("state")
+    if state in ("failed", "running", "interrupted") and latest_checkpoint(run.path) is None and not run.metrics():
+        # it stopped before its first step (a model or data error): nothing to lose, nothing to resume
+        print(f"run folder {run.path} holds no trained step yet ({state}); starting it afresh", file=sys.stderr)
+        state = None
     if state is None:
         for stage in experiment.stages:  # synthetic data is written before its files are hashed
             ensure_generated(MIXTURES.get(stage.mixture), Path(experiment.data_root))
         run.create(experiment, data_files(experiment), world_size)
         run.status("running", stage=experiment.stages[0].name, step=0, total_steps=None)
         return None
-    stored = yaml.safe_load((run.path / "config.yaml").read_text())
-    changed = config_differences(stored, experiment.model_dump(mode="json"))
-    if changed:
-        raise ConfigError(
-            f"run folder {run.path} holds a run of another configuration (differs in: {', '.join(changed)}); "
-            "resuming would mix two experiments - choose another run_name=... or remove the folder"
-        )
+    check_same_configuration(run, experiment, after_nonfinite=state == "failed" and (run.path / "nonfinite.json").is_file())
+    if state != "done":
+        check_same_data(run, experiment, allow_changed_data)
     return state
 
 
-def run_experiment(experiment: Experiment, evaluate: bool = True) -> RunFolder:
+def check_same_configuration(run: RunFolder, experiment: Experiment, after_nonfinite: bool) -> None:
+    """A resume continues the same experiment; after a non-finite stop the optimizer's hyperparameters may
+    change (that is the advice), and the folder's config.yaml then records the new values."""
+    import yaml
+
+    stored = yaml.safe_load((run.path / "config.yaml").read_text())
+    changed = config_differences(stored, experiment.model_dump(mode="json"))
+    allowed = [key for key in changed if after_nonfinite and AFTER_NONFINITE.fullmatch(key)]
+    refused = [key for key in changed if key not in allowed]
+    if refused:
+        hint = f" (after a non-finite stop these may change: {AFTER_NONFINITE.pattern})" if after_nonfinite else ""
+        raise ConfigError(
+            f"run folder {run.path} holds a run of another configuration (differs in: {', '.join(refused)}){hint}; "
+            "resuming would mix two experiments - choose another run_name=... or remove the folder"
+        )
+    if allowed:
+        print(f"resuming after the non-finite stop with changed {', '.join(allowed)}", file=sys.stderr)
+        run.write_config(experiment)
+
+
+def check_same_data(run: RunFolder, experiment: Experiment, allow_changed_data: bool) -> None:
+    """The annotation files a run trains on are those it started with (sha256 in manifest.json), unless
+    the user says otherwise."""
+    recorded = (run.read_json("manifest.json") or {}).get("data_files", [])
+    current = [file_digest(p) if p.is_file() else {"path": str(p), "sha256": None} for p in data_files(experiment)]
+    changed = [f"{now['path']} (was {was['path']})" if was["path"] != now["path"] else now["path"]
+               for was, now in zip(recorded, current) if was["sha256"] != now["sha256"]]
+    if len(recorded) != len(current):
+        changed.append(f"the list of annotation files ({len(recorded)} recorded, {len(current)} now)")
+    if not changed:
+        return
+    if not allow_changed_data:
+        raise ConfigError(f"run folder {run.path}: the training data changed since the run started (sha256 in "
+                          f"manifest.json): {'; '.join(changed)}. Resuming would train on other data than the steps "
+                          "so far; restore the files, or launch with --allow-changed-data to resume anyway")
+    print(f"resuming on changed data (--allow-changed-data): {'; '.join(changed)}", file=sys.stderr)
+    run.record_data(data_files(experiment))
+
+
+def run_experiment(experiment: Experiment, evaluate: bool = True, allow_changed_data: bool = False) -> RunFolder:
     """Train every stage in order in one run folder, save final/, then evaluate (unless `evaluate` is
     off: a separate job does it). A folder that already holds this run resumes from its latest
     checkpoint; a finished one is left as it is."""
@@ -170,7 +208,7 @@ def run_experiment(experiment: Experiment, evaluate: bool = True) -> RunFolder:
     run = RunFolder.for_experiment(experiment)
     lock = RunLock(run.path).acquire() if dist.main else None
     try:
-        found = [prepare_run(run, experiment, dist.world_size) if dist.main else None]
+        found = [prepare_run(run, experiment, dist.world_size, allow_changed_data) if dist.main else None]
         if dist.world_size > 1:
             torch.distributed.broadcast_object_list(found, src=0)
         if found[0] == "done":
@@ -196,6 +234,7 @@ def train_and_evaluate(experiment: Experiment, run: RunFolder, dist: Distributed
     tracker = Tracker(experiment, run.path, dist.main)
     zero3 = False  # parameters stay partitioned once a ZeRO-3 stage has run
     writer = CheckpointWriter(run.path, dist.rank, experiment.checkpoint.keep_last, dist.barrier)
+    preemption.install_interrupt()
     try:
         for index, stage in enumerate(experiment.stages):
             if index < state.stage_index:
@@ -213,8 +252,8 @@ def train_and_evaluate(experiment: Experiment, run: RunFolder, dist: Distributed
                 zero3 = False
         publish_final(run.path, experiment.stages[-1].name, dist)
     except BaseException as err:
-        if dist.main and not isinstance(err, Preempted):  # a preempted stage has written its own status
-            run.status("failed", reason=f"{type(err).__name__}: {err}", step=state.global_step)
+        if dist.main:
+            record_stop(run, err, state)
         tracker.finish()
         raise
     tracker.finish()
@@ -223,6 +262,20 @@ def train_and_evaluate(experiment: Experiment, run: RunFolder, dist: Distributed
         if evaluate:
             evaluate_run(experiment, run)
     dist.barrier()
+
+
+def record_stop(run: RunFolder, err: BaseException, state: TrainState) -> None:
+    """status.json after a stop: interrupted (Ctrl-C) at the step reached, or failed with the reason. A status
+    that cannot be written (the disk is full) is logged; the error that stopped the run is what the user sees."""
+    try:
+        if isinstance(err, KeyboardInterrupt):
+            reached = run.metrics()
+            run.status("interrupted", step=reached[-1]["step"] if reached else state.global_step,
+                       resumes_from=(latest_checkpoint(run.path) or Path("(the start)")).name)
+        elif not isinstance(err, (Preempted, preemption.Interrupted)):  # those wrote their own status
+            run.status("failed", reason=f"{type(err).__name__}: {err}", step=state.global_step)
+    except OSError as write_error:
+        log.error("%s: could not record the run's state (%s)", run.path / "status.json", write_error)
 
 
 def evaluate_run(experiment: Experiment, run: RunFolder) -> None:
