@@ -207,6 +207,8 @@ class Experiment(StrictModel):
     seed: int = 0
     data_root: str = "./data"
     data_workers: int = 0  # DataLoader worker processes per rank
+    # images with more pixels are skipped (reason image_too_large) before decoding; PIL's bomb guard by default
+    max_image_pixels: int | None = Field(89_478_485, gt=0)
     runs_root: str = "./runs"
     run_name: str | None = None
     extends_chain: list[str] = Field(default_factory=list)  # filled by the loader

@@ -16,6 +16,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from mipha_lab.constants import IMAGE_TOKEN
+from mipha_lab.data.image_files import DEFAULT_MAX_PIXELS, ImageTooLarge, open_rgb
 from mipha_lab.data.image_processing import ImageProcessor
 from mipha_lab.data.problems import BadSamplePolicy, SampleError, Skipped
 from mipha_lab.data.templates import MaskError, Template, check_tokenizer, encode
@@ -39,32 +40,66 @@ class Record:
         return bool(self.images)
 
 
+def _bad_line(data: bytes, err: UnicodeDecodeError) -> int:
+    return data.count(b"\n", 0, err.start) + 1
+
+
+def _read_jsonl(path: Path, policy: BadSamplePolicy) -> tuple[list[Any], list[Skipped]]:
+    records, skipped = [], []
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                if policy == "error":
+                    raise ConfigError(f"{path}:{number}: not UTF-8 (byte {raw[err.start]:#04x} at column "
+                                      f"{err.start + 1})") from None
+                skipped.append(Skipped(f"{path.name}:{number}", "bad_encoding", f"byte {raw[err.start]:#04x} is not UTF-8"))
+                continue
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                if policy == "error":
+                    raise ConfigError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+                skipped.append(Skipped(f"{path.name}:{number}", "bad_json", err.msg))
+    return records, skipped
+
+
+def _decode_json_list(path: Path, policy: BadSamplePolicy) -> tuple[str, list[Skipped]]:
+    """The file's text; under `skip`, bytes that are not UTF-8 become U+FFFD and each such line is reported
+    (the samples holding them are skipped by read_annotations)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8"), []
+    except UnicodeDecodeError as err:
+        if policy == "error":
+            raise ConfigError(f"{path}:{_bad_line(data, err)}: not UTF-8 (byte {data[err.start]:#04x})") from None
+    bad_lines = sorted({number for number, line in enumerate(data.split(b"\n"), 1)
+                        if line.decode("utf-8", errors="replace") != line.decode("utf-8", errors="ignore")})
+    return data.decode("utf-8", errors="replace"), [Skipped(f"{path.name}:{n}", "bad_encoding", "bytes that are not UTF-8")
+                                                    for n in bad_lines]
+
+
 def read_annotations(path: str | Path, policy: BadSamplePolicy = "skip") -> tuple[list[Any], list[Skipped]]:
-    """Raw records of a JSON list or a JSONL file; an undecodable JSONL line is an error naming the line,
-    or under `skip` a skipped sample."""
+    """Raw records of a JSON list or a JSONL file; an undecodable line (not JSON, not UTF-8) is an error
+    naming the file and line, or under `skip` a skipped sample counted under its reason."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"annotation file {path} does not exist")
     if path.suffix == ".jsonl":
-        records, skipped = [], []
-        with path.open() as lines:
-            for number, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    if policy == "error":
-                        raise ConfigError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-                    skipped.append(Skipped(f"{path.name}:{number}", "bad_json", err.msg))
-        return records, skipped
+        return _read_jsonl(path, policy)
+    text, skipped = _decode_json_list(path, policy)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(text)
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
     if not isinstance(data, list):
         raise ConfigError(f"{path}: expected a JSON list of samples, found {type(data).__name__}")
-    return data, []
+    if skipped:
+        data = [record for record in data if "\ufffd" not in json.dumps(record, ensure_ascii=False)]
+    return data, skipped
 
 
 def normalize(raw: Any, index: int, source: str = "", root: str = "") -> Record:
@@ -80,6 +115,8 @@ def normalize(raw: Any, index: int, source: str = "", root: str = "") -> Record:
         if not isinstance(turn, dict) or turn.get("from") not in ROLES or not isinstance(turn.get("value"), str):
             raise SampleError(sample_id, "bad_conversation", f"bad turn {str(turn)[:80]!r} (expected from: human/gpt, value: str)")
         messages.append({"role": ROLES[turn["from"]], "content": turn["value"]})
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        raise SampleError(sample_id, "nothing_to_learn", "no assistant turn with text: the sample carries no answer to train on")
     image = raw.get("image")
     images = tuple([image] if isinstance(image, str) else image or [])
     tags = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
@@ -94,14 +131,14 @@ def normalize(raw: Any, index: int, source: str = "", root: str = "") -> Record:
     return Record(sample_id, images, tuple(messages), words, root)
 
 
-def load_image(path: Path, sample_id: str) -> Image.Image:
+def load_image(path: Path, sample_id: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
     if not path.is_file():
         raise SampleError(sample_id, "missing_image", str(path))
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image if image.mode == "RGB" else image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as err:
+        return open_rgb(path, max_pixels)
+    except ImageTooLarge as err:
+        raise SampleError(sample_id, "image_too_large", f"{path} ({err})") from None
+    except (UnidentifiedImageError, OSError, ValueError) as err:
         raise SampleError(sample_id, "unreadable_image", f"{path} ({err})") from None
 
 
@@ -123,6 +160,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         image_tokens: int,
         policy: BadSamplePolicy = "skip",
         mask_first_answer_token: bool = False,
+        max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
     ) -> None:
         if policy not in ("skip", "error"):
             raise ConfigError(f"bad-sample policy must be 'skip' or 'error', got {policy!r}")
@@ -131,6 +169,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         self.template, self.tokenizer, self.processor = template, tokenizer, processor
         self.max_length, self.image_tokens, self.policy = max_length, image_tokens, policy
         self.mask_first_answer_token = mask_first_answer_token
+        self.max_image_pixels = max_image_pixels
         self._token_lengths: list[int] | None = None
 
     def __len__(self) -> int:
@@ -177,7 +216,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         if record.images:
             if self.processor is None:
                 raise ConfigError("this dataset has images but no image processor")
-            images = [load_image(Path(record.root) / name, record.sample_id) for name in record.images]
+            images = [load_image(Path(record.root) / name, record.sample_id, self.max_image_pixels) for name in record.images]
             processed = [self.processor(image) for image in images]
             pixels = processed[0][None] if len(processed) == 1 else torch.stack(processed)
         return {

@@ -11,8 +11,8 @@ from mipha_lab.errors import InputError
 
 BadSamplePolicy = Literal["skip", "error"]
 REASONS = (
-    "bad_json", "missing_image", "unreadable_image", "image_tag_mismatch", "empty_conversation",
-    "bad_conversation", "too_long", "mask_error",
+    "bad_json", "bad_encoding", "missing_image", "unreadable_image", "image_too_large", "image_tag_mismatch",
+    "empty_conversation", "nothing_to_learn", "bad_conversation", "too_long", "mask_error",
 )
 
 

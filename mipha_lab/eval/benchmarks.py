@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 from PIL import Image
 
+from mipha_lab.data.image_files import open_rgb
 from mipha_lab.errors import ConfigError
 from mipha_lab.eval import submission
 from mipha_lab.eval.scoring.answers import read_json, read_jsonl
@@ -53,7 +54,7 @@ class Benchmark:
 
 
 def _image_file(folder: Path, name: str) -> Callable[[], Image.Image]:
-    return lambda: Image.open(folder / name).convert("RGB")
+    return lambda: open_rgb(folder / name)
 
 
 def _with_suffix(text: str, suffix: str) -> str:
@@ -74,7 +75,7 @@ def scienceqa_questions(paths: dict[str, Path]) -> list[Question]:
 
 
 def _base64_image(data: str) -> Callable[[], Image.Image]:
-    return lambda: Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")
+    return lambda: open_rgb(io.BytesIO(base64.b64decode(data)))
 
 
 def mmbench_questions(paths: dict[str, Path], suffix: str = LETTER) -> list[Question]:

@@ -12,6 +12,7 @@ from PIL import Image
 
 from mipha_lab.data.image_processing import ImageProcessor
 from mipha_lab.data.templates import Template, encode_prompt
+from mipha_lab.data.image_files import open_rgb
 from mipha_lab.errors import InputError
 
 
@@ -22,8 +23,8 @@ def open_image(source: str) -> Image.Image:
             from urllib.request import urlopen
 
             with urlopen(source, timeout=30) as response:  # noqa: S310 - the user's own URL
-                return Image.open(BytesIO(response.read())).convert("RGB")
-        return Image.open(Path(source)).convert("RGB")
+                return open_rgb(BytesIO(response.read()))
+        return open_rgb(Path(source))
     except (OSError, ValueError) as err:
         raise InputError(f"cannot read the image {source}: {err}") from err
 

@@ -46,6 +46,7 @@ def stage_dataset(model: MultimodalModel, stage: StageConfig, experiment: Experi
         ImageProcessor(model.vision_tower.image_spec, stage.image_strategy),
         max_length=stage.max_length, image_tokens=model.num_image_tokens, policy=stage.bad_samples,
         mask_first_answer_token=experiment.quirks.mask_first_answer_token,
+        max_image_pixels=experiment.max_image_pixels,
     )
     return dataset, skipped
 
