@@ -12,9 +12,10 @@ import sys
 from pathlib import Path
 
 from mipha_lab.errors import ConfigError, exit_status
+from mipha_lab.output_folder import check_output, write_folder
 
 
-def convert_mipha(source: Path, out: Path, allow_pickle: bool = False) -> Path:
+def convert_mipha(source: Path, out: Path, allow_pickle: bool = False, overwrite: bool = False) -> Path:
     from mipha_lab.model.build import load_model_folder
     from mipha_lab.model.released import RELEASED, is_released
 
@@ -24,9 +25,9 @@ def convert_mipha(source: Path, out: Path, allow_pickle: bool = False) -> Path:
     if not is_released(json.loads(config_path.read_text())):
         raise ConfigError(f"{config_path}: model_type is not one of {', '.join(RELEASED)} (a released Mipha / "
                           "LLaVA-Phi checkpoint); a mipha-lab model needs no conversion")
+    check_output(out, source, overwrite)
     model = load_model_folder(source, allow_pickle=allow_pickle)
-    model.save_pretrained(out)
-    return out
+    return write_folder(out, model.save_pretrained)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,10 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", type=Path, help="the folder to write")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="read .bin/.pt weights (torch.load with weights_only=True); refused otherwise")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace OUT_DIR when it is not empty or is the folder being read (refused otherwise)")
     args = parser.parse_args(argv)
 
     def run() -> int:
-        out = convert_mipha(args.source, args.out, args.allow_pickle)
+        out = convert_mipha(args.source, args.out, args.allow_pickle, args.overwrite)
         print(f"wrote {out} (load it with MultimodalModel.from_pretrained or any --model-path)")
         return 0
 

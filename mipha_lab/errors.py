@@ -1,8 +1,9 @@
 """Errors users see: each names the file, key or component at fault and what was expected."""
 from __future__ import annotations
 
+import contextlib
 import sys
-from typing import Callable
+from typing import Callable, Iterator
 
 
 class MiphaLabError(Exception):
@@ -25,6 +26,25 @@ class UnknownNameError(MiphaLabError, KeyError):
 
 class StorageError(MiphaLabError, OSError):
     """A write failed (a full disk, a quota, a file too large); finished work before it is kept."""
+
+
+def _is_write_failure(err: BaseException) -> bool:
+    return isinstance(err, OSError) or type(err).__name__ == "SafetensorError"  # safetensors' I/O errors
+
+
+@contextlib.contextmanager
+def disk_writes(what: str, advice: str) -> Iterator[None]:
+    """A failed write (a full disk, a quota) becomes a StorageError saying what was being written and what
+    to do; anything else passes through."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except Exception as err:
+        if not _is_write_failure(err):
+            raise
+        reason = getattr(err, "strerror", None) or str(err)
+        raise StorageError(f"{what} failed: {reason}; {advice}") from None
 
 
 class InputError(MiphaLabError, ValueError):

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from mipha_lab.errors import ConfigError, exit_status
+from mipha_lab.output_folder import check_output, write_folder
 
 # tower model_type -> (Llava's feature strategy for our `patch` selection, extra tokens before the patches)
 LLAVA_TOWERS = {"siglip_vision_model": ("full", 0), "clip_vision_model": ("default", 1)}
@@ -147,24 +148,28 @@ def to_llava(model: Any) -> tuple[Any, Any]:
     return llava, processor
 
 
-def export_hf_llava(source: Path, out: Path, allow_pickle: bool = False) -> Path:
+def export_hf_llava(source: Path, out: Path, allow_pickle: bool = False, overwrite: bool = False) -> Path:
     from mipha_lab.eval.runner import load_model
 
+    check_output(out, source, overwrite)
     llava, processor = to_llava(load_model(source, allow_pickle=allow_pickle))
-    llava.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+
+    def write(folder: Path) -> None:
+        llava.save_pretrained(folder)
+        processor.save_pretrained(folder)
+
+    return write_folder(out, write)
 
 
-def export_merged(source: Path, out: Path, allow_pickle: bool = False) -> tuple[Path, int]:
+def export_merged(source: Path, out: Path, allow_pickle: bool = False, overwrite: bool = False) -> tuple[Path, int]:
     """Our format with every LoRA adapter folded into its base weights (the same outputs, plain layers)."""
     from mipha_lab.eval.runner import load_model
     from mipha_lab.model.adapters import merge_lora
 
+    check_output(out, source, overwrite)
     model = load_model(source, allow_pickle=allow_pickle)
     merged = merge_lora(model)
-    model.save_pretrained(out)
-    return out, merged
+    return write_folder(out, model.save_pretrained), merged
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -175,6 +180,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("out", type=Path, help="the folder to write")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="read .bin/.pt weights (torch.load with weights_only=True); refused otherwise")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace OUT_DIR when it is not empty or is the model being read (refused otherwise)")
     return parser.parse_args(argv)
 
 
@@ -185,11 +192,11 @@ def main(argv: list[str] | None = None) -> int:
         if not args.source.exists():
             raise ConfigError(f"{args.source}: no such run folder or model folder")
         if args.format == "hf-llava":
-            out = export_hf_llava(args.source, args.out, args.allow_pickle)
+            out = export_hf_llava(args.source, args.out, args.allow_pickle, args.overwrite)
             print(f"wrote {out}: LlavaForConditionalGeneration + LlavaProcessor (load with "
                   f"LlavaForConditionalGeneration.from_pretrained('{out}') and AutoProcessor.from_pretrained('{out}'))")
         else:
-            out, merged = export_merged(args.source, args.out, args.allow_pickle)
+            out, merged = export_merged(args.source, args.out, args.allow_pickle, args.overwrite)
             print(f"wrote {out}: {merged} LoRA layer(s) merged into their base weights")
         return 0
 

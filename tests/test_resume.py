@@ -154,3 +154,12 @@ def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, da
     assert steps and steps[-1] == record["step"] - 1  # nothing written after the last good step
     last = load_file(str(run / "checkpoints" / f"step-{steps[-1]:08d}" / "model.safetensors"))
     assert all(torch.isfinite(t).all() for t in last.values())
+    # the advice can be followed: the keys it names may change on this resume, others may not
+    assert "stages.align.optimizer.lr" in out.stderr and "--allow-changed-data" in out.stderr
+    other = launch(tmp_path, data_root, "stages.align.optimizer.lr=1.0e-3", "checkpoint.every_steps=1", "seed=5")
+    assert other.returncode == 2 and "differs in: seed" in other.stderr, other.stderr[-2000:]
+    fixed = launch(tmp_path, data_root, "stages.align.optimizer.lr=1.0e-3", "checkpoint.every_steps=1")
+    assert fixed.returncode == 0, fixed.stderr[-3000:]
+    assert "changed stages.align.optimizer.lr" in fixed.stderr
+    assert json.loads((run / "status.json").read_text())["state"] == "done"
+    assert "lr: 0.001" in (run / "config.yaml").read_text()

@@ -42,17 +42,17 @@ def ensure_generated(card: MixtureCard, data_root: Path) -> None:
     """Synthetic mixtures write their data into the data root the first time they are used."""
     if card.generate != "shapes":
         return
-    from mipha_lab.data.synthetic import generate
+    from mipha_lab.data.synthetic import generate, is_complete
 
     def missing() -> bool:
-        return not all((data_root / source.annotations).is_file() for source in card.sources)
+        return not is_complete(data_root / "shapes")
 
     if missing():
         # the jobs of a sweep may start together on a fresh data root: one generates, the others wait
         import fcntl
 
-        (data_root / "shapes").mkdir(parents=True, exist_ok=True)
-        with open(data_root / "shapes" / ".generating.lock", "w") as lock:
+        data_root.mkdir(parents=True, exist_ok=True)
+        with open(data_root / ".shapes.generating.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if missing():
                 log.info("generating the synthetic shapes data into %s", data_root / "shapes")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -110,8 +111,28 @@ def questions(scene: list[Shape], rng: random.Random) -> list[tuple[str, str, st
     return items
 
 
+COMPLETE = ".complete"  # written last: a folder without it is not a finished dataset
+
+
+def is_complete(out: Path) -> bool:
+    return (out / COMPLETE).is_file()
+
+
 def generate(out: Path, n_train: int = 16000, n_eval: int = 200, seed: int = 0, progress: bool = True) -> dict:
-    """Write the whole layout; returns counts. Deterministic by seed."""
+    """Write the whole layout; returns counts. Deterministic by seed. Written into a staging folder beside
+    `out` and renamed into place when complete, so a kill never leaves a half dataset under `out`."""
+    out = Path(out)
+    staging = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    counts = _write_layout(staging, n_train, n_eval, seed, progress)
+    (staging / COMPLETE).write_text(json.dumps(counts) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    return counts
+
+
+def _write_layout(out: Path, n_train: int, n_eval: int, seed: int, progress: bool) -> dict:
     from tqdm import tqdm
 
     rng = random.Random(seed)
@@ -160,7 +181,7 @@ def generate(out: Path, n_train: int = 16000, n_eval: int = 200, seed: int = 0, 
         write_jsonl(pope_dir / f"shapes_pope_{split}.json", rows)
     counts = {"train": n_train, "eval_images": n_eval, "vqa_questions": len(vqa_q), "pope_questions": len(pope_q)}
     if progress:
-        print(f"shapes: wrote {counts} to {out} in {time.time() - start:.1f} s", file=sys.stderr)
+        print(f"shapes: wrote {counts} in {time.time() - start:.1f} s", file=sys.stderr)
     return counts
 
 

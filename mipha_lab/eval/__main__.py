@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mipha_lab.errors import exit_status
-from mipha_lab.eval.scoring.answers import ScoreInputError, read_json, read_jsonl
+from mipha_lab.eval.scoring.answers import ScoreInputError, read_answers, read_json, read_jsonl
 
 
 def _need(args: argparse.Namespace, *names: str) -> None:
@@ -37,21 +37,21 @@ def score_pope(args: argparse.Namespace) -> dict[str, Any]:
     from mipha_lab.eval.scoring.pope import score_pope
 
     _need(args, "questions", "answers", "annotations")
-    return score_pope(read_jsonl(args.questions), read_jsonl(args.answers), args.annotations)
+    return score_pope(read_jsonl(args.questions), read_answers(args.answers), args.annotations)
 
 
 def score_mme(args: argparse.Namespace) -> dict[str, Any]:
     from mipha_lab.eval.scoring.mme import score_mme
 
     _need(args, "questions", "answers", "ground_truth")
-    return score_mme(read_jsonl(args.questions), read_jsonl(args.answers), args.ground_truth)
+    return score_mme(read_jsonl(args.questions), read_answers(args.answers), args.ground_truth)
 
 
 def score_scienceqa(args: argparse.Namespace) -> dict[str, Any]:
     from mipha_lab.eval.scoring.scienceqa import score_scienceqa
 
     _need(args, "questions", "answers")
-    return score_scienceqa(read_json(args.questions), read_jsonl(args.answers))
+    return score_scienceqa(read_json(args.questions), read_answers(args.answers))
 
 
 def score_mmbench(args: argparse.Namespace) -> dict[str, Any]:
@@ -60,7 +60,7 @@ def score_mmbench(args: argparse.Namespace) -> dict[str, Any]:
     if args.table is not None:
         return score_mmbench_table(args.table)
     _need(args, "questions", "answers")
-    return score_mmbench(args.questions, read_jsonl(args.answers))
+    return score_mmbench(args.questions, read_answers(args.answers))
 
 
 def score_vqav2(args: argparse.Namespace) -> dict[str, Any]:
@@ -74,14 +74,14 @@ def score_textvqa(args: argparse.Namespace) -> dict[str, Any]:
     from mipha_lab.eval.scoring.vqa import score_textvqa
 
     _need(args, "annotations", "answers")
-    return score_textvqa(read_json(args.annotations), read_jsonl(args.answers))
+    return score_textvqa(read_json(args.annotations), read_answers(args.answers))
 
 
 def score_gqa(args: argparse.Namespace) -> dict[str, Any]:
     from mipha_lab.eval.scoring.gqa import score_gqa
 
     _need(args, "questions", "answers")
-    return score_gqa(read_json(args.questions), read_jsonl(args.answers))
+    return score_gqa(read_json(args.questions), read_answers(args.answers))
 
 
 SCORERS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {

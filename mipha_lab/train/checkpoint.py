@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mipha_lab.errors import StorageError
+from mipha_lab.errors import StorageError, disk_writes
 from mipha_lab.train import faults
 
 CHECKPOINTS = "checkpoints"
@@ -78,16 +78,15 @@ class CheckpointWriter:
         A failed write (a full disk) removes the partial folder and says which checkpoint resumes."""
         final = self.root / f"{PREFIX}{state.global_step:08d}"
         partial = self.root / f".partial-{final.name}"
+        kept = latest_checkpoint(self.root.parent)
         try:
-            return self._save(final, partial, state, model_state, engine)
-        except OSError as err:
+            with disk_writes(f"writing checkpoint {final.name} in {self.root}",
+                             f"the last complete checkpoint ({kept.name if kept else 'none yet'}) is kept - free "
+                             "space, then launch the same command again to resume from it"):
+                return self._save(final, partial, state, model_state, engine)
+        except StorageError:
             shutil.rmtree(partial, ignore_errors=True)  # give the space back; complete checkpoints stay
-            kept = latest_checkpoint(self.root.parent)
-            raise StorageError(
-                f"writing checkpoint {final.name} in {self.root} failed: {err.strerror or err}"
-                f"{f' ({err.filename})' if err.filename else ''}; the last complete checkpoint "
-                f"({kept.name if kept else 'none yet'}) is kept - free space, then launch the same command again "
-                "to resume from it") from None
+            raise
 
     def _save(self, final: Path, partial: Path, state: TrainState, model_state: dict[str, torch.Tensor] | None,
               engine: Any) -> Path:

@@ -12,7 +12,7 @@ import torch
 
 from mipha_lab.config import AFTER_NONFINITE, Experiment, config_differences
 from mipha_lab.data.mixtures import ensure_generated
-from mipha_lab.errors import ConfigError
+from mipha_lab.errors import ConfigError, disk_writes
 from mipha_lab.model import MultimodalModel, build_vlm
 from mipha_lab.model.adapters import merge_lora
 from mipha_lab.registry import MIXTURES, add_card_dir
@@ -57,6 +57,12 @@ def rebuilt(experiment: Experiment, checkpoint: Path, dist: Distributed) -> Mult
 
 def save_model(model: MultimodalModel, folder: Path, dist: Distributed, zero3: bool) -> None:
     """The full model, gathered from every rank under ZeRO-3, written by rank 0."""
+    with disk_writes(f"saving the model to {folder}", "the last complete checkpoint is kept - free space, then "
+                                                      "launch the same command again to resume from it"):
+        _save_model(model, folder, dist, zero3)
+
+
+def _save_model(model: MultimodalModel, folder: Path, dist: Distributed, zero3: bool) -> None:
     if zero3:
         import deepspeed
 
@@ -73,7 +79,8 @@ def publish_final(run_path: Path, last_stage: str, dist: Distributed) -> None:
     if dist.main:
         final, staging = run_path / "final", run_path / "final.partial"
         shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(run_path / "stages" / last_stage, staging)
+        with disk_writes(f"writing {final}", "the trained stages are kept - free space, then launch again"):
+            shutil.copytree(run_path / "stages" / last_stage, staging)
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
     dist.barrier()

@@ -27,6 +27,32 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def read_answers(path: str | Path) -> list[dict[str, Any]]:
+    """An answer file in LLaVA's format: every line an object with a `question_id` (integer or string) and
+    the answer's `text` (a string); anything else is an error naming the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ScoreInputError(f"{path} does not exist")
+    rows = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ScoreInputError(f"{path}, line {number}: not JSON ({err.msg})") from None
+        if not isinstance(row, dict) or "question_id" not in row:
+            raise ScoreInputError(f"{path}, line {number}: expected an object with 'question_id' and 'text'")
+        if not isinstance(row["question_id"], (int, str)) or isinstance(row["question_id"], bool):
+            raise ScoreInputError(f"{path}, line {number}: question_id {row['question_id']!r} is neither an integer nor a string")
+        if not isinstance(row.get("text"), str):
+            found = "missing" if "text" not in row else f"{row['text']!r}"
+            raise ScoreInputError(f"{path}, line {number}: 'text' is {found}; expected the answer as a string "
+                                  "(an empty string for no answer)")
+        rows.append(row)
+    return rows
+
+
 def read_json(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
@@ -45,6 +71,7 @@ def _sample(values: Iterable[Any], limit: int = 5) -> str:
 
 def check_ids(answer_keys: list[Hashable], expected: list[Hashable], what: str, ordered: bool = False) -> None:
     """Every expected key answered exactly once (and in order, where the scorer pairs by position)."""
+    _check_id_types(answer_keys, expected, what)
     counts = Counter(answer_keys)
     duplicates = [k for k, n in counts.items() if n > 1]
     if duplicates:
@@ -59,6 +86,23 @@ def check_ids(answer_keys: list[Hashable], expected: list[Hashable], what: str, 
         wrong = [a for a, e in zip(answer_keys, expected) if a != e]
         raise ScoreInputError(f"{what}: answers are not in question-file order (this scorer pairs by position); "
                               f"first out of place: {_sample(wrong)}")
+
+
+def _kind(key: Hashable) -> str:
+    value = key[0] if isinstance(key, tuple) and key else key
+    return "integer" if isinstance(value, int) else "string" if isinstance(value, str) else type(value).__name__
+
+
+def _check_id_types(answer_keys: list[Hashable], expected: list[Hashable], what: str) -> None:
+    """Ids of one type where the questions have another ("12" for 12) would all go unmatched: say so."""
+    if not expected:
+        return
+    wanted = _kind(expected[0])
+    for index, key in enumerate(answer_keys):
+        if _kind(key) != wanted:
+            raise ScoreInputError(f"{what}: answer {index + 1} (line {index + 1} of a file without blank lines) has "
+                                  f"question_id {key!r}, a {_kind(key)}, where the questions' ids are {wanted}s "
+                                  f"(e.g. {expected[0]!r})")
 
 
 def percent(value: float) -> float:
