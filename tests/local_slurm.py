@@ -1,7 +1,7 @@
 """A real single-node Slurm cluster for the tests: munge, MariaDB + slurmdbd (real accounting, so
 `sacct` and submitit report true job states), slurmctld and slurmd, all under one scratch folder.
 
-The Debian packages (slurm-wlm, slurmdbd, munge, mariadb-server) are installed by `.ci/run`.
+The Debian packages (slurm-wlm, slurmdbd, munge, mariadb-server) are installed by `./test.sh` when missing.
 `python tests/local_slurm.py DIR` starts one by hand and prints the SLURM_CONF to export.
 """
 from __future__ import annotations

@@ -13,11 +13,12 @@ from mipha_lab.eval.shapes import CHANCE
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # ~7 minutes on 2 idle cores; a loaded machine was seen to take over 10
 def test_demo_trains_and_beats_the_thresholds(tmp_path):
     env = {**os.environ, "WANDB_MODE": "offline"}
     start = time.time()
     out = subprocess.run([sys.executable, "-m", "mipha_lab.launch"], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=900, env=env)
+                         timeout=2300, env=env)
     minutes = (time.time() - start) / 60
     assert out.returncode == 0, out.stderr[-4000:]
     run = tmp_path / "runs" / "demo_shapes"

@@ -21,4 +21,6 @@ def test_python_api_example_runs():
 def test_quickstart_has_exactly_two_commands():
     block = README.read_text().split("## Quickstart", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
     commands = [line for line in block.splitlines() if line.strip()]
-    assert len(commands) == 2 and commands[1].endswith("python -m pytest -q")
+    assert len(commands) == 2 and commands[1] == "./test.sh"
+    ci = (README.parent / ".ci" / "run").read_text().splitlines()
+    assert [line for line in ci if line.startswith("./")] == ["./test.sh"]  # CI calls exactly the README's command
