@@ -43,6 +43,8 @@ def lm_config(card: LLMCard, attn_implementation: str = "sdpa"):
         # (Mipha-2.4B was trained with the exact GELU its config names)
         log.info("%s: keeping hidden_act=%s (transformers changed it to %s)", card.name, arch["hidden_act"], config.hidden_act)
         config.hidden_act = arch["hidden_act"]
+    if "hidden_act" in arch and hasattr(config, "hidden_activation"):
+        config.hidden_activation = arch["hidden_act"]  # transformers 4's Gemma runs this key, not hidden_act
     config._attn_implementation = transformers_attention(attn_implementation)
     return config
 
