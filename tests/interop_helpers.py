@@ -13,12 +13,19 @@ from safetensors.torch import save_file
 from mipha_lab.data.image_processing import ImageProcessor
 from mipha_lab.data.templates import encode_prompt, get_template
 from mipha_lab.model import MultimodalModel
+from mipha_lab.registry import LLM
 from mipha_lab.serve.cli import EXAMPLE_IMAGE
 
 VISION_HUB = {"siglip_vision_model": "google/siglip-so400m-patch14-384", "clip_vision_model": "openai/clip-vit-large-patch14-336"}
 LM_FIELDS_DROPPED = ("model_type", "architectures", "transformers_version", "dtype", "torch_dtype", "tie_word_embeddings",
                      "_name_or_path", "output_hidden_states", "return_dict", "chunk_size_feed_forward",
                      "is_encoder_decoder", "id2label", "label2id", "problem_type")
+
+
+def gelu_gemma():
+    """tiny Gemma as Mipha-2.4B ran it: `hidden_act: gelu`, the exact (erf) GELU."""
+    card = LLM.get("tiny-gemma-2b")
+    return card.model_copy(update={"architecture": {**card.architecture, "hidden_act": "gelu"}}).named("tiny-gemma-gelu")
 
 
 def released_name(ours: str) -> str:

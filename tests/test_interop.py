@@ -15,13 +15,8 @@ import torch
 from mipha_lab.data.templates import get_template
 from mipha_lab.errors import ConfigError
 from mipha_lab.model import MultimodalModel, build_vlm
-from mipha_lab.registry import LLM
-from tests.interop_helpers import QUESTION, hf_llava_outputs, inputs, logits, released_name, write_released
+from tests.interop_helpers import QUESTION, gelu_gemma, hf_llava_outputs, inputs, logits, released_name, write_released
 
-def gelu_gemma():
-    """tiny Gemma as Mipha-2.4B ran it: `hidden_act: gelu`, the exact (erf) GELU."""
-    card = LLM.get("tiny-gemma-2b")
-    return card.model_copy(update={"architecture": {**card.architecture, "hidden_act": "gelu"}}).named("tiny-gemma-gelu")
 
 
 LAYOUTS = {

@@ -23,17 +23,12 @@ from safetensors.torch import load_file
 
 from mipha_lab.constants import IMAGE_TOKEN_INDEX
 from mipha_lab.model import MultimodalModel, build_vlm
-from mipha_lab.registry import LLM
-from tests.interop_helpers import inputs, write_released
+from tests.interop_helpers import gelu_gemma, inputs, write_released
 
 TOWER, PROJECTOR = "model.vision_tower.", "model.mm_projector."
 TOWER_EXTRAS = ("mm_vision_select_feature", "mm_vision_select_layer", "vision_model_name_or_path")
 
 
-def gelu_gemma():
-    """tiny Gemma as Mipha-2.4B ran it: `hidden_act: gelu`, the exact (erf) GELU."""
-    card = LLM.get("tiny-gemma-2b")
-    return card.model_copy(update={"architecture": {**card.architecture, "hidden_act": "gelu"}}).named("tiny-gemma-gelu")
 
 
 CASES = {
