@@ -154,12 +154,50 @@ def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, da
     assert steps and steps[-1] == record["step"] - 1  # nothing written after the last good step
     last = load_file(str(run / "checkpoints" / f"step-{steps[-1]:08d}" / "model.safetensors"))
     assert all(torch.isfinite(t).all() for t in last.values())
-    # the advice can be followed: the keys it names may change on this resume, others may not
     assert "stages.align.optimizer.lr" in out.stderr and "--allow-changed-data" in out.stderr
-    other = launch(tmp_path, data_root, "stages.align.optimizer.lr=1.0e-3", "checkpoint.every_steps=1", "seed=5")
+
+
+def test_the_advice_after_a_non_finite_stop_can_be_followed(tmp_path, data_root):
+    """The instruct stage's first step applies a huge learning rate; the next loss is NaN. Its advice (lower
+    the learning rate, launch again) resumes from the last good checkpoint (the stage boundary) and finishes;
+    a key the advice does not name is still refused."""
+    out = launch(tmp_path, data_root, "stages.instruct.optimizer.lr=1.0e+30", "checkpoint.every_steps=100")
+    assert out.returncode == 2 and "stages.instruct.optimizer.lr" in out.stderr, out.stderr[-3000:]
+    run = tmp_path / "runs" / "micro"
+    other = launch(tmp_path, data_root, "stages.instruct.optimizer.lr=1.0e-3", "checkpoint.every_steps=100", "seed=5")
     assert other.returncode == 2 and "differs in: seed" in other.stderr, other.stderr[-2000:]
-    fixed = launch(tmp_path, data_root, "stages.align.optimizer.lr=1.0e-3", "checkpoint.every_steps=1")
+    fixed = launch(tmp_path, data_root, "stages.instruct.optimizer.lr=1.0e-3", "checkpoint.every_steps=100")
     assert fixed.returncode == 0, fixed.stderr[-3000:]
-    assert "changed stages.align.optimizer.lr" in fixed.stderr
+    assert "changed stages.instruct.optimizer.lr" in fixed.stderr
     assert json.loads((run / "status.json").read_text())["state"] == "done"
     assert "lr: 0.001" in (run / "config.yaml").read_text()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 21)) and all(v < 1e-2 for r in rows[5:] for v in r["lr"].values())
+
+
+def test_changed_hyperparameters_win_over_a_loaded_optimizer_state(tmp_path):
+    """What the resume relies on: after loading a checkpoint's optimizer and schedule, the experiment's
+    learning rate is applied exactly as the schedule computes it."""
+    from mipha_lab.config import OptimizerConfig, ScheduleConfig
+    from mipha_lab.train.engine import configured, lr_lambda, reapply
+
+    def engine(lr: float):
+        param = torch.nn.Parameter(torch.ones(3))
+        optimizer = torch.optim.AdamW([{"params": [param], "name": "p"}], lr=OptimizerConfig(lr=lr).lr)
+        return param, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(ScheduleConfig(), 10))
+
+    param, optimizer, scheduler = engine(1.0)
+    for _ in range(3):
+        param.sum().backward()
+        optimizer.step()
+        scheduler.step()
+    saved = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    for lr in (1.0, 0.25):
+        _, fresh, schedule = engine(lr)
+        wanted = configured(fresh)
+        fresh.load_state_dict(saved["optimizer"])
+        schedule.load_state_dict(saved["scheduler"])
+        reapply(fresh, schedule, wanted)
+        assert fresh.param_groups[0]["lr"] == lr * lr_lambda(ScheduleConfig(), 10)(3)
+        if lr == 1.0:  # unchanged: exactly what the uninterrupted schedule holds
+            assert fresh.param_groups[0]["lr"] == optimizer.param_groups[0]["lr"]

@@ -15,6 +15,7 @@ runs with the features scaled twice, or not at all.
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -40,6 +41,18 @@ def _first_layer(lm: nn.Module) -> nn.Module | None:
     return layers[0] if layers is not None and len(layers) else None
 
 
+def _lookup_factor(embedding: nn.Module) -> float:
+    """The embedding layer's own forward on a one-row table of ones (a shallow copy: the model's weights,
+    which may be uninitialised, are not involved and not touched)."""
+    weight = embedding.weight
+    probe = copy.copy(embedding)
+    probe._parameters = dict(embedding._parameters)
+    probe.weight = nn.Parameter(torch.ones(1, weight.shape[1], dtype=weight.dtype, device=weight.device), requires_grad=False)
+    if hasattr(probe, "padding_idx"):
+        probe.padding_idx = None
+    return float(probe(torch.zeros(1, 1, dtype=torch.long, device=weight.device)).double().mean())
+
+
 @torch.no_grad()
 def measured_factors(lm: nn.Module) -> tuple[float, float] | None:
     """(factor applied at lookup, factor applied by the decoder's forward before its first layer), measured
@@ -48,11 +61,7 @@ def measured_factors(lm: nn.Module) -> tuple[float, float] | None:
     weight = embedding.weight
     if weight.is_meta:
         return None
-    row = int(weight.detach().float().norm(dim=1).argmax())
-    ids = torch.tensor([[row]], device=weight.device)
-    stored = weight[row].detach().double()
-    looked_up = embedding(ids)[0, 0].double()
-    at_lookup = float(looked_up @ stored / (stored @ stored))
+    at_lookup = _lookup_factor(embedding)
     layer = _first_layer(lm)
     if layer is None:
         return at_lookup, 1.0

@@ -343,5 +343,6 @@ class StageRunner:
             f"last checkpoint is kept, the batch's {len(ids)} sample ids are in {self.run.path / 'nonfinite.json'}. "
             f"Fix the cause, then launch again to resume: lower stages.{self.stage.name}.optimizer.lr or "
             f"max_grad_norm (eps, betas, weight_decay and schedule.warmup_ratio may change too), or repair or "
-            "remove those samples and launch with --allow-changed-data"
+            "remove those samples and launch with --allow-changed-data (if the last checkpoint is itself "
+            "degraded, move it out of checkpoints/ to resume from the one before)"
         )
