@@ -99,10 +99,24 @@ def fold_feature_scale(model: Any, llava: Any) -> float:
     return factor
 
 
+def llava_tokenizer(tokenizer: Any) -> Any:
+    """A copy that returns only what Llava's forward takes (`generate(**processor(...))` in transformers 4
+    refuses the `token_type_ids` some tokenizers add)."""
+    import copy
+
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.model_input_names = ["input_ids", "attention_mask"]
+    tokenizer.init_kwargs["model_input_names"] = tokenizer.model_input_names  # saved in tokenizer_config.json
+    return tokenizer
+
+
 def to_llava(model: Any) -> tuple[Any, Any]:
     """(LlavaForConditionalGeneration with our weights, LlavaProcessor) for a MultimodalModel."""
     from transformers import GenerationConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+    try:  # transformers 5 names the PIL processor apart; transformers 4's LlavaImageProcessor is the PIL one
+        from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+    except ImportError:
+        from transformers import LlavaImageProcessor as LlavaImageProcessorPil
 
     from mipha_lab.constants import IMAGE_TOKEN
     from mipha_lab.data.image_processing import ImageProcessor
@@ -141,7 +155,7 @@ def to_llava(model: Any) -> tuple[Any, Any]:
     images = ImageProcessor(tower.image_spec).hf_config()
     images.pop("image_processor_type")
     processor = LlavaProcessor(
-        image_processor=LlavaImageProcessorPil(**images, do_pad=True), tokenizer=tokenizer,
+        image_processor=LlavaImageProcessorPil(**images, do_pad=True), tokenizer=llava_tokenizer(tokenizer),
         patch_size=tower.patch_size, vision_feature_select_strategy=strategy, num_additional_image_tokens=extra,
         chat_template=template.jinja(), image_token=IMAGE_TOKEN,
     )

@@ -28,8 +28,18 @@ def images() -> list[Image.Image]:
     ]
 
 
+def pil_processors() -> tuple[type, type]:
+    """transformers' PIL processors of SigLIP and CLIP: named apart in transformers 5, the plain classes in 4."""
+    try:
+        from transformers import CLIPImageProcessorPil, SiglipImageProcessorPil
+    except ImportError:
+        from transformers import CLIPImageProcessor as CLIPImageProcessorPil
+        from transformers import SiglipImageProcessor as SiglipImageProcessorPil
+    return SiglipImageProcessorPil, CLIPImageProcessorPil
+
+
 def hf_processor(card_name: str):
-    from transformers import CLIPImageProcessorPil, SiglipImageProcessorPil
+    SiglipImageProcessorPil, CLIPImageProcessorPil = pil_processors()
 
     spec = VISION.get(card_name).image
     common = dict(image_mean=list(spec.mean), image_std=list(spec.std), resample=3, rescale_factor=spec.rescale_factor)
@@ -102,7 +112,7 @@ def test_unknown_strategy_is_refused():
 @pytest.mark.parametrize("card_name", ["siglip-so400m-384", "clip-vit-l-336"])
 def test_resize_strategies_equal_the_pil_processors(card_name):
     """`resize-naive` is a plain square resize, `resize-crop` short side then centre crop, for any encoder."""
-    from transformers import CLIPImageProcessorPil, SiglipImageProcessorPil
+    SiglipImageProcessorPil, CLIPImageProcessorPil = pil_processors()
 
     spec = VISION.get(card_name).image
     common = dict(image_mean=list(spec.mean), image_std=list(spec.std), resample=3)

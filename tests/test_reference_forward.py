@@ -114,7 +114,7 @@ def test_our_forward_equals_plain_transformers_and_a_hand_written_splice(case, t
 
 def test_unscaled_features_would_fail_the_reference(tmp_path):
     """The test above can fail: Gemma with the features left unscaled (transformers 5's default splice)
-    is far from the original's logits."""
+    is well outside the tolerance the test above allows."""
     torch.manual_seed(0)
     source = build_vlm("tiny-siglip-so400m-384", gelu_gemma()).eval()
     write_released(source, tmp_path / "released", "mipha_gemma", gemma=True)
@@ -124,4 +124,4 @@ def test_unscaled_features_would_fail_the_reference(tmp_path):
     ours.image_feature_factor = 1.0 / ours.image_feature_factor if ours.image_feature_factor != 1.0 else 8.0
     with torch.no_grad():
         wrong = ours(ids, mask, pixels).logits
-    assert (wrong - expected).abs().max() > 1e-2
+    assert (wrong - expected).abs().max() > 1e-3  # ten times the tolerance the test above allows

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -64,17 +65,26 @@ class TransformersVisionTower(VisionTower):
 
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Runs the blocks up to the feature layer only: the encoder loops over a shortened list of the
-        same modules (the released towers' last block is never used; it stays, unrun, for checkpoints)."""
+        same modules (the released towers' last block is never used; it stays, unrun, for checkpoints).
+        The feature is that block's own output, taken by a hook: the `hidden_states` tuple is not used,
+        because transformers 4.5x puts the post-layernormed state in its last entry."""
         kwargs = {"interpolate_pos_encoding": True} if self._interpolate else {}
         index = self.absolute_layer(self.num_layers)
         encoder, name = self._encoder
         blocks = getattr(encoder, name)
+        taken: list[torch.Tensor] = []
+
+        def take(_module: nn.Module, _args: tuple, output: Any) -> None:
+            taken.append(output[0] if isinstance(output, tuple) else output)
+
+        handle = blocks[index].register_forward_hook(take)
         setattr(encoder, name, blocks[: index + 1])
         try:
-            out = self.backbone(pixel_values=pixel_values, output_hidden_states=True, **kwargs)
+            self.backbone(pixel_values=pixel_values, **kwargs)
         finally:
             setattr(encoder, name, blocks)
-        return out.hidden_states[index + 1]
+            handle.remove()
+        return taken[-1]
 
 
 class TimmVisionTower(VisionTower):
