@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, field_validator, model_validator
 
+from mipha_lab.constants import MAX_IMAGE_PIXELS
 from mipha_lab.errors import ConfigError
 from mipha_lab.validation import StrictModel, load_yaml, validate
 
@@ -208,7 +209,7 @@ class Experiment(StrictModel):
     data_root: str = "./data"
     data_workers: int = 0  # DataLoader worker processes per rank
     # images with more pixels are skipped (reason image_too_large) before decoding; PIL's bomb guard by default
-    max_image_pixels: int | None = Field(89_478_485, gt=0)
+    max_image_pixels: int | None = Field(MAX_IMAGE_PIXELS, gt=0)
     runs_root: str = "./runs"
     run_name: str | None = None
     extends_chain: list[str] = Field(default_factory=list)  # filled by the loader

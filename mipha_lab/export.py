@@ -82,16 +82,13 @@ def fold_feature_scale(model: Any, llava: Any) -> float:
     scales at lookup (Gemma under transformers 5) would leave the features unscaled there. The factor
     they still need is folded into the projector's last linear layer (weight and bias), exactly as the
     model scales them (embedding_scale.py). Returns the factor folded (1.0: nothing to do)."""
-    from mipha_lab.model.embedding_scale import declared_factor, measured_factors
+    from mipha_lab.model.embedding_scale import measured_factors
 
-    rule = (model.config.llm.card or {}).get("embedding_scale", "none")
-    hidden = model.language_model.config.hidden_size
-    target = declared_factor(rule, hidden) if model.config.llm.card is not None else model.image_feature_factor
-    if target == 1.0:
+    ours, theirs = measured_factors(model.language_model), measured_factors(llava)
+    if ours is None or theirs is None:
         return 1.0
-    measured = measured_factors(llava)
-    in_forward = measured[1] if measured is not None else 1.0
-    factor = 1.0 if abs(in_forward - target) <= 1e-2 * target else target
+    target = ours[0] * ours[1]  # what text and features get in our model (checked against the card when built)
+    factor = 1.0 if abs(theirs[1] - target) <= 1e-2 * target else target / theirs[1]
     if factor != 1.0:
         last = llava.model.multi_modal_projector.linear_2
         last.weight.mul_(factor)

@@ -17,7 +17,8 @@ from typing import IO
 import numpy as np
 from PIL import Image
 
-DEFAULT_MAX_PIXELS = 89_478_485  # PIL's Image.MAX_IMAGE_PIXELS
+from mipha_lab.constants import MAX_IMAGE_PIXELS
+
 
 
 class ImageTooLarge(ValueError):
@@ -46,7 +47,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def open_rgb(source: str | Path | IO[bytes], max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+def open_rgb(source: str | Path | IO[bytes], max_pixels: int | None = MAX_IMAGE_PIXELS) -> Image.Image:
     """Decode an image file to RGB; raises ImageTooLarge (before decoding), or PIL's / the OS's errors."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)

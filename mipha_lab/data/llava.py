@@ -15,8 +15,8 @@ from typing import Any, Sequence
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from mipha_lab.constants import IMAGE_TOKEN
-from mipha_lab.data.image_files import DEFAULT_MAX_PIXELS, ImageTooLarge, open_rgb
+from mipha_lab.constants import IMAGE_TOKEN, MAX_IMAGE_PIXELS
+from mipha_lab.data.image_files import ImageTooLarge, open_rgb
 from mipha_lab.data.image_processing import ImageProcessor
 from mipha_lab.data.problems import BadSamplePolicy, SampleError, Skipped
 from mipha_lab.data.templates import MaskError, Template, check_tokenizer, encode
@@ -131,7 +131,7 @@ def normalize(raw: Any, index: int, source: str = "", root: str = "") -> Record:
     return Record(sample_id, images, tuple(messages), words, root)
 
 
-def load_image(path: Path, sample_id: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_image(path: Path, sample_id: str, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Image.Image:
     if not path.is_file():
         raise SampleError(sample_id, "missing_image", str(path))
     try:
@@ -160,7 +160,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         image_tokens: int,
         policy: BadSamplePolicy = "skip",
         mask_first_answer_token: bool = False,
-        max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
+        max_image_pixels: int | None = MAX_IMAGE_PIXELS,
     ) -> None:
         if policy not in ("skip", "error"):
             raise ConfigError(f"bad-sample policy must be 'skip' or 'error', got {policy!r}")

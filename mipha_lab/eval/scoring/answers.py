@@ -13,34 +13,30 @@ class ScoreInputError(InputError):
     """Answers that cannot be scored as given (missing, duplicate or misordered ids, bad lines)."""
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    path = Path(path)
+def _numbered_rows(path: Path) -> list[tuple[int, Any]]:
+    """(line number, parsed value) of every non-blank line; a line that is not JSON is an error naming it."""
     if not path.is_file():
         raise ScoreInputError(f"{path} does not exist")
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                rows.append((number, json.loads(line)))
             except json.JSONDecodeError as err:
                 raise ScoreInputError(f"{path}, line {number}: not JSON ({err.msg})") from None
     return rows
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    return [row for _, row in _numbered_rows(Path(path))]
 
 
 def read_answers(path: str | Path) -> list[dict[str, Any]]:
     """An answer file in LLaVA's format: every line an object with a `question_id` (integer or string) and
     the answer's `text` (a string); anything else is an error naming the line."""
     path = Path(path)
-    if not path.is_file():
-        raise ScoreInputError(f"{path} does not exist")
     rows = []
-    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ScoreInputError(f"{path}, line {number}: not JSON ({err.msg})") from None
+    for number, row in _numbered_rows(path):
         if not isinstance(row, dict) or "question_id" not in row:
             raise ScoreInputError(f"{path}, line {number}: expected an object with 'question_id' and 'text'")
         if not isinstance(row["question_id"], (int, str)) or isinstance(row["question_id"], bool):
