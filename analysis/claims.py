@@ -10,9 +10,13 @@
 
 # %% [markdown]
 # # The paper's conclusions against our runs
-# Each claim of the Mipha paper is a test on one axis, judged on the mean over benchmarks of the paired
-# deltas (points) with its 95% bootstrap interval: supported, contradicted, or inconclusive given the
-# interval ("similar" claims use a margin of 1 point). Set `RUNS_ROOT` and `OUT`.
+# Each claim of the Mipha paper is a test on one axis, judged on the mean over benchmarks of the deltas
+# (0-100 points each) with its 95% interval over seeds and questions: supported, contradicted, or
+# inconclusive given the interval ("similar" claims use a margin of 1 point). Each comparison states
+# the seeds and questions behind it and the smallest mean delta it would detect (80% power), so an
+# "inconclusive" says how large an effect was ruled out. A side with one seed gets no verdict
+# ("one seed: seed variance unmeasured") unless `QUESTION_ONLY=1`, and then every verdict is labelled.
+# Set `RUNS_ROOT`, `OUT` and `DRAWS`.
 
 # %%
 import json
@@ -20,24 +24,24 @@ import json
 import matplotlib.pyplot as plt
 from IPython.display import Markdown, display
 
-from mipha_lab import analysis
+from mipha_lab.analysis.notebook import notebook_setup
+from mipha_lab.analysis.verdicts import claims_table, format_claims
 
-cells, OUT, DRAWS = analysis.notebook_setup()
-rows = analysis.claims_table(cells, DRAWS)
-
-# %%
-lines = ["| axis | claim | verdict | evidence (delta, 95% interval) |", "|---|---|---|---|"]
-lines += [f"| {r['axis']} | {r['claim']} | {r['verdict']} | {r['evidence']} |" for r in rows]
-(OUT / "claims.md").write_text("\n".join(lines) + "\n")
-(OUT / "claims.json").write_text(json.dumps(rows, indent=2) + "\n")
-display(Markdown("\n".join(lines)))
+setup = notebook_setup()
+rows = claims_table(setup.cells, setup.draws, setup.question_only)
 
 # %%
-colours = {"supported": "tab:green", "contradicted": "tab:red", "inconclusive": "tab:orange", "not run": "tab:gray"}
+markdown = format_claims(rows)
+(setup.out / "claims.md").write_text(markdown + "\n")
+(setup.out / "claims.json").write_text(json.dumps(rows, indent=2) + "\n")
+display(Markdown(markdown))
+
+# %%
+colours = {"supported": "tab:green", "contradicted": "tab:red", "inconclusive": "tab:orange"}
 fig, plot = plt.subplots(figsize=(7, 0.5 + 0.45 * len(rows)))
-plot.barh(range(len(rows)), [1] * len(rows), color=[colours[r["verdict"]] for r in rows])
+plot.barh(range(len(rows)), [1] * len(rows), color=[colours.get(r["verdict"].split(" (")[0], "tab:gray") for r in rows])
 plot.set_yticks(range(len(rows)), [f"{r['axis']}: {r['verdict']}" for r in rows], fontsize=8)
 plot.set_xticks([])
 plot.invert_yaxis()
 fig.tight_layout()
-fig.savefig(OUT / "claims.png", dpi=120)
+fig.savefig(setup.out / "claims.png", dpi=120)

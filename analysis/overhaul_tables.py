@@ -12,27 +12,31 @@
 # # The overhaul study: one table per axis
 # Every axis of the Mipha study against its baseline (the base recipe): the mean score of each cell
 # over its seeds per benchmark (the paper's column order), the delta against the baseline with a 95%
-# interval from a paired bootstrap over questions and seeds, and the mean z-score across benchmarks.
-# Set `RUNS_ROOT` (default `runs`) and `OUT` (default `analysis/output`).
+# interval over seeds and questions (the model: `mipha_lab/analysis/__init__.py`; a side with one seed
+# gets no interval unless `QUESTION_ONLY=1`, and then every table says so), the mean delta over
+# benchmarks in points, and the mean z-score across benchmarks.
+# Set `RUNS_ROOT` (default `runs`), `OUT` (default `analysis/output`), `DRAWS` (default 1000).
 
 # %%
 from IPython.display import Markdown, display
 
-from mipha_lab import analysis
+from mipha_lab.analysis.notebook import figure_grid, notebook_setup
+from mipha_lab.analysis.study import axes
+from mipha_lab.analysis.verdicts import axis_table, format_axis_table
 
-cells, OUT, DRAWS = analysis.notebook_setup()
+setup = notebook_setup()
 
 # %%
-tables = {axis: analysis.axis_table(members, DRAWS) for axis, members in analysis.axes(cells).items()}
-markdown = "\n\n".join(analysis.format_axis_table(axis, rows) for axis, rows in tables.items())
-(OUT / "overhaul_tables.md").write_text(markdown + "\n")
+tables = {axis: axis_table(members, setup.draws, setup.question_only) for axis, members in axes(setup.cells).items()}
+markdown = "\n\n".join(format_axis_table(axis, rows) for axis, rows in tables.items())
+(setup.out / "overhaul_tables.md").write_text(markdown + "\n")
 display(Markdown(markdown))
 
 # %% [markdown]
 # The aggregate per axis: mean z-score of each cell across benchmarks (higher is better).
 
 # %%
-fig, panels = analysis.figure_grid(len(tables))
+fig, panels = figure_grid(len(tables))
 for plot, (axis, rows) in zip(panels, tables.items()):
     names = [r["cell"] for r in rows]
     plot.bar(range(len(rows)), [r["aggregate_z"] or 0 for r in rows],
@@ -42,4 +46,4 @@ for plot, (axis, rows) in zip(panels, tables.items()):
     plot.axhline(0, color="black", linewidth=0.5)
 panels[0].set_ylabel("mean z-score")
 fig.tight_layout()
-fig.savefig(OUT / "overhaul_aggregate.png", dpi=120)
+fig.savefig(setup.out / "overhaul_aggregate.png", dpi=120)

@@ -16,14 +16,15 @@
 # %%
 from IPython.display import Markdown, display
 
-from mipha_lab import analysis
+from mipha_lab.analysis.notebook import figure_grid, notebook_setup
+from mipha_lab.analysis.study import axes, run_costs
 
-cells, OUT, DRAWS = analysis.notebook_setup()
-by_axis = analysis.axes(cells)
+setup = notebook_setup()
+by_axis = axes(setup.cells)
 
 # %%
 for metric, label in (("loss", "loss"), ("tokens_per_s", "tokens/s")):
-    fig, panels = analysis.figure_grid(len(by_axis))
+    fig, panels = figure_grid(len(by_axis))
     for plot, (axis, members) in zip(panels, by_axis.items()):
         for cell in members:
             for run in cell.runs:
@@ -34,12 +35,12 @@ for metric, label in (("loss", "loss"), ("tokens_per_s", "tokens/s")):
         plot.set_ylabel(label)
         plot.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(OUT / f"training_curves_{metric}.png", dpi=100)
+    fig.savefig(setup.out / f"training_curves_{metric}.png", dpi=100)
 
 # %%
-costs = [analysis.run_costs(run) for cell in cells for run in cell.runs]
+costs = [run_costs(run) for cell in setup.cells for run in cell.runs]
 lines = ["| run | steps | tokens/s | MFU | GPU-hours |", "|---|---:|---:|---:|---:|"]
 lines += [f"| {c['run']} | {c['steps']} | {c['tokens_per_s']:.0f} | "
           f"{'-' if c['mfu'] is None else format(c['mfu'], '.1%')} | {c['gpu_hours']:.2f} |" for c in costs]
-(OUT / "costs.md").write_text("\n".join(lines) + "\n")
+(setup.out / "costs.md").write_text("\n".join(lines) + "\n")
 display(Markdown("\n".join(lines)))

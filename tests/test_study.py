@@ -1,5 +1,4 @@
-"""The Mipha study: every experiment file plans offline (full and tiny scale); the analysis logic on
-known inputs; a tiny-scale subset of the study through the test Slurm cluster, then the notebooks
+"""The Mipha study: every experiment file plans offline (full and tiny scale); a tiny-scale subset of the study through the test Slurm cluster, then the notebooks
 executed headless on its runs."""
 from __future__ import annotations
 
@@ -10,10 +9,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from mipha_lab import analysis
+from mipha_lab.analysis import compare, study, verdicts
+from mipha_lab.analysis.intervals import ONE_SEED, QUESTION_ONLY
 from mipha_lab.config import load_scale
 from mipha_lab.sweep import expand_all
 
@@ -74,53 +73,6 @@ def test_tiny_scale_keeps_each_cell_identity():
     assert cells["overhaul/base"].stage("finetune").trainable.vision.mode == "full"
 
 
-def fake_run(source: str, chain: list[str], seed: int, correct: list[bool]) -> analysis.Run:
-    config = {"source": source, "extends_chain": chain, "seed": seed, "run_name": Path(source).stem,
-              "model": {"vision": "v", "llm": Path(source).stem}}
-    records = [{"question_id": i, "correct": c} for i, c in enumerate(correct)]
-    return analysis.Run(Path(source), config, [], {"shapes-vqa": 100 * float(np.mean(correct))}, {"shapes-vqa": records})
-
-
-def test_axes_seeds_and_the_paired_bootstrap():
-    rng = np.random.default_rng(0)
-    base_answers = rng.random(400) < 0.5
-    better = base_answers | (rng.random(400) < 0.3)  # right wherever the baseline is, and more
-    runs = [fake_run("/s/base.yaml", ["/s/base.yaml"], seed, list(base_answers)) for seed in (0, 1)]
-    runs += [fake_run("/s/llm/big.yaml", ["/s/base.yaml", "/s/llm/big.yaml"], seed, list(better)) for seed in (0, 1)]
-    runs += [fake_run("/s/llm/same.yaml", ["/s/base.yaml", "/s/llm/same.yaml"], 0, list(base_answers))]
-    cells = analysis.assign_axes(analysis.group_cells(runs))
-    assert [len(c.runs) for c in cells] == [2, 2, 1]  # seeds grouped
-    table = analysis.axes(cells)
-    assert list(table) == ["llm"] and [c.name for c in table["llm"]] == ["base", "big", "same"]
-    assert table["llm"][1].changed == ["model.llm"]
-    big = analysis.paired_bootstrap(table["llm"][1], table["llm"][0], "shapes-vqa", draws=500)
-    same = analysis.paired_bootstrap(table["llm"][2], table["llm"][0], "shapes-vqa", draws=500)
-    expected = 100 * (better.mean() - base_answers.mean())
-    assert big.mean == pytest.approx(expected) and 0 < big.low < expected < big.high and len(big.draws) == 500
-    assert same.mean == same.low == same.high == 0  # paired: identical answers give no spread at all
-    rows = analysis.axis_table(table["llm"], draws=200)
-    assert rows[0]["baseline"] and rows[1]["shapes-vqa"]["z"] > rows[0]["shapes-vqa"]["z"]
-
-
-def test_pope_statistic_equals_the_official_mean_f1(tmp_path):
-    from mipha_lab.eval.scoring.pope import split_metrics
-
-    rng = np.random.default_rng(1)
-    rows = []
-    for split in ("adversarial", "popular", "random"):
-        for i in range(60):
-            label, prediction = rng.choice(["yes", "no"]), rng.choice(["yes", "no"])
-            rows.append({"question_id": f"{split}-{i}", "split": split, "label": label, "prediction": prediction,
-                         "correct": label == prediction})
-    run = analysis.Run(tmp_path, {"seed": 0}, [], {}, {"pope": rows})
-    table = analysis._question_table([run], "pope", [r["question_id"] for r in rows])
-    ours = analysis._statistic(table, np.arange(len(rows)))[0]
-    official = np.mean([split_metrics([r["prediction"] for r in rows if r["split"] == s],
-                                      [r["label"] for r in rows if r["split"] == s])["f1"]
-                        for s in ("adversarial", "popular", "random")])
-    assert ours == pytest.approx(100 * official)
-
-
 SUBSET = ["backbone/siglip-base-224", "resolution/224", "resolution/448", "llm/phi-1.5", "lm_instruct/phi-2-sft",
           "finetuning/lora-vision-full", "projector/linear", "epochs/1-epoch", "quirks/corrected"]
 SEEDED = ["base", "vision_tuning/frozen"]  # the baseline and one axis with 2 seeds
@@ -150,8 +102,8 @@ def test_tiny_study_through_slurm_then_the_notebooks(slurm, data_root, tmp_path)
     rows = json.loads(status.stdout)
     assert len(rows) == len(jobs) and all(r["state"] == "done" for r in rows), [(r["run"], r["error"]) for r in rows]
 
-    cells = analysis.study(runs)
-    table = analysis.axes(cells)
+    cells = study.study(runs)
+    table = study.axes(cells)
     assert set(table) == {c.split("/")[0] for c in SUBSET + SEEDED[1:]}
     assert all(members[0].name == "base" and members[0].seeds == [0, 1] for members in table.values())
     assert [c.seeds for c in table["vision_tuning"]] == [[0, 1], [0, 1]]
@@ -169,11 +121,15 @@ def test_tiny_study_through_slurm_then_the_notebooks(slurm, data_root, tmp_path)
         assert f"| {cell} |" in tables or f"**{cell}**" in tables, cell
     assert tables.count("**base** (baseline)") == len(table)
     claims = json.loads((out_dir / "claims.json").read_text())
-    assert [c["claim"] for c in claims] == [c.text for c in analysis.CLAIMS]
-    judged = [c for c in claims if c["verdict"] != "not run"]
-    assert len(judged) >= 4 and all(c["verdict"] in ("supported", "contradicted", "inconclusive") for c in judged)
-    assert all("[" in c["evidence"] for c in judged)  # each verdict rests on an interval
-    interval = analysis.paired_bootstrap(table["resolution"][1], table["resolution"][0], "shapes-vqa", draws=200)
-    assert interval.low < interval.high and len(interval.draws) == 200
+    assert [c["claim"] for c in claims] == [c.text for c in verdicts.CLAIMS]
+    by_axis = {c["axis"]: c for c in claims}
+    seeded = by_axis["vision_tuning"]  # 2 seeds against 2: a verdict resting on an interval
+    assert seeded["verdict"] in ("supported", "contradicted", "inconclusive") and "[" in seeded["evidence"]
+    assert seeded["comparisons"][0]["seeds"] == [2, 2] and seeded["comparisons"][0]["detectable"] > 0
+    one_seed = [c for c in claims if c["axis"] in ("resolution", "llm", "lm_instruct", "finetuning")]
+    assert one_seed and all(c["verdict"] == f"no verdict ({ONE_SEED})" for c in one_seed)
+    interval = compare.delta(table["resolution"][1], table["resolution"][0], "shapes-vqa", draws=200,
+                             question_only=True)
+    assert interval.low < interval.high and QUESTION_ONLY in interval.text()
     for png in ("overhaul_aggregate.png", "claims.png", "training_curves_loss.png", "training_curves_tokens_per_s.png"):
         assert (out_dir / png).stat().st_size > 5000
