@@ -30,7 +30,8 @@ from bench._results import report  # noqa: E402
 from mipha_lab.config import QuirksConfig, StageConfig  # noqa: E402
 from mipha_lab.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX  # noqa: E402
 from mipha_lab.model import MultimodalModel, build_vlm  # noqa: E402
-from mipha_lab.registry import LLM, VISION  # noqa: E402
+from mipha_lab.model.language import LLM  # noqa: E402
+from mipha_lab.model.vision import VISION  # noqa: E402
 from mipha_lab.registry.cards import Card  # noqa: E402
 from mipha_lab.registry.core import Registry  # noqa: E402
 from mipha_lab.train.flops import Flops, sample_flops  # noqa: E402

@@ -77,7 +77,7 @@ from mipha_lab.data.batching import (  # noqa: E402
     collate_packed, collate_padded, plan_packed, plan_padded, real_token_fraction,
 )
 from mipha_lab.model import MultimodalModel  # noqa: E402
-from mipha_lab.registry import MIXTURES  # noqa: E402
+from mipha_lab.data.mixtures import MIXTURES  # noqa: E402
 from mipha_lab.registry.cards import SourceStats  # noqa: E402
 from mipha_lab.train.engine import TorchEngine  # noqa: E402
 from mipha_lab.train.flops import batch_flops, peak_flops  # noqa: E402
@@ -85,7 +85,7 @@ from mipha_lab.train.policy import apply_policy  # noqa: E402
 from mipha_lab.train.stage import (  # noqa: E402
     enable_checkpointing, peak_memory_mb, sample_sizes, transformers_checkpointing,
 )
-from mipha_lab.train.trainer import build_model  # noqa: E402
+from mipha_lab.model import build_model  # noqa: E402
 
 RECIPE = REPO / "experiments" / "siglip_phi2_fullft.yaml"
 RECIPE_GPUS = 8  # the recipe's global batches are for 8 GPUs (its header): accumulation per GPU follows

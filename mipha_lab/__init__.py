@@ -10,14 +10,14 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "build_vlm": "mipha_lab.model.build",
+    "build_vlm": "mipha_lab.model.loader",
     "MultimodalModel": "mipha_lab.model.vlm",
     "VisionTower": "mipha_lab.model.vision",
     "Projector": "mipha_lab.model.projectors",
-    "ImageProcessor": "mipha_lab.data.image_processing",
-    "VISION": "mipha_lab.registry",
-    "LLM": "mipha_lab.registry",
-    "PROJECTORS": "mipha_lab.registry",
+    "ImageProcessor": "mipha_lab.model.image_processing",
+    "VISION": "mipha_lab.model.vision",
+    "LLM": "mipha_lab.model.language",
+    "PROJECTORS": "mipha_lab.model.projectors",
     "add_card_dir": "mipha_lab.registry",
 }
 

@@ -18,6 +18,7 @@ from pydantic import Field, field_validator, model_validator
 
 from mipha_lab.constants import MAX_IMAGE_PIXELS
 from mipha_lab.errors import ConfigError
+from mipha_lab.registry.user_modules import import_modules
 from mipha_lab.validation import StrictModel, load_yaml, validate
 
 Mode = Literal["frozen", "full", "lora", "partial"]
@@ -196,6 +197,7 @@ class SweepConfig(StrictModel):
 
 
 class Experiment(StrictModel):
+    imports: list[str] = Field(default_factory=list)  # modules registering your own components, imported first
     model: ModelConfig
     stages: list[StageConfig]
     engine: EngineConfig = EngineConfig()
@@ -361,7 +363,9 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None, scale:
     where = str(path) + (f" (extends {' <- '.join(chain[:-1])})" if len(chain) > 1 else "")
     if overrides:
         where += f" with overrides {overrides}"
-    return validate(Experiment, data, where)
+    experiment = validate(Experiment, data, where)
+    import_modules(experiment.imports, f"{where}: key 'imports'")  # before any component name is resolved
+    return experiment
 
 
 def dump_experiment(experiment: Experiment) -> str:

@@ -12,12 +12,12 @@ import sys
 from pathlib import Path
 
 from mipha_lab.errors import ConfigError, exit_status
+from mipha_lab.model import MultimodalModel
+from mipha_lab.model.released import RELEASED, is_released
 from mipha_lab.output_folder import check_output, write_folder
 
 
 def convert_mipha(source: Path, out: Path, allow_pickle: bool = False, overwrite: bool = False) -> Path:
-    from mipha_lab.model.build import load_model_folder
-    from mipha_lab.model.released import RELEASED, is_released
 
     config_path = source / "config.json"
     if not config_path.is_file():
@@ -26,7 +26,7 @@ def convert_mipha(source: Path, out: Path, allow_pickle: bool = False, overwrite
         raise ConfigError(f"{config_path}: model_type is not one of {', '.join(RELEASED)} (a released Mipha / "
                           "LLaVA-Phi checkpoint); a mipha-lab model needs no conversion")
     check_output(out, source, overwrite)
-    model = load_model_folder(source, allow_pickle=allow_pickle)
+    model = MultimodalModel.from_pretrained(source, allow_pickle=allow_pickle)
     return write_folder(out, model.save_pretrained)
 
 

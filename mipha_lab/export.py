@@ -11,13 +11,23 @@ Weights are read from safetensors; pickle files only with --allow-pickle.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import GenerationConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
+from mipha_lab.constants import IMAGE_TOKEN
+from mipha_lab.data.templates import PlainTemplate, get_template
 from mipha_lab.errors import ConfigError, exit_status
+from mipha_lab.model import load_model
+from mipha_lab.model.adapters import merge_lora
+from mipha_lab.model.embedding_scale import measured_factors
+from mipha_lab.model.image_processing import ImageProcessor
+from mipha_lab.model.projectors import MLP2xGeluProjector
+from mipha_lab.model.vision_backends import TransformersVisionTower
 from mipha_lab.output_folder import check_output, write_folder
 
 # tower model_type -> (Llava's feature strategy for our `patch` selection, extra tokens before the patches)
@@ -26,9 +36,6 @@ LLAVA_TOWERS = {"siglip_vision_model": ("full", 0), "clip_vision_model": ("defau
 
 def _checked(model: Any) -> tuple[str, int, Any]:
     """(feature strategy, additional image tokens, the template) of a model Llava can express, else a refusal."""
-    from mipha_lab.data.templates import PlainTemplate, get_template
-    from mipha_lab.model.projectors import MLP2xGeluProjector
-    from mipha_lab.model.vision_backends import TransformersVisionTower
 
     tower = model.vision_tower
     kind = getattr(getattr(tower, "backbone", None), "config", None)
@@ -82,7 +89,6 @@ def fold_feature_scale(model: Any, llava: Any) -> float:
     scales at lookup (Gemma under transformers 5) would leave the features unscaled there. The factor
     they still need is folded into the projector's last linear layer (weight and bias), exactly as the
     model scales them (embedding_scale.py). Returns the factor folded (1.0: nothing to do)."""
-    from mipha_lab.model.embedding_scale import measured_factors
 
     ours, theirs = measured_factors(model.language_model), measured_factors(llava)
     if ours is None or theirs is None:
@@ -99,7 +105,6 @@ def fold_feature_scale(model: Any, llava: Any) -> float:
 def llava_tokenizer(tokenizer: Any) -> Any:
     """A copy that returns only what Llava's forward takes (`generate(**processor(...))` in transformers 4
     refuses the `token_type_ids` some tokenizers add)."""
-    import copy
 
     tokenizer = copy.deepcopy(tokenizer)
     tokenizer.model_input_names = ["input_ids", "attention_mask"]
@@ -109,15 +114,11 @@ def llava_tokenizer(tokenizer: Any) -> Any:
 
 def to_llava(model: Any) -> tuple[Any, Any]:
     """(LlavaForConditionalGeneration with our weights, LlavaProcessor) for a MultimodalModel."""
-    from transformers import GenerationConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
     try:  # transformers 5 names the PIL processor apart; transformers 4's LlavaImageProcessor is the PIL one
         from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
     except ImportError:
         from transformers import LlavaImageProcessor as LlavaImageProcessorPil
 
-    from mipha_lab.constants import IMAGE_TOKEN
-    from mipha_lab.data.image_processing import ImageProcessor
-    from mipha_lab.model.adapters import merge_lora
 
     merge_lora(model)
     strategy, extra, template = _checked(model)
@@ -160,7 +161,6 @@ def to_llava(model: Any) -> tuple[Any, Any]:
 
 
 def export_hf_llava(source: Path, out: Path, allow_pickle: bool = False, overwrite: bool = False) -> Path:
-    from mipha_lab.eval.runner import load_model
 
     check_output(out, source, overwrite)
     llava, processor = to_llava(load_model(source, allow_pickle=allow_pickle))
@@ -174,8 +174,6 @@ def export_hf_llava(source: Path, out: Path, allow_pickle: bool = False, overwri
 
 def export_merged(source: Path, out: Path, allow_pickle: bool = False, overwrite: bool = False) -> tuple[Path, int]:
     """Our format with every LoRA adapter folded into its base weights (the same outputs, plain layers)."""
-    from mipha_lab.eval.runner import load_model
-    from mipha_lab.model.adapters import merge_lora
 
     check_output(out, source, overwrite)
     model = load_model(source, allow_pickle=allow_pickle)

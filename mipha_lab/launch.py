@@ -16,13 +16,21 @@ as one JSON object.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+from mipha_lab.cluster.profile import load_profile
+from mipha_lab.cluster.submit import submit_cells, wait_for
+from mipha_lab.config import load_scale
 from mipha_lab.errors import MiphaLabError, exit_status
+from mipha_lab.pipeline import train_and_evaluate
+from mipha_lab.plan import format_plan, plan_experiment
+from mipha_lab.runs import follow_hint, print_status
+from mipha_lab.sweep import expand_all
 
 
 def default_experiment() -> Path:
@@ -81,8 +89,6 @@ def is_override(target: str) -> bool:
 
 def experiment_cells(args: argparse.Namespace) -> list:
     """The runs the command line asks for: files, globs, folders, sweeps, at --scale, times --seeds."""
-    from mipha_lab.config import load_scale
-    from mipha_lab.sweep import expand_all
 
     scale = load_scale(args.scale) if args.scale else None
     return expand_all(args.experiments, args.overrides, scale, args.seeds)
@@ -90,12 +96,11 @@ def experiment_cells(args: argparse.Namespace) -> list:
 
 def train_here(args: argparse.Namespace) -> int:
     """Every cell in turn in this process (group); a failed cell is reported and the others still run."""
-    from mipha_lab.train.trainer import run_experiment
 
     cells = experiment_cells(args)
     main_rank = os.environ.get("RANK", "0") == "0"
     if len(cells) == 1:
-        run = run_experiment(cells[0].experiment, allow_changed_data=args.allow_changed_data)
+        run = train_and_evaluate(cells[0].experiment, allow_changed_data=args.allow_changed_data)
         if main_rank:
             print(f"run folder: {run.path}")
         return 0
@@ -104,7 +109,7 @@ def train_here(args: argparse.Namespace) -> int:
         if main_rank:
             print(f"== cell {number}/{len(cells)}: {cell.run_name}", file=sys.stderr)
         try:
-            run_experiment(cell.experiment, allow_changed_data=args.allow_changed_data)
+            train_and_evaluate(cell.experiment, allow_changed_data=args.allow_changed_data)
         except Exception as err:  # noqa: BLE001 - one failed cell must not stop the sweep
             logging.getLogger(__name__).exception("cell %s failed", cell.run_name)
             failed.append(f"{cell.run_name}: {type(err).__name__}: {err}")
@@ -117,9 +122,6 @@ def train_here(args: argparse.Namespace) -> int:
 
 def submit(args: argparse.Namespace) -> int:
     """Submit the cells through submitit; returns at once unless --wait."""
-    from mipha_lab.cluster.profile import load_profile
-    from mipha_lab.cluster.submit import submit_cells, wait_for
-    from mipha_lab.runs import follow_hint, print_status
 
     cells = experiment_cells(args)
     submissions = submit_cells(cells, load_profile(args.cluster))
@@ -145,14 +147,10 @@ def planned_gpus(args: argparse.Namespace, profile, experiment) -> int:
 def dry_run(args: argparse.Namespace) -> int:
     """The plan on stdout (a table, or only JSON with --json); logs and errors on stderr. A sweep
     (or several files) prints every cell's plan and the total."""
-    import json
-
-    from mipha_lab.plan import format_plan, plan_experiment
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 
     def show() -> int:
-        from mipha_lab.cluster.profile import load_profile
 
         cells = experiment_cells(args)
         profile = load_profile(args.cluster) if args.cluster else None

@@ -20,10 +20,11 @@ from typing import Any
 import torch
 
 from mipha_lab.config import Experiment, StageConfig
-from mipha_lab.data.mixtures import ensure_generated, sample_indices
+from mipha_lab.data.mixtures import MIXTURES, ensure_generated, load_mixture, sample_indices
+from mipha_lab.data.templates import encode, get_template
 from mipha_lab.errors import ConfigError
-from mipha_lab.model import MultimodalModel
-from mipha_lab.registry import MIXTURES
+from mipha_lab.model import MultimodalModel, build_model
+from mipha_lab.model.language import LLM, load_tokenizer
 from mipha_lab.train.flops import PEAK_BF16, sample_flops
 from mipha_lab.train.policy import apply_policy, module_parameters
 
@@ -35,7 +36,6 @@ def _count(module: torch.nn.Module) -> int:
 
 
 def meta_model(experiment: Experiment) -> MultimodalModel:
-    from mipha_lab.train.trainer import build_model
 
     plain = experiment.model_copy(update={"model": experiment.model.model_copy(update={"pretrained": False})})
     with torch.device("meta"):
@@ -76,10 +76,6 @@ def stage_data(stage: StageConfig, experiment: Experiment) -> dict[str, float]:
 def measured_tokens(stage: StageConfig, experiment: Experiment) -> tuple[float, float]:
     """Mean text tokens (image placeholders left out) and supervised tokens of the stage's data,
     tokenized as training would (the first 2000 samples)."""
-    from mipha_lab.data.mixtures import load_mixture
-    from mipha_lab.data.templates import encode, get_template
-    from mipha_lab.model.language import load_tokenizer
-    from mipha_lab.registry import LLM
 
     records, _ = load_mixture(stage.mixture, experiment.data_root, experiment.seed, "skip")
     tokenizer, template = load_tokenizer(LLM.get(experiment.model.llm)), get_template(stage.template)

@@ -14,6 +14,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mipha_lab.config import Experiment, dump_experiment
 from mipha_lab.errors import StorageError
 
@@ -45,7 +47,6 @@ def file_digest(path: Path) -> dict[str, Any]:
 
 
 def hardware() -> dict[str, Any]:
-    import torch
 
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return {"host": socket.gethostname(), "platform": platform.platform(), "cpus": os.cpu_count(), "gpus": gpus}

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -40,7 +40,6 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 def _allowed_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     """The field names allowed at `loc` (the parent of an unknown key), when it is a nested model."""
-    from typing import get_args
 
     current: Any = model
     for part in loc:

@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from mipha_lab.data.image_processing import ImageProcessor
+from mipha_lab.model.image_processing import ImageProcessor
 from mipha_lab.data.templates import encode_prompt, get_template
 from mipha_lab.model import MultimodalModel
-from mipha_lab.registry import LLM
+from mipha_lab.model.language import LLM
 from mipha_lab.serve.cli import EXAMPLE_IMAGE
 
 VISION_HUB = {"siglip_vision_model": "google/siglip-so400m-patch14-384", "clip_vision_model": "openai/clip-vit-large-patch14-336"}

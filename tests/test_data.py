@@ -15,7 +15,7 @@ from mipha_lab.constants import IMAGE_TOKEN_INDEX
 from mipha_lab.data.batching import (
     RankBatchSampler, collate_packed, collate_padded, plan_modality_grouped, plan_packed, plan_padded,
 )
-from mipha_lab.data.image_processing import ImageProcessor
+from mipha_lab.model.image_processing import ImageProcessor
 from mipha_lab.data.llava import LlavaDataset, read_records
 from mipha_lab.data.mixtures import load_mixture, sample_indices
 from mipha_lab.data.problems import SampleError, SkipReport
@@ -24,7 +24,7 @@ from mipha_lab.data.templates import get_template
 from mipha_lab.errors import ConfigError
 from mipha_lab.model import build_vlm
 from mipha_lab.train.stage import transformers_checkpointing
-from mipha_lab.registry import MIXTURES
+from mipha_lab.data.mixtures import MIXTURES
 from mipha_lab.registry.cards import MixtureCard
 
 

@@ -45,7 +45,7 @@ def test_demo_trains_and_beats_the_thresholds(tmp_path):
     export = subprocess.run([sys.executable, "-m", "mipha_lab.export", "hf-llava", str(run), str(llava)],
                             capture_output=True, text=True, timeout=300, env=env)
     assert export.returncode == 0, export.stderr[-2000:]
-    from mipha_lab.eval.runner import load_model
+    from mipha_lab.model import load_model
     from tests.interop_helpers import hf_llava_outputs, inputs, logits
 
     ours = load_model(run)

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from mipha_lab.errors import ConfigError
-from mipha_lab.eval.runner import PARTIAL, load_model, run_benchmark
-from mipha_lab.registry import BENCHMARKS
+from mipha_lab.eval.runner import PARTIAL, run_benchmark
+from mipha_lab.model import load_model
+from mipha_lab.eval.benchmarks import BENCHMARKS
 
 MICRO = Path(__file__).resolve().parents[1] / "experiments" / "micro.yaml"
 

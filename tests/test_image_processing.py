@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mipha_lab.data.image_processing import ImageProcessor
-from mipha_lab.registry import VISION
+from mipha_lab.model.image_processing import ImageProcessor
+from mipha_lab.model.vision import VISION
 
 CARDS = ["siglip-so400m-384", "siglip-base-224", "clip-vit-l-336", "dinov2-large", "openclip-vit-b-16-laion2b",
          "tiny-siglip-so400m-384", "tiny-dinov2-large"]

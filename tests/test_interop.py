@@ -157,7 +157,7 @@ def test_lora_run_loads_unmerged_and_exports_merged_with_identical_outputs(tmp_p
     run = tmp_path / "runs" / "micro"
     adapters = json.loads((run / "final/config.json").read_text())["adapters"]
     assert [a["module"] for a in adapters] == ["lm_body"]
-    from mipha_lab.eval.runner import load_model
+    from mipha_lab.model import load_model
 
     unmerged = load_model(run)
     assert any(isinstance(m, LoraLayer) for m in unmerged.modules())

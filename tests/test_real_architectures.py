@@ -6,7 +6,8 @@ import torch
 
 from mipha_lab.model.language import build_language_model
 from mipha_lab.model.vision_backends import build_vision_tower
-from mipha_lab.registry import LLM, VISION
+from mipha_lab.model.language import LLM
+from mipha_lab.model.vision import VISION
 
 PUBLISHED_LLM = {
     "phi-2": 2_779_683_840,

@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 
 from mipha_lab.errors import ConfigError, UnknownNameError
-from mipha_lab.registry import LLM, PROJECTORS, VISION, Registry, add_card_dir, read_card
+from mipha_lab.registry import Registry, add_card_dir, read_card
+from mipha_lab.model.language import LLM
+from mipha_lab.model.projectors import PROJECTORS
+from mipha_lab.model.vision import VISION
 from mipha_lab.registry.__main__ import list_entries, main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +34,13 @@ def test_register_build_and_list():
     assert reg.names() == ["double"]
     assert reg.entry("double").description == "Twice x."
     with pytest.raises(ValueError, match="already registered"):
-        reg.add("double", double)
+        reg.register("double")(double)
+
+    @reg.register("times{factor}")
+    def times(x: int, factor: int) -> int:
+        return factor * x
+
+    assert reg.build("times7", x=3) == 21  # a name family passes its integer fields on
 
 
 def test_unknown_name_suggests_close_matches():
@@ -116,7 +125,7 @@ def test_card_with_wrong_nested_value(tmp_path):
 def test_user_card_folder_from_environment(tmp_path):
     _write_card(tmp_path, "vision", "my-encoder", _card_text().replace("tiny random-init", "my own"))
     code = (
-        "from mipha_lab.registry import VISION; c = VISION.get('my-encoder'); "
+        "from mipha_lab.model.vision import VISION; c = VISION.get('my-encoder'); "
         "print(c.description, c.source)"
     )
     env = {**__import__("os").environ, "MIPHA_LAB_CARDS": str(tmp_path)}
@@ -143,7 +152,7 @@ def test_wheel_ships_the_cards(tmp_path):
 
     zipfile.ZipFile(wheel).extractall(site)
     assert (site / "mipha_lab/_cards/vision/siglip-so400m-384.yaml").is_file()
-    code = "import mipha_lab.registry as r; print(r.VISION.get('siglip-so400m-384').source)"
+    code = "from mipha_lab.model.vision import VISION; print(VISION.get('siglip-so400m-384').source)"
     env = {"PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
     out = subprocess.run(
         [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(site)!r}); {code}"],

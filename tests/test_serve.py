@@ -36,7 +36,7 @@ def eval_path_answer(model_dir: Path, text: str, max_new_tokens: int) -> str:
     """The same question through the batched evaluation code (an independent path to the same answer)."""
     from mipha_lab.eval.benchmarks import Question
     from mipha_lab.eval.generate import answer_questions
-    from mipha_lab.eval.runner import load_model
+    from mipha_lab.model import load_model
 
     model = load_model(model_dir)
     question = Question(question_id=0, text=text, image=lambda: open_image(str(EXAMPLE_IMAGE)))
@@ -63,7 +63,7 @@ def test_interactive_session_streams_the_same_replies_and_obeys_commands(model_d
 
 
 def test_sampling_options_are_honoured(model_dir):
-    from mipha_lab.eval.runner import load_model
+    from mipha_lab.model import load_model
 
     model = load_model(model_dir)
     talk = Conversation(model, get_template("phi"), temperature=0.0, max_new_tokens=5)

@@ -6,7 +6,8 @@ import pytest
 from mipha_lab.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from mipha_lab.data.templates import MaskError, Template, check_tokenizer, encode, get_template
 from mipha_lab.model.language import load_tokenizer
-from mipha_lab.registry import LLM, TEMPLATES
+from mipha_lab.model.language import LLM
+from mipha_lab.data.templates import TEMPLATES
 
 SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. The assistant gives "

@@ -13,8 +13,8 @@ from typing import Any, Hashable
 import numpy as np
 
 from mipha_lab.errors import MiphaLabError
-from mipha_lab.eval.scoring.mme import PERCEPTION
 from mipha_lab.eval.scoring.mmbench import CIRCULAR
+from mipha_lab.eval.scoring.mme import PERCEPTION
 
 Record = dict[str, Any]
 

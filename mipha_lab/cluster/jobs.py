@@ -14,7 +14,12 @@ from typing import Callable
 
 import submitit
 
-from mipha_lab.config import Experiment
+from mipha_lab.config import Experiment, load_experiment
+from mipha_lab.eval.runner import evaluate_run
+from mipha_lab.pipeline import train_and_evaluate
+from mipha_lab.registry.user_modules import import_modules
+from mipha_lab.run_folder import RunFolder
+from mipha_lab.train import preemption
 
 
 def _enter_job(environment: dict[str, str]) -> submitit.JobEnvironment:
@@ -25,8 +30,6 @@ def _enter_job(environment: dict[str, str]) -> submitit.JobEnvironment:
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     logging.basicConfig(level=logging.INFO if job.global_rank == 0 else logging.WARNING,
                         format=f"%(asctime)s %(levelname)s rank{job.global_rank} %(name)s: %(message)s", stream=sys.stderr)
-    from mipha_lab.train import preemption
-
     logging.getLogger("submitit").propagate = False  # submitit logs to the job's log itself
     preemption.install(job._usr_sig())
     return job
@@ -40,13 +43,11 @@ class TrainJob(submitit.helpers.Checkpointable):
 
     def __call__(self) -> str:
         _enter_job(self.environment)
-        from mipha_lab.train.preemption import Preempted, requeue
-        from mipha_lab.train.trainer import run_experiment
-
+        import_modules(self.experiment.imports, "experiment key 'imports'")  # the experiment arrived pickled
         try:
-            return str(run_experiment(self.experiment, evaluate=self.evaluate).path)
-        except Preempted:
-            requeue()  # the main task requeues the job and exits here; the other tasks end quietly
+            return str(train_and_evaluate(self.experiment, evaluate=self.evaluate).path)
+        except preemption.Preempted:
+            preemption.requeue()  # the main task requeues the job and exits here; the other tasks end quietly
             return ""
 
 
@@ -58,10 +59,6 @@ class EvaluateRunJob(submitit.helpers.Checkpointable):
 
     def __call__(self) -> str:
         _enter_job(self.environment)
-        from mipha_lab.config import load_experiment
-        from mipha_lab.run_folder import RunFolder
-        from mipha_lab.train.trainer import evaluate_run
-
         experiment = load_experiment(Path(self.run_path) / "config.yaml")
         evaluate_run(experiment, RunFolder(self.run_path))
         return self.run_path

@@ -20,7 +20,6 @@ from PIL import Image
 from mipha_lab.constants import MAX_IMAGE_PIXELS
 
 
-
 class ImageTooLarge(ValueError):
     """More pixels than the limit; the image was not decoded."""
 

@@ -11,9 +11,13 @@ from pathlib import Path
 
 from mipha_lab.data.llava import Record, read_records
 from mipha_lab.data.problems import BadSamplePolicy, Skipped
+from mipha_lab.data.synthetic import generate, is_complete
 from mipha_lab.errors import ConfigError
-from mipha_lab.registry import MIXTURES
+from mipha_lab.registry import Registry
 from mipha_lab.registry.cards import FirstN, MixtureCard, RandomN, SourceSpec, Weight
+
+MIXTURES: Registry[MixtureCard] = Registry("data mixture", "weighted training data sources (cards in registry/mixtures/)",
+                                         cards="mixtures")
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +46,6 @@ def ensure_generated(card: MixtureCard, data_root: Path) -> None:
     """Synthetic mixtures write their data into the data root the first time they are used."""
     if card.generate != "shapes":
         return
-    from mipha_lab.data.synthetic import generate, is_complete
 
     def missing() -> bool:
         return not is_complete(data_root / "shapes")

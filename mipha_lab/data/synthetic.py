@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 COLORS = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
@@ -133,7 +134,6 @@ def generate(out: Path, n_train: int = 16000, n_eval: int = 200, seed: int = 0, 
 
 
 def _write_layout(out: Path, n_train: int, n_eval: int, seed: int, progress: bool) -> dict:
-    from tqdm import tqdm
 
     rng = random.Random(seed)
     start = time.time()

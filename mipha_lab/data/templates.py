@@ -25,7 +25,7 @@ import numpy as np
 
 from mipha_lab.constants import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from mipha_lab.errors import InputError
-from mipha_lab.registry import TEMPLATES
+from mipha_lab.registry import Registry
 
 PHI_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -33,6 +33,9 @@ PHI_SYSTEM = (
 )
 
 Message = dict[str, str]
+
+
+TEMPLATES: Registry[Any] = Registry("chat template", "conversation templates with label masks")
 
 
 class MaskError(InputError):
@@ -158,32 +161,27 @@ class PlainTemplate(Template):
         return [Segment(images), Segment(turns[1]["content"] + self.end, supervised=True)]
 
 
-def _register(template: Template, *aliases: str) -> None:
-    for name in (template.name, *aliases):
-        TEMPLATES.add(name, template, template.description if name == template.name else f"alias of {template.name}")
-
-
-_register(PlainTemplate(
+TEMPLATES.register("plain")(PlainTemplate(
     name="plain", description="stage 1: <image> + caption + newline, no system prompt",
     system=None, system_format="", user_format="{content}", assistant_tag="", generation_tag="", end="\n",
 ))
-_register(Template(
+TEMPLATES.register("phi", aliases=("v0", "phi-2", "phi-1.5", "default"))(Template(
     name="phi", description="Mipha / LLaVA-Phi conversation (USER: ... ASSISTANT: ...<|endoftext|>)",
     system=PHI_SYSTEM, system_format="{system} ", user_format="USER: {content} ",
     assistant_tag="ASSISTANT: ", generation_tag="ASSISTANT:", end="<|endoftext|>",
-), "v0", "phi-2", "phi-1.5", "default")
-_register(Template(
+))
+TEMPLATES.register("gemma")(Template(
     name="gemma", description="Mipha-2.4B: the phi layout with <bos> first and answers ending in <eos>",
     system=PHI_SYSTEM, system_format="{system} ", user_format="USER: {content} ",
     assistant_tag="ASSISTANT: ", generation_tag="ASSISTANT:", end="<eos>", bos="<bos>",
 ))
-_register(Template(
+TEMPLATES.register("phi-3")(Template(
     name="phi-3", description="Phi-3 tags (<|user|>...<|end|><|assistant|>), trainable",
     system="You are a helpful AI assistant.", system_format="<|system|>{system}<|end|>",
     user_format="<|user|>{content}<|end|>", assistant_tag="<|assistant|>", generation_tag="<|assistant|>",
     end="<|end|>",
 ))
-_register(Template(
+TEMPLATES.register("chatml")(Template(
     name="chatml", description="ChatML (Qwen2.5, SmolLM2): <|im_start|>role\\n...<|im_end|>",
     system="You are a helpful assistant.", system_format="<|im_start|>system\n{system}<|im_end|>\n",
     user_format="<|im_start|>user\n{content}<|im_end|>\n", assistant_tag="<|im_start|>assistant\n",

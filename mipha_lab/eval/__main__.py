@@ -19,12 +19,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from mipha_lab.cluster.profile import load_profile
+from mipha_lab.cluster.submit import submit_command
+from mipha_lab.distributed import init_distributed
 from mipha_lab.errors import exit_status
+from mipha_lab.eval.benchmarks import BENCHMARKS
+from mipha_lab.eval.runner import run_benchmarks
+from mipha_lab.eval.scoring import gqa, mmbench, mme, pope, scienceqa, vqa
 from mipha_lab.eval.scoring.answers import ScoreInputError, read_answers, read_json, read_jsonl
+from mipha_lab.model import load_model
+from mipha_lab.registry.user_modules import import_modules
 
 
 def _need(args: argparse.Namespace, *names: str) -> None:
@@ -34,54 +44,47 @@ def _need(args: argparse.Namespace, *names: str) -> None:
 
 
 def score_pope(args: argparse.Namespace) -> dict[str, Any]:
-    from mipha_lab.eval.scoring.pope import score_pope
 
     _need(args, "questions", "answers", "annotations")
-    return score_pope(read_jsonl(args.questions), read_answers(args.answers), args.annotations)
+    return pope.score_pope(read_jsonl(args.questions), read_answers(args.answers), args.annotations)
 
 
 def score_mme(args: argparse.Namespace) -> dict[str, Any]:
-    from mipha_lab.eval.scoring.mme import score_mme
 
     _need(args, "questions", "answers", "ground_truth")
-    return score_mme(read_jsonl(args.questions), read_answers(args.answers), args.ground_truth)
+    return mme.score_mme(read_jsonl(args.questions), read_answers(args.answers), args.ground_truth)
 
 
 def score_scienceqa(args: argparse.Namespace) -> dict[str, Any]:
-    from mipha_lab.eval.scoring.scienceqa import score_scienceqa
 
     _need(args, "questions", "answers")
-    return score_scienceqa(read_json(args.questions), read_answers(args.answers))
+    return scienceqa.score_scienceqa(read_json(args.questions), read_answers(args.answers))
 
 
 def score_mmbench(args: argparse.Namespace) -> dict[str, Any]:
-    from mipha_lab.eval.scoring.mmbench import score_mmbench, score_mmbench_table
 
     if args.table is not None:
-        return score_mmbench_table(args.table)
+        return mmbench.score_mmbench_table(args.table)
     _need(args, "questions", "answers")
-    return score_mmbench(args.questions, read_answers(args.answers))
+    return mmbench.score_mmbench(args.questions, read_answers(args.answers))
 
 
 def score_vqav2(args: argparse.Namespace) -> dict[str, Any]:
-    from mipha_lab.eval.scoring.vqa import score_vqav2
 
     _need(args, "annotations", "questions", "results")
-    return score_vqav2(read_json(args.annotations), read_json(args.questions), read_json(args.results))
+    return vqa.score_vqav2(read_json(args.annotations), read_json(args.questions), read_json(args.results))
 
 
 def score_textvqa(args: argparse.Namespace) -> dict[str, Any]:
-    from mipha_lab.eval.scoring.vqa import score_textvqa
 
     _need(args, "annotations", "answers")
-    return score_textvqa(read_json(args.annotations), read_answers(args.answers))
+    return vqa.score_textvqa(read_json(args.annotations), read_answers(args.answers))
 
 
 def score_gqa(args: argparse.Namespace) -> dict[str, Any]:
-    from mipha_lab.eval.scoring.gqa import score_gqa
 
     _need(args, "questions", "answers")
-    return score_gqa(read_json(args.questions), read_answers(args.answers))
+    return gqa.score_gqa(read_json(args.questions), read_answers(args.answers))
 
 
 SCORERS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
@@ -104,12 +107,7 @@ def format_scores(scores: dict[str, Any], indent: str = "") -> str:
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     """Answers, scores and the summary under --out (default: <run>/eval for a run folder, else ./eval).
     With --nproc N (or under torchrun / SLURM) each process answers a share; rank 0 merges and scores."""
-    import os
-    import subprocess
 
-    from mipha_lab.eval.runner import load_model, run_benchmarks
-    from mipha_lab.registry import BENCHMARKS
-    from mipha_lab.train.distributed import init_distributed
 
     names = [n.strip() for n in args.benchmarks.split(",") if n.strip()]
     for name in names:
@@ -123,6 +121,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         return subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
                                 f"--nproc_per_node={args.nproc}", "-m", "mipha_lab.eval", *child])
     dist = init_distributed(process_group=int(os.environ.get("WORLD_SIZE", "1")) > 1)
+    import_modules(args.imports, "--import")
     model = load_model(model_path).to(dist.device)
     run_benchmarks(model, names, args.data_root, out, batch_size=args.batch_size, limit=args.limit,
                    model_id=model_path.name, image_strategy=args.image_strategy, dist=dist,
@@ -145,8 +144,6 @@ def without(argv: list[str], option: str, takes_value: bool = True) -> list[str]
 
 def submit(args: argparse.Namespace, argv: list[str], out: Path) -> int:
     """The same command as a cluster job (one task per --nproc), paths made absolute for the job."""
-    from mipha_lab.cluster.profile import load_profile
-    from mipha_lab.cluster.submit import submit_command
 
     child = without(without(without(argv, "--cluster"), "--wait", takes_value=False), "--nproc")
     child = [str(Path(a).resolve()) if a == args.model else a for a in child]
@@ -177,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     runner.add_argument("--nproc", type=int, default=1, help="processes on this machine (torchrun), each answering a share")
     runner.add_argument("--cluster", metavar="PROFILE", help="submit as a job: slurm/NAME.yaml or `local`")
     runner.add_argument("--wait", action="store_true", help="with --cluster: wait for the job and show the scores")
+    runner.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                        help="import this module first (it registers the model's own Python components)")
     scorer = commands.add_parser("score", help="score an answer file")
     scorer.add_argument("benchmark", choices=sorted(SCORERS))
     for flag in ("--questions", "--answers", "--annotations", "--ground-truth", "--table", "--results"):

@@ -4,6 +4,7 @@ tokens an answer may take, and which scorer reads the answers."""
 from __future__ import annotations
 
 import base64
+import csv
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,12 +16,23 @@ from mipha_lab.data.image_files import open_rgb
 from mipha_lab.errors import ConfigError
 from mipha_lab.eval import submission
 from mipha_lab.eval.scoring.answers import read_json, read_jsonl
-from mipha_lab.registry import BENCHMARKS
+from mipha_lab.eval.scoring.gqa import score_gqa
+from mipha_lab.eval.scoring.mmbench import options, read_table, score_mmbench
+from mipha_lab.eval.scoring.mme import score_mme
+from mipha_lab.eval.scoring.pope import score_pope
+from mipha_lab.eval.scoring.scienceqa import score_scienceqa
+from mipha_lab.eval.scoring.vqa import score_textvqa
+from mipha_lab.eval.shapes import score_vqa
+from mipha_lab.registry import Registry
 
 SHORT = "Answer the question using a single word or phrase."
 LETTER = "Answer with the option's letter from the given choices directly."
 LETTER_CN = "请直接回答选项字母。"
 LLAVA_EVAL = "LLaVA's evaluation bundle (eval.zip of haotian-liu/LLaVA, docs/Evaluation.md)"
+SYNTHETIC = "the synthetic generator (python -m mipha_lab.data.synthetic)"
+
+
+BENCHMARKS: Registry[Any] = Registry("benchmark", "evaluation benchmarks: files, prompts, scorer")
 
 
 @dataclass(frozen=True)
@@ -35,7 +47,10 @@ class Question:
 
 @dataclass(frozen=True)
 class Benchmark:
+    """Where a benchmark's files live, how its questions are asked, and how its answers are scored."""
+
     name: str
+    description: str
     files: dict[str, str]  # role -> path relative to the data root; "questions" is the one read to ask
     load: Callable[[dict[str, Path]], list[Question]]
     score: Callable[..., dict[str, Any]] | None  # (paths, answers, records list or None) -> scores
@@ -80,7 +95,6 @@ def _base64_image(data: str) -> Callable[[], Image.Image]:
 
 def mmbench_questions(paths: dict[str, Path], suffix: str = LETTER) -> list[Question]:
     """`[hint\\n]question\\nA. ..\\nB. ..` (options up to the first missing one) + the letter suffix."""
-    from mipha_lab.eval.scoring.mmbench import options, read_table
 
     questions = []
     for row in read_table(paths["questions"]):
@@ -93,96 +107,93 @@ def mmbench_questions(paths: dict[str, Path], suffix: str = LETTER) -> list[Ques
 
 
 def _pope_score(paths: dict[str, Path], answers: list[dict[str, Any]], records: list | None = None) -> dict[str, Any]:
-    from mipha_lab.eval.scoring.pope import score_pope
 
     return score_pope(read_jsonl(paths["questions"]), answers, paths["annotations"], records)
 
 
 def _mme_score(paths: dict[str, Path], answers: list[dict[str, Any]], records: list | None = None) -> dict[str, Any]:
-    from mipha_lab.eval.scoring.mme import score_mme
 
     return score_mme(read_jsonl(paths["questions"]), answers, paths["ground_truth"], records)
 
 
 def _scienceqa_score(paths: dict[str, Path], answers: list[dict[str, Any]], records: list | None = None) -> dict[str, Any]:
-    from mipha_lab.eval.scoring.scienceqa import score_scienceqa
 
     return score_scienceqa(read_json(paths["questions"]), answers, records)
 
 
 def _textvqa_score(paths: dict[str, Path], answers: list[dict[str, Any]], records: list | None = None) -> dict[str, Any]:
-    from mipha_lab.eval.scoring.vqa import score_textvqa
 
     return score_textvqa(read_json(paths["annotations"]), answers, records)
 
 
 def _gqa_score(paths: dict[str, Path], answers: list[dict[str, Any]], records: list | None = None) -> dict[str, Any]:
-    from mipha_lab.eval.scoring.gqa import score_gqa
 
     return score_gqa(read_json(paths["annotations"]), answers, records)
 
 
 def _mmbench_score(paths: dict[str, Path], answers: list[dict[str, Any]], records: list | None = None) -> dict[str, Any]:
-    from mipha_lab.eval.scoring.mmbench import score_mmbench
 
     return score_mmbench(paths["questions"], answers, records)
 
 
 def _shapes_vqa_score(paths: dict[str, Path], answers: list[dict[str, Any]], records: list | None = None) -> dict[str, Any]:
-    from mipha_lab.eval.shapes import score_vqa
 
     return score_vqa(answers, read_jsonl(paths["answers"]), records)
 
 
-def _add(benchmark: Benchmark, description: str) -> None:
-    BENCHMARKS.add(benchmark.name, benchmark, description)
-
-
-_add(Benchmark("vqav2", {"questions": "eval/vqav2/llava_vqav2_mscoco_test-dev2015.jsonl", "images": "eval/vqav2/test2015",
-                         "test_split": "eval/vqav2/llava_vqav2_mscoco_test2015.jsonl"},
-               llava_questions, None, "overall", submission=submission.vqav2_upload),
-     "VQAv2 test-dev: answers for the EvalAI upload (no public ground truth; score val offline with `eval score vqav2`)")
-_add(Benchmark("gqa", {"questions": "eval/gqa/llava_gqa_testdev_balanced.jsonl", "images": "eval/gqa/data/images",
-                       "annotations": "eval/gqa/data/testdev_balanced_questions.json"},
-               llava_questions, _gqa_score, "accuracy", submission=submission.gqa_predictions),
-     "GQA testdev-balanced, exact match")
-_add(Benchmark("scienceqa-img", {"questions": "eval/scienceqa/llava_test_CQM-A.json", "images": "eval/scienceqa/images/test"},
-               scienceqa_questions, _scienceqa_score, "img_accuracy", max_new_tokens=1024),
-     "ScienceQA test, accuracy on the 2,017 image questions")
-_add(Benchmark("textvqa", {"questions": "eval/textvqa/llava_textvqa_val_v051_ocr.jsonl",
-                           "images": "eval/textvqa/train_images", "annotations": "eval/textvqa/TextVQA_0.5.1_val.json"},
-               llava_questions, _textvqa_score, "accuracy"), "TextVQA val with OCR tokens, VQA accuracy (EvalAI processor)")
-_add(Benchmark("pope", {"questions": "eval/pope/llava_pope_test.jsonl", "images": "eval/pope/val2014",
-                        "annotations": "eval/pope/coco"},
-               llava_questions, _pope_score, "mean_f1"), "POPE (COCO) adversarial / popular / random, mean F1")
-_add(Benchmark("mme", {"questions": "eval/MME/llava_mme.jsonl", "images": "eval/MME/MME_Benchmark_release_version",
-                       "ground_truth": "eval/MME/eval_tool/Your_Results"},
-               llava_questions, _mme_score, "perception"), "MME perception and cognition")
-_add(Benchmark("mmbench", {"questions": "eval/mmbench/mmbench_dev_20230712.tsv"}, mmbench_questions, _mmbench_score,
-               "circular", max_new_tokens=1024, source="MMBench (opencompass) dev 20230712 TSV",
-               submission=submission.mmbench_table),
-     "MMBench dev EN, CircularEval")
-_add(Benchmark("mmbench-cn", {"questions": "eval/mmbench_cn/mmbench_dev_cn_20231003.tsv"},
-               lambda paths: mmbench_questions(paths, LETTER_CN), _mmbench_score, "circular", max_new_tokens=1024,
-               source="MMBench-CN (opencompass) dev 20231003 TSV", submission=submission.mmbench_table),
-     "MMBench dev CN, CircularEval")
-_add(Benchmark("shapes-vqa", {"questions": "shapes/eval/shapes-vqa/questions.jsonl", "images": "shapes/images",
-                              "answers": "shapes/eval/shapes-vqa/answers.jsonl"},
-               llava_questions, _shapes_vqa_score, "accuracy", max_new_tokens=8,
-               source="the synthetic generator (python -m mipha_lab.data.synthetic)"),
-     "synthetic shapes: colour / shape / count / position / yes-no, exact match")
-_add(Benchmark("shapes-pope", {"questions": "shapes/eval/shapes-pope/questions.jsonl", "images": "shapes/images",
-                               "annotations": "shapes/eval/shapes-pope/annotations"},
-               llava_questions, _pope_score, "mean_f1", max_new_tokens=8,
-               source="the synthetic generator (python -m mipha_lab.data.synthetic)"),
-     "synthetic shapes existence questions in POPE's format, scored by the POPE scorer")
+BENCHMARKS.register("vqav2")(Benchmark(
+    "vqav2", "VQAv2 test-dev: answers for the EvalAI upload (no public ground truth; score val offline with "
+    "`eval score vqav2`)",
+    {"questions": "eval/vqav2/llava_vqav2_mscoco_test-dev2015.jsonl", "images": "eval/vqav2/test2015",
+     "test_split": "eval/vqav2/llava_vqav2_mscoco_test2015.jsonl"},
+    llava_questions, None, "overall", submission=submission.vqav2_upload))
+BENCHMARKS.register("gqa")(Benchmark(
+    "gqa", "GQA testdev-balanced, exact match",
+    {"questions": "eval/gqa/llava_gqa_testdev_balanced.jsonl", "images": "eval/gqa/data/images",
+     "annotations": "eval/gqa/data/testdev_balanced_questions.json"},
+    llava_questions, _gqa_score, "accuracy", submission=submission.gqa_predictions))
+BENCHMARKS.register("scienceqa-img")(Benchmark(
+    "scienceqa-img", "ScienceQA test, accuracy on the 2,017 image questions",
+    {"questions": "eval/scienceqa/llava_test_CQM-A.json", "images": "eval/scienceqa/images/test"},
+    scienceqa_questions, _scienceqa_score, "img_accuracy", max_new_tokens=1024))
+BENCHMARKS.register("textvqa")(Benchmark(
+    "textvqa", "TextVQA val with OCR tokens, VQA accuracy (EvalAI processor)",
+    {"questions": "eval/textvqa/llava_textvqa_val_v051_ocr.jsonl", "images": "eval/textvqa/train_images",
+     "annotations": "eval/textvqa/TextVQA_0.5.1_val.json"},
+    llava_questions, _textvqa_score, "accuracy"))
+BENCHMARKS.register("pope")(Benchmark(
+    "pope", "POPE (COCO) adversarial / popular / random, mean F1",
+    {"questions": "eval/pope/llava_pope_test.jsonl", "images": "eval/pope/val2014", "annotations": "eval/pope/coco"},
+    llava_questions, _pope_score, "mean_f1"))
+BENCHMARKS.register("mme")(Benchmark(
+    "mme", "MME perception and cognition",
+    {"questions": "eval/MME/llava_mme.jsonl", "images": "eval/MME/MME_Benchmark_release_version",
+     "ground_truth": "eval/MME/eval_tool/Your_Results"},
+    llava_questions, _mme_score, "perception"))
+BENCHMARKS.register("mmbench")(Benchmark(
+    "mmbench", "MMBench dev EN, CircularEval", {"questions": "eval/mmbench/mmbench_dev_20230712.tsv"},
+    mmbench_questions, _mmbench_score, "circular", max_new_tokens=1024,
+    source="MMBench (opencompass) dev 20230712 TSV", submission=submission.mmbench_table))
+BENCHMARKS.register("mmbench-cn")(Benchmark(
+    "mmbench-cn", "MMBench dev CN, CircularEval", {"questions": "eval/mmbench_cn/mmbench_dev_cn_20231003.tsv"},
+    lambda paths: mmbench_questions(paths, LETTER_CN), _mmbench_score, "circular", max_new_tokens=1024,
+    source="MMBench-CN (opencompass) dev 20231003 TSV", submission=submission.mmbench_table))
+BENCHMARKS.register("shapes-vqa")(Benchmark(
+    "shapes-vqa", "synthetic shapes: colour / shape / count / position / yes-no, exact match",
+    {"questions": "shapes/eval/shapes-vqa/questions.jsonl", "images": "shapes/images",
+     "answers": "shapes/eval/shapes-vqa/answers.jsonl"},
+    llava_questions, _shapes_vqa_score, "accuracy", max_new_tokens=8, source=SYNTHETIC))
+BENCHMARKS.register("shapes-pope")(Benchmark(
+    "shapes-pope", "synthetic shapes existence questions in POPE's format, scored by the POPE scorer",
+    {"questions": "shapes/eval/shapes-pope/questions.jsonl", "images": "shapes/images",
+     "annotations": "shapes/eval/shapes-pope/annotations"},
+    llava_questions, _pope_score, "mean_f1", max_new_tokens=8, source=SYNTHETIC))
 
 PAPER_ORDER = ("vqav2", "gqa", "scienceqa-img", "textvqa", "pope", "mme", "mmbench")
 
 
 def headline_scores(eval_folder: Path) -> dict[str, float]:
     """The headline figure of each benchmark in a run's eval/summary.csv (written by eval.runner); {} without one."""
-    import csv
 
     summary = Path(eval_folder) / "summary.csv"
     if not summary.is_file():

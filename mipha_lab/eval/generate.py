@@ -12,8 +12,8 @@ from typing import Any, Sequence
 import torch
 from tqdm import tqdm
 
-from mipha_lab.data.image_processing import ImageProcessor
 from mipha_lab.data.templates import Template, encode_prompt
+from mipha_lab.model.image_processing import ImageProcessor
 
 log = logging.getLogger(__name__)
 

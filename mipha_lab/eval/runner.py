@@ -8,12 +8,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mipha_lab.config import Experiment
 from mipha_lab.data.templates import get_template
-from mipha_lab.eval.benchmarks import PAPER_ORDER, Benchmark
+from mipha_lab.distributed import Distributed
+from mipha_lab.eval.benchmarks import BENCHMARKS, PAPER_ORDER, Benchmark
 from mipha_lab.eval.generate import answer_key, answer_questions
 from mipha_lab.eval.scoring.answers import ScoreInputError, read_jsonl
-from mipha_lab.registry import BENCHMARKS
-from mipha_lab.train.distributed import Distributed
+from mipha_lab.model import load_model
+from mipha_lab.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 PARTIAL = "answers.partial.jsonl"  # answers.partial*.jsonl: one per rank, appended after every batch
@@ -23,16 +25,6 @@ def answered(out: Path) -> dict[str, dict[str, Any]]:
     """Answers an interrupted run already wrote (by any number of ranks)."""
     return {answer_key(a["question_id"], a["prompt"]): a
             for path in sorted(out.glob("answers.partial*.jsonl")) for a in read_jsonl(path)}
-
-
-def load_model(path: str | Path, allow_pickle: bool = False) -> Any:
-    """A run folder (its final/) or a saved model folder."""
-    from mipha_lab.model import MultimodalModel
-
-    path = Path(path)
-    if (path / "final" / "config.json").is_file():
-        path = path / "final"
-    return MultimodalModel.from_pretrained(path, allow_pickle=allow_pickle).eval()
 
 
 def run_benchmark(model: Any, benchmark: Benchmark, data_root: str | Path, out: Path, *, batch_size: int = 16,
@@ -137,3 +129,16 @@ def _flatten(scores: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
         else:
             rows.append((prefix + key, value))
     return rows
+
+
+def evaluate_run(experiment: Experiment, run: RunFolder) -> None:
+    """The experiment's `eval:` block on the run's final/ model; scores under <run>/eval/."""
+    e = experiment.eval
+    if not e.benchmarks:
+        return
+    status = run.read_status() or {}
+    run.status("evaluating", step=status.get("step"))
+    run_benchmarks(load_model(run.path), e.benchmarks, experiment.data_root, run.path / "eval",
+                   batch_size=e.batch_size, image_strategy=e.image_strategy, model_id=run.path.name,
+                   template=experiment.stages[-1].template, max_new_tokens=e.max_new_tokens)
+    run.status("done", step=status.get("step"))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from mipha_lab.eval.scoring.answers import check_ids, percent
+
 CHANCE = {"color": 1 / 6, "shape": 1 / 3, "count": 1 / 2, "position": 1 / 3, "yes/no": 1 / 2}
 
 
@@ -15,7 +17,6 @@ def score_vqa(answers: list[dict[str, Any]], truth: list[dict[str, Any]],
               records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Accuracy per question category and overall, as percentages rounded to 2 decimals; `records`, when
     given, receives one row per question."""
-    from mipha_lab.eval.scoring.answers import check_ids, percent
 
     gold = {row["question_id"]: row for row in truth}
     check_ids([a["question_id"] for a in answers], list(gold), "shapes-vqa answers")

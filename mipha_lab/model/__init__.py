@@ -1,6 +1,7 @@
 """Vision towers, projectors, language models and the assembled multimodal model."""
-from mipha_lab.model.build import build_vlm, load_model_folder
+from mipha_lab.model.loader import build_model, build_vlm, load_model
+from mipha_lab.model.spec import VLMConfig
 from mipha_lab.model.vision import VisionTower
-from mipha_lab.model.vlm import MultimodalModel, VLMConfig
+from mipha_lab.model.vlm import MultimodalModel
 
-__all__ = ["MultimodalModel", "VLMConfig", "VisionTower", "build_vlm", "load_model_folder"]
+__all__ = ["MultimodalModel", "VLMConfig", "VisionTower", "build_model", "build_vlm", "load_model"]

@@ -2,20 +2,30 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
-from mipha_lab.registry import LLM_BACKENDS
+import torch
+from tokenizers import AddedToken
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from mipha_lab.constants import IMAGE_TOKEN
+from mipha_lab.model.packed_attention import PACKED_SDPA
+from mipha_lab.model.remote_code import load_folder_tokenizer
+from mipha_lab.registry import Registry
 from mipha_lab.registry.cards import LLMCard
 
 log = logging.getLogger(__name__)
 
 TINY_TOKENIZER = "builtin:tiny-bpe"
 
+LLM: Registry[Any] = Registry("language model", "causal language models (cards in registry/llm/)", cards="llm")
+LLM_BACKENDS: Registry[Any] = Registry("language-model backend", "libraries that build a language-model card")
+
 
 def resolve_attn_implementation(requested: str = "auto") -> str:
     """`auto` picks flash-attention 2 when it imports and a GPU is present, else SDPA."""
     if requested != "auto":
         return requested
-    import torch
 
     try:
         import flash_attn  # noqa: F401
@@ -27,14 +37,12 @@ def resolve_attn_implementation(requested: str = "auto") -> str:
 def transformers_attention(requested: str = "auto") -> str:
     """The attention implementation the LM is built with: SDPA runs as `sdpa_packed` (plain SDPA, and
     per-sample attention on packed rows)."""
-    from mipha_lab.model.packed_attention import PACKED_SDPA
 
     resolved = resolve_attn_implementation(requested)
     return PACKED_SDPA if resolved == "sdpa" else resolved
 
 
 def lm_config(card: LLMCard, attn_implementation: str = "sdpa"):
-    from transformers import AutoConfig
 
     arch = dict(card.architecture)
     config = AutoConfig.for_model(arch.pop("model_type"), **arch)
@@ -52,7 +60,6 @@ def lm_config(card: LLMCard, attn_implementation: str = "sdpa"):
 @LLM_BACKENDS.register("transformers")
 def build_transformers_lm(card: LLMCard, pretrained: bool = False, attn_implementation: str = "sdpa"):
     """`AutoModelForCausalLM` from the card's architecture; weights from `hub_id` (hub or folder) if asked."""
-    from transformers import AutoModelForCausalLM
 
     config = lm_config(card, attn_implementation)
     if pretrained and card.hub_id:
@@ -73,7 +80,6 @@ def load_tokenizer(card: LLMCard):
         from mipha_lab.model.tiny_tokenizer import tiny_tokenizer
 
         return tiny_tokenizer(eos=tokens.eos, bos=tokens.bos, pad=tokens.pad)
-    from mipha_lab.model.folder_files import load_folder_tokenizer
 
     tokenizer = load_folder_tokenizer(card.tokenizer)
     if tokenizer.eos_token != tokens.eos:
@@ -87,9 +93,7 @@ def load_tokenizer(card: LLMCard):
 def with_image_token(tokenizer):
     """`<image>` as one special token, so a whole rendered conversation tokenizes in one call; its id is
     replaced by IMAGE_TOKEN_INDEX before embedding (the LM's embedding matrix is never resized)."""
-    from tokenizers import AddedToken
 
-    from mipha_lab.constants import IMAGE_TOKEN
 
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -134,7 +135,6 @@ def without_cudnn_attention() -> contextlib.AbstractContextManager:
     5.09 s the first time and 0.91 s repeated with the same shapes, and batch 16 over batch 1 went from
     3.45x to 13.2x with cuDNN off (bench/NOTES.md). Training keeps cuDNN (checkpointed blocks recompute
     outside any context manager, and its measured effect there was mixed)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 

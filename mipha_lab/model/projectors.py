@@ -6,13 +6,14 @@ form a square grid) and its own parameters from the experiment, and reports `num
 from __future__ import annotations
 
 import math
-import re
+from typing import Any
 
 import torch
 from torch import nn
 
-from mipha_lab.registry import PROJECTORS
-from mipha_lab.registry.core import Entry
+from mipha_lab.registry import Registry
+
+PROJECTORS: Registry[Any] = Registry("projector", "vision-to-language connectors")
 
 
 class Projector(nn.Module):
@@ -41,6 +42,7 @@ class IdentityProjector(Projector):
         return x
 
 
+@PROJECTORS.register("mlp{depth}x_gelu", "linear layers with GELU between them, any depth (as LLaVA's builder)")
 @PROJECTORS.register("mlp")
 class MLPProjector(nn.Sequential):
     """Linear layers with GELU between them; `depth` 1 is `linear`, 2 is LLaVA-1.5's `mlp2x_gelu`.
@@ -71,22 +73,6 @@ class MLP2xGeluProjector(MLPProjector):
 
     def __init__(self, in_dim: int, out_dim: int, grid: int | None = None) -> None:
         super().__init__(in_dim, out_dim, grid, depth=2)
-
-
-def _resolve_mlp(name: str) -> Entry | None:
-    """`mlpNx_gelu` for any N, as LLaVA's builder accepts."""
-    match = re.fullmatch(r"mlp(\d+)x_gelu", name)
-    if not match:
-        return None
-    depth = int(match.group(1))
-
-    def build(in_dim: int, out_dim: int, grid: int | None = None) -> MLPProjector:
-        return MLPProjector(in_dim, out_dim, grid, depth=depth)
-
-    return Entry(name, build, f"{depth} linear layers with GELU between them")
-
-
-PROJECTORS.resolver = _resolve_mlp
 
 
 def _require_grid(name: str, grid: int | None) -> int:

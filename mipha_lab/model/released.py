@@ -17,7 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoConfig
 
+from mipha_lab.model.image_processing import spec_from_hf_config
+from mipha_lab.model.spec import ComponentSpec, VLMConfig
 from mipha_lab.registry.cards import FeatureSpec, ImageSpec, LLMCard, SpecialTokens, VisionCard
 
 log = logging.getLogger(__name__)
@@ -75,8 +78,6 @@ def _processor_config(folder: Path, kind: str, image_size: int) -> dict[str, Any
 
 
 def vision_card(folder: Path, config: dict[str, Any], keys: set[str]) -> VisionCard:
-    from mipha_lab.data.image_processing import spec_from_hf_config
-
     tower = config["vision_config"]["vision_tower"]
     kind = tower_type(config, keys)
     architecture = {"model_type": kind, **{k: v for k, v in tower.items() if k not in NOT_VISION}}
@@ -143,21 +144,15 @@ def our_names(state: dict[str, torch.Tensor], model_keys: set[str], num_heads: i
     return out
 
 
-def load_released(folder: Path, config: dict[str, Any], allow_pickle: bool = False) -> Any:
-    """Our model with the checkpoint's weights, template and preprocessing (the processor copied into the
-    folder; features from `mm_vision_select_layer`, -2 in every release)."""
-    from mipha_lab.model.build import build_vlm, place_weights
-    from mipha_lab.model.folder_files import load_folder_tokenizer, read_weights
-    from mipha_lab.model.language import with_image_token
+def released_config(folder: Path, config: dict[str, Any], keys: set[str], tokenizer: Any) -> VLMConfig:
+    """Our config for a released checkpoint: its tower, projector and LM as cards, its template, and the
+    features of `mm_vision_select_layer` (-2 in every release); the processor comes from the folder."""
 
-    state = read_weights(folder, allow_pickle)
-    tokenizer = None
-    if (folder / "tokenizer_config.json").is_file():
-        tokenizer = with_image_token(load_folder_tokenizer(folder))
-    projector = config["vision_config"]["mm_projector"].get("mm_projector_type", "mlp2x_gelu")
     lm = llm_card(folder, config, tokenizer)
-    model = build_vlm(vision_card(folder, config, set(state)), lm, projector, with_tokenizer=False,
-                      tokenizer=tokenizer, template=lm.template)
-    renamed = our_names(state, set(model.state_dict()), config["num_attention_heads"])
-    place_weights(model, renamed, folder)
-    return model.eval()
+    vision = vision_card(folder, config, keys)
+    lm_config = AutoConfig.for_model(**lm.architecture)
+    return VLMConfig(vision=ComponentSpec(name=vision.name, card=vision.to_dict()),
+                     projector=ComponentSpec(name=config["vision_config"]["mm_projector"].get("mm_projector_type",
+                                                                                              "mlp2x_gelu")),
+                     llm=ComponentSpec(name=lm.name, card=lm.to_dict()), template=lm.template,
+                     max_positions=lm_config.max_position_embeddings)

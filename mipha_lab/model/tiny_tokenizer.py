@@ -9,6 +9,9 @@ from __future__ import annotations
 import functools
 import random
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
 SPECIAL_TOKENS = [
     "<|endoftext|>", "<pad>", "<bos>", "<eos>", "<|im_start|>", "<|im_end|>",
     "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<image>",
@@ -49,7 +52,6 @@ def _corpus(seed: int = 0, lines: int = 1500) -> list[str]:
 @functools.lru_cache(maxsize=1)
 def _trained() -> str:
     """The trained tokenizer as JSON (so every caller gets an independent copy)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -67,8 +69,6 @@ def _trained() -> str:
 
 def tiny_tokenizer(eos: str = "<|endoftext|>", bos: str | None = None, pad: str | None = None):
     """A `PreTrainedTokenizerFast` with the given special tokens (all of them exist in its vocabulary)."""
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
 
     for token in (eos, bos, pad):
         if token is not None and token not in SPECIAL_TOKENS:

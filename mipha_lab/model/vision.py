@@ -1,11 +1,17 @@
 """The vision tower interface: pixels in, the selected layer's token grid out."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from mipha_lab.errors import InputError
+from mipha_lab.registry import Registry
 from mipha_lab.registry.cards import ImageSpec
+
+# cards from registry/vision/, and VisionTower classes registered in Python (`@VISION.register("my-encoder")`)
+VISION: Registry[Any] = Registry("vision encoder", "vision towers (cards in registry/vision/)", cards="vision")
 
 
 class VisionTower(nn.Module):
@@ -26,7 +32,7 @@ class VisionTower(nn.Module):
         num_prefix_tokens: int,
         feature_layer: int = -2,
         select: str = "patch",
-        image_spec: ImageSpec | None = None,
+        image_spec: ImageSpec | None = None,  # None: a square resize to image_size, mean and std 0.5
         name: str = "",
     ) -> None:
         super().__init__()
@@ -38,7 +44,8 @@ class VisionTower(nn.Module):
         self.num_prefix_tokens = num_prefix_tokens
         self.feature_layer = feature_layer
         self.select = select
-        self.image_spec = image_spec
+        self.image_spec = image_spec or ImageSpec(resize="square", resize_size=image_size, mean=(0.5,) * 3,
+                                                  std=(0.5,) * 3)
         self.name = name or type(self).__name__
 
     @property

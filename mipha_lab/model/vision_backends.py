@@ -10,13 +10,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
+from transformers import AutoConfig, AutoModel
+from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 from mipha_lab.model.vision import VisionTower
-from mipha_lab.registry import VISION_BACKENDS
+from mipha_lab.registry import Registry
 from mipha_lab.registry.cards import VisionCard
 
 log = logging.getLogger(__name__)
+
+VISION_BACKENDS: Registry[Any] = Registry("vision backend", "libraries that build a vision card")
 
 
 def _tower_kwargs(card: VisionCard) -> dict:
@@ -29,12 +34,11 @@ def _tower_kwargs(card: VisionCard) -> dict:
     )
 
 
+@VISION_BACKENDS.register("transformers")
 class TransformersVisionTower(VisionTower):
     """A Hugging Face vision model (SigLIP, CLIP, DINOv2...) chosen by the card's `model_type`."""
 
     def __init__(self, card: VisionCard, pretrained: bool = False) -> None:
-        from transformers import AutoConfig, AutoModel
-        from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
         arch = dict(card.architecture)
         config = AutoConfig.for_model(arch.pop("model_type"), **arch)
@@ -87,6 +91,7 @@ class TransformersVisionTower(VisionTower):
         return taken[-1]
 
 
+@VISION_BACKENDS.register("timm")
 class TimmVisionTower(VisionTower):
     """A timm ViT: `architecture` holds `model_name` plus timm keyword arguments."""
 
@@ -124,6 +129,7 @@ class TimmVisionTower(VisionTower):
         return out
 
 
+@VISION_BACKENDS.register("open_clip")
 class OpenClipVisionTower(VisionTower):
     """The image tower of an open_clip model: `architecture` holds `embed_dim` and `vision_cfg`."""
 
@@ -143,7 +149,6 @@ class OpenClipVisionTower(VisionTower):
             self._load(card.hub_id)
 
     def _load(self, hub_id: str) -> None:
-        from safetensors.torch import load_file
 
         path = Path(hub_id)
         if path.is_dir():
@@ -167,11 +172,6 @@ class OpenClipVisionTower(VisionTower):
         )
         spatial, prefix = out["image_intermediates"][0], out.get("image_intermediates_prefix")
         return spatial if not prefix else torch.cat([prefix[0], spatial], dim=1)
-
-
-VISION_BACKENDS.add("transformers", TransformersVisionTower)
-VISION_BACKENDS.add("timm", TimmVisionTower)
-VISION_BACKENDS.add("open_clip", OpenClipVisionTower)
 
 
 def build_vision_tower(card: VisionCard, pretrained: bool = False) -> nn.Module:

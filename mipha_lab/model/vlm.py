@@ -9,44 +9,22 @@ from typing import Any, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from safetensors.torch import save_file
 from torch import nn
 
-from mipha_lab.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from mipha_lab.model.adapters import LoraSpec
+from mipha_lab.constants import IGNORE_INDEX
+from mipha_lab.errors import ConfigError, UnknownNameError
+from mipha_lab.model.adapters import restore_adapters
+from mipha_lab.model.build import components_from_config
 from mipha_lab.model.embedding_scale import image_feature_factor, scale_features
+from mipha_lab.model.folder import read_model_folder
+from mipha_lab.model.image_processing import ImageProcessor
 from mipha_lab.model.packed_attention import PACKED_SDPA, PackedSegments, without_cudnn_attention
+from mipha_lab.model.spec import VLMConfig
 from mipha_lab.model.splice import Spliced, block_causal_mask, check_image_counts, splice
-from mipha_lab.validation import StrictModel
+from mipha_lab.model.weights import WEIGHTS_NAME, place_weights
 
 log = logging.getLogger(__name__)
-
-FORMAT = "mipha-lab"
-WEIGHTS_NAME = "model.safetensors"
-
-
-class ComponentSpec(StrictModel):
-    """How to rebuild one component: a registry name, the resolved card it was built from, arguments."""
-
-    name: str
-    card: dict[str, Any] | None = None
-    args: dict[str, Any] = Field(default_factory=dict)
-
-
-class VLMConfig(StrictModel):
-    """What config.json of a saved model holds: enough to rebuild it without the registry's folders."""
-
-    format: Literal["mipha-lab"] = FORMAT
-    format_version: int = 1
-    vision: ComponentSpec
-    projector: ComponentSpec
-    llm: ComponentSpec
-    template: str | None = None
-    max_positions: int
-    image_token_index: int = IMAGE_TOKEN_INDEX
-    attn_implementation: str = "sdpa"
-    adapters: list[LoraSpec] = Field(default_factory=list)  # LoRA adapters held unmerged in the weights
-
 
 @dataclass
 class VLMOutput:
@@ -251,10 +229,6 @@ class MultimodalModel(nn.Module):
     # ----------------------------------------------------------------- save / load
     def save_pretrained(self, folder: str | Path) -> Path:
         """config.json (component specs and resolved cards), safetensors weights, tokenizer, image processor."""
-        from safetensors.torch import save_file
-
-        from mipha_lab.data.image_processing import ImageProcessor
-
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.json").write_text(json.dumps(self.config.model_dump(mode="json"), indent=2) + "\n")
@@ -282,6 +256,20 @@ class MultimodalModel(nn.Module):
     @classmethod
     def from_pretrained(cls, folder: str | Path, dtype: torch.dtype | None = None,
                         allow_pickle: bool = False) -> "MultimodalModel":
-        from mipha_lab.model.build import load_model_folder
-
-        return load_model_folder(folder, dtype=dtype, allow_pickle=allow_pickle)
+        """Rebuilt from config.json alone - our format or a released Mipha / LLaVA-Phi checkpoint - with
+        every stored tensor placed (folder.py, weights.py); nothing from the folder runs as code."""
+        contents = read_model_folder(folder, allow_pickle)
+        try:
+            components = components_from_config(contents.config)
+        except UnknownNameError as err:
+            if not contents.config.imports:
+                raise
+            raise ConfigError(f"{folder}: {err}. Its components were registered in Python by "
+                              f"{', '.join(contents.config.imports)} (config.json 'imports'): import them first "
+                              "(on the command line: --import MODULE)") from None
+        model = cls(*components, contents.config, contents.tokenizer)
+        restore_adapters(model, contents.config.adapters)
+        place_weights(model, contents.weights_for(set(model.state_dict())), Path(folder))
+        if dtype is not None:
+            model.to(dtype)
+        return model.eval()

@@ -6,9 +6,20 @@ import sys
 
 import yaml
 
+from mipha_lab.data.mixtures import MIXTURES
+from mipha_lab.data.templates import TEMPLATES
 from mipha_lab.errors import MiphaLabError
-from mipha_lab.registry import ALL
+from mipha_lab.eval.benchmarks import BENCHMARKS
+from mipha_lab.model.language import LLM, LLM_BACKENDS
+from mipha_lab.model.projectors import PROJECTORS
+from mipha_lab.model.vision import VISION
+from mipha_lab.model.vision_backends import VISION_BACKENDS
+from mipha_lab.registry import Registry
 from mipha_lab.registry.cards import Card
+
+ALL: dict[str, Registry] = {"vision": VISION, "projector": PROJECTORS, "llm": LLM, "template": TEMPLATES,
+                            "mixture": MIXTURES, "benchmark": BENCHMARKS, "vision-backend": VISION_BACKENDS,
+                            "llm-backend": LLM_BACKENDS}
 
 
 def list_entries(kinds: list[str]) -> str:

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import PrivateAttr
 
+from mipha_lab.errors import ConfigError
 from mipha_lab.validation import StrictModel, load_yaml, validate
 
 CARDS_ENV = "MIPHA_LAB_CARDS"
@@ -166,15 +167,10 @@ def iter_card_files(kind: str, dirs: list[Path] | None = None) -> list[Path]:
 
 
 def add_card_dir(path: str | Path) -> None:
-    """Make the cards of another folder (with `vision/`, `llm/`... inside) available by name."""
-    from mipha_lab import registry
-
+    """Make the cards of another folder (with `vision/`, `llm/`... inside) available by name; registries
+    read it on their next use, and its cards replace built-in ones of the same name."""
     folder = Path(path).resolve()
     if not folder.is_dir():
-        from mipha_lab.errors import ConfigError
-
         raise ConfigError(f"card folder {folder} does not exist")
-    if folder in _extra_dirs:
-        return
-    _extra_dirs.append(folder)
-    registry.load_cards_from([folder])
+    if folder not in _extra_dirs:
+        _extra_dirs.append(folder)

@@ -10,10 +10,10 @@ from typing import Any, Callable
 import torch
 from PIL import Image
 
-from mipha_lab.data.image_processing import ImageProcessor
-from mipha_lab.data.templates import Template, encode_prompt
 from mipha_lab.data.image_files import open_rgb
+from mipha_lab.data.templates import Template, encode_prompt
 from mipha_lab.errors import InputError
+from mipha_lab.model.image_processing import ImageProcessor
 
 
 def open_image(source: str) -> Image.Image:

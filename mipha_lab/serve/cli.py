@@ -16,7 +16,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from mipha_lab.data.templates import get_template
 from mipha_lab.errors import ConfigError, exit_status
+from mipha_lab.model import load_model
+from mipha_lab.registry.user_modules import import_modules
+from mipha_lab.serve.chat import Conversation, open_image
 
 log = logging.getLogger("mipha_lab.serve")
 EXAMPLE_IMAGE = Path(__file__).resolve().parent / "example.png"
@@ -35,6 +41,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     parser.add_argument("--load-8bit", action="store_true", help="8-bit weights (bitsandbytes, CUDA only)")
     parser.add_argument("--load-4bit", action="store_true", help="4-bit weights (bitsandbytes, CUDA only)")
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                        help="import this module first (it registers the model's own Python components)")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="read .bin/.pt weights (torch.load with weights_only=True); refused otherwise")
     parser.add_argument("--prompt", default=None, help="answer this one message, print only the reply, exit")
@@ -44,10 +52,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def load(args: argparse.Namespace) -> tuple[Any, Any]:
     """The model on its device and the template to talk to it with."""
-    import torch
 
-    from mipha_lab.data.templates import get_template
-    from mipha_lab.eval.runner import load_model
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.load_8bit or args.load_4bit:
@@ -58,6 +63,7 @@ def load(args: argparse.Namespace) -> tuple[Any, Any]:
     path = Path(args.model_path)
     if not path.exists():
         raise ConfigError(f"--model-path {path}: no such file or folder")
+    import_modules(args.imports, "--import")
     model = load_model(path, allow_pickle=args.allow_pickle).to(device)
     if device == "cuda":
         model.to(torch.bfloat16)
@@ -71,7 +77,6 @@ def load(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def interactive(conversation: Any, image_file: str) -> None:
-    from mipha_lab.serve.chat import open_image
 
     print(f"image: {image_file}. Commands: /image PATH, /reset; an empty line or Ctrl-D exits.", file=sys.stderr)
     while True:
@@ -99,9 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
     def chat() -> int:
-        import torch
 
-        from mipha_lab.serve.chat import Conversation, open_image
 
         image = open_image(args.image_file)  # a bad path fails before the model loads
         model, template = load(args)

@@ -17,8 +17,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_file
 
-from mipha_lab.errors import StorageError, disk_writes
+from mipha_lab.errors import ConfigError, StorageError, disk_writes
 from mipha_lab.train import faults
 
 CHECKPOINTS = "checkpoints"
@@ -90,7 +92,6 @@ class CheckpointWriter:
 
     def _save(self, final: Path, partial: Path, state: TrainState, model_state: dict[str, torch.Tensor] | None,
               engine: Any) -> Path:
-        from safetensors.torch import save_file
 
         if self.rank == 0:
             for stale in self.root.glob(".partial-*"):
@@ -121,10 +122,7 @@ class CheckpointWriter:
 
 def load_model_state(folder: Path, model: torch.nn.Module) -> None:
     """The checkpoint's weights (a truncated or corrupt file is an error naming it and the way out)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_model
 
-    from mipha_lab.errors import ConfigError
 
     path = folder / "model.safetensors"
     try:

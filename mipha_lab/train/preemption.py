@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import threading
 from types import FrameType
 from typing import Any, Callable, Iterator
 
@@ -63,7 +64,6 @@ def requested() -> bool:
 def install_interrupt() -> None:
     """Ctrl-C in the training loop saves a checkpoint at the next step boundary and stops (a second Ctrl-C,
     or one outside the loop, stops at once); nothing trained since the last checkpoint is lost."""
-    import threading
 
     _State.interrupted = False
     if threading.current_thread() is threading.main_thread():

@@ -14,22 +14,22 @@ from tqdm import tqdm
 from mipha_lab.config import Experiment, StageConfig
 from mipha_lab.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from mipha_lab.data.batching import RankBatchSampler, collator, plan_epoch
-from mipha_lab.data.image_processing import ImageProcessor
 from mipha_lab.data.llava import LlavaDataset
 from mipha_lab.data.mixtures import load_mixture
 from mipha_lab.data.problems import SkipReport
 from mipha_lab.data.templates import get_template
+from mipha_lab.distributed import Distributed, gather_objects
 from mipha_lab.errors import ConfigError, MiphaLabError
 from mipha_lab.model import MultimodalModel
+from mipha_lab.model.image_processing import ImageProcessor
 from mipha_lab.model.splice import count_targets
 from mipha_lab.run_folder import RunFolder
 from mipha_lab.train import faults, preemption
 from mipha_lab.train.checkpoint import CheckpointWriter, TrainState, load_model_state, load_rng
-from mipha_lab.train.distributed import Distributed, gather_objects
 from mipha_lab.train.engine import DeepSpeedEngine, TorchEngine
 from mipha_lab.train.flops import batch_flops, peak_flops
-from mipha_lab.train.preemption import Preempted
 from mipha_lab.train.policy import apply_policy, table_markdown
+from mipha_lab.train.preemption import Preempted
 from mipha_lab.train.tracking import Tracker
 
 

@@ -9,42 +9,35 @@ import sys
 from pathlib import Path
 
 import torch
+import yaml
+from huggingface_hub.constants import HF_HUB_CACHE
 
 from mipha_lab.config import AFTER_NONFINITE, Experiment, config_differences
-from mipha_lab.data.mixtures import ensure_generated
+from mipha_lab.data.mixtures import MIXTURES, ensure_generated
+from mipha_lab.distributed import Distributed, init_distributed
 from mipha_lab.errors import ConfigError, disk_writes
-from mipha_lab.model import MultimodalModel, build_vlm
+from mipha_lab.model import MultimodalModel, build_model
 from mipha_lab.model.adapters import merge_lora
-from mipha_lab.registry import MIXTURES, add_card_dir
+from mipha_lab.model.language import LLM
+from mipha_lab.model.vision import VISION
+from mipha_lab.registry import add_card_dir
 from mipha_lab.run_folder import RunFolder, file_digest
 from mipha_lab.run_lock import RunLock
+from mipha_lab.train import preemption
 from mipha_lab.train.checkpoint import (
-    CheckpointWriter, TrainState, latest_checkpoint, load_model_state, read_state, rng_state,
+    CheckpointWriter,
+    TrainState,
+    latest_checkpoint,
+    load_model_state,
+    read_state,
+    rng_state,
     set_rng_state,
 )
-from mipha_lab.train.distributed import Distributed, init_distributed
-from mipha_lab.train import preemption
 from mipha_lab.train.preemption import Preempted
 from mipha_lab.train.stage import StageRunner, gathered_state
 from mipha_lab.train.tracking import Tracker
 
 log = logging.getLogger(__name__)
-
-NO_TRUNCATION = 2**31 - 1  # quirk 3: positions are never cut after splicing
-
-
-def build_model(experiment: Experiment, with_tokenizer: bool = True) -> MultimodalModel:
-    m = experiment.model
-    torch.manual_seed(experiment.seed)
-    from mipha_lab.model.language import resolve_attn_implementation
-
-    return build_vlm(
-        m.vision, m.llm, m.projector, projector_args=m.projector_args, pretrained=m.pretrained,
-        attn_implementation=resolve_attn_implementation(m.attn_implementation),
-        max_positions=NO_TRUNCATION if experiment.quirks.no_truncation_after_splice else m.max_positions,
-        feature_layer=m.feature_layer, select=m.feature_select, with_tokenizer=with_tokenizer, image_size=m.image_size,
-    )
-
 
 def rebuilt(experiment: Experiment, checkpoint: Path, dist: Distributed) -> MultimodalModel:
     """A fresh model with a checkpoint's weights; the RNG streams continue as if nothing happened."""
@@ -111,7 +104,6 @@ def hub_available(repo: str) -> bool:
         return True
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("1", "true", "yes"):
         return True
-    from huggingface_hub.constants import HF_HUB_CACHE
 
     snapshots = Path(HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}" / "snapshots"
     return snapshots.is_dir() and any(snapshots.iterdir())
@@ -119,8 +111,6 @@ def hub_available(repo: str) -> bool:
 
 def preflight(experiment: Experiment) -> None:
     """Fail at once, before a run folder or a model exists, naming every missing input and its origin."""
-    from mipha_lab.registry import LLM, VISION
-
     root, missing = Path(experiment.data_root), []
     for stage in experiment.stages:
         card = MIXTURES.get(stage.mixture)
@@ -134,7 +124,8 @@ def preflight(experiment: Experiment) -> None:
                     missing.append(f"stage '{stage.name}', mixture '{stage.mixture}': {kind} {path}{origin}")
     if experiment.model.pretrained:
         llm = LLM.get(experiment.model.llm)
-        wanted = [("vision weights", VISION.get(experiment.model.vision).hub_id), ("language-model weights", llm.hub_id)]
+        vision = VISION.get(experiment.model.vision)  # a card, or a class registered in Python (no hub weights)
+        wanted = [("vision weights", getattr(vision, "hub_id", None)), ("language-model weights", llm.hub_id)]
         if not llm.tokenizer.startswith("builtin:"):
             wanted.append(("tokenizer", llm.tokenizer))
         for what, repo in wanted:
@@ -168,7 +159,6 @@ def prepare_run(run: RunFolder, experiment: Experiment, world_size: int, allow_c
 def check_same_configuration(run: RunFolder, experiment: Experiment, after_nonfinite: bool) -> None:
     """A resume continues the same experiment; after a non-finite stop the optimizer's hyperparameters may
     change (that is the advice), and the folder's config.yaml then records the new values."""
-    import yaml
 
     stored = yaml.safe_load((run.path / "config.yaml").read_text())
     changed = config_differences(stored, experiment.model_dump(mode="json"))
@@ -204,10 +194,10 @@ def check_same_data(run: RunFolder, experiment: Experiment, allow_changed_data: 
     run.record_data(data_files(experiment))
 
 
-def run_experiment(experiment: Experiment, evaluate: bool = True, allow_changed_data: bool = False) -> RunFolder:
-    """Train every stage in order in one run folder, save final/, then evaluate (unless `evaluate` is
-    off: a separate job does it). A folder that already holds this run resumes from its latest
-    checkpoint; a finished one is left as it is."""
+def run_experiment(experiment: Experiment, allow_changed_data: bool = False) -> tuple[RunFolder, bool]:
+    """Train every stage in order in one run folder and save final/; returns the folder and whether it
+    trained now. A folder that already holds this run resumes from its latest checkpoint; a finished one
+    is left as it is (False). Evaluation is the caller's next step (pipeline.py)."""
     dist = init_distributed(process_group=experiment.engine.kind == "deepspeed")
     for folder in experiment.model.card_dirs:
         add_card_dir(folder)
@@ -221,15 +211,15 @@ def run_experiment(experiment: Experiment, evaluate: bool = True, allow_changed_
         if found[0] == "done":
             if dist.main:
                 print(f"run folder {run.path} holds a finished run: nothing to do", file=sys.stderr)
-            return run
-        train_and_evaluate(experiment, run, dist, evaluate)
+            return run, False
+        train(experiment, run, dist)
     finally:
         if lock is not None:
             lock.release()
-    return run
+    return run, True
 
 
-def train_and_evaluate(experiment: Experiment, run: RunFolder, dist: Distributed, evaluate: bool = True) -> None:
+def train(experiment: Experiment, run: RunFolder, dist: Distributed) -> None:
     checkpoint = latest_checkpoint(run.path)
     state = read_state(checkpoint) if checkpoint else TrainState(0, 0, 0)
     if dist.main:
@@ -266,8 +256,6 @@ def train_and_evaluate(experiment: Experiment, run: RunFolder, dist: Distributed
     tracker.finish()
     if dist.main:
         run.status("done", step=state.global_step)
-        if evaluate:
-            evaluate_run(experiment, run)
     dist.barrier()
 
 
@@ -283,18 +271,3 @@ def record_stop(run: RunFolder, err: BaseException, state: TrainState) -> None:
             run.status("failed", reason=f"{type(err).__name__}: {err}", step=state.global_step)
     except OSError as write_error:
         log.error("%s: could not record the run's state (%s)", run.path / "status.json", write_error)
-
-
-def evaluate_run(experiment: Experiment, run: RunFolder) -> None:
-    """The experiment's `eval:` block on the run's final/ model; scores under <run>/eval/."""
-    e = experiment.eval
-    if not e.benchmarks:
-        return
-    from mipha_lab.eval.runner import load_model, run_benchmarks
-
-    status = run.read_status() or {}
-    run.status("evaluating", step=status.get("step"))
-    run_benchmarks(load_model(run.path), e.benchmarks, experiment.data_root, run.path / "eval",
-                   batch_size=e.batch_size, image_strategy=e.image_strategy, model_id=run.path.name,
-                   template=experiment.stages[-1].template, max_new_tokens=e.max_new_tokens)
-    run.status("done", step=status.get("step"))

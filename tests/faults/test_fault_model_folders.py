@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from mipha_lab.errors import ConfigError
 from mipha_lab.model import MultimodalModel, build_vlm
-from mipha_lab.model.folder_files import weight_files
+from mipha_lab.model.weights import weight_files
 from tests.interop_helpers import logits, write_released
 
 EVIL = "import pathlib\npathlib.Path(__file__).with_name('RAN').write_text('code from the folder ran')\n"

@@ -1,33 +1,30 @@
-"""What is read from a model folder, and how: its own weight files only, and never code.
+"""Weights in and out of model folders: which files hold them (a folder's own weight files only), reading
+them, and placing a state dict into a model so that every tensor lands (tied parameters are stored once).
 
-Weights: `model.safetensors.index.json` (the shards it lists), else `model.safetensors`, else
+The rule: `model.safetensors.index.json` (the shards it lists), else `model.safetensors`, else
 `model-XXXXX-of-YYYYY.safetensors` (every shard present), else - only with `allow_pickle` -
 `pytorch_model.bin.index.json` / `pytorch_model*.bin`, through `torch.load(weights_only=True)`. Any
 other file beside them (an adapter, a reference, a user's copy) is never read as weights.
-
-Code: tokenizers load with `trust_remote_code=False`, and a folder whose tokenizer or processor config
-names code of its own (`auto_map`) is refused before transformers sees it, so no prompt on stdin can
-be answered "y" into running it.
 """
 from __future__ import annotations
 
 import json
 import re
 from pathlib import Path
-from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
 
 from mipha_lab.errors import ConfigError
 
+WEIGHTS_NAME = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
-SAFE_SINGLE = "model.safetensors"
+SAFE_SINGLE = WEIGHTS_NAME
 SAFE_SHARD = re.compile(r"model-(\d+)-of-(\d+)\.safetensors")
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 PICKLE_FILES = re.compile(r"pytorch_model(-\d+-of-\d+)?\.bin")
-# files transformers would follow to code (`auto_map`); config.json is read by us as data and never run
-CODE_BEARING = ("tokenizer_config.json", "preprocessor_config.json", "processor_config.json", "image_processor_config.json")
-NO_REMOTE_CODE: dict[str, Any] = {"trust_remote_code": False}
 
 
 def _indexed(folder: Path, index: Path) -> list[Path]:
@@ -75,8 +72,6 @@ def weight_files(folder: Path, allow_pickle: bool = False) -> list[Path]:
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """One safetensors file; a truncated or corrupt one is an error naming it."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     try:
         return load_file(path)
@@ -95,33 +90,25 @@ def read_weights(folder: Path, allow_pickle: bool = False) -> dict[str, torch.Te
     return state
 
 
-def refuse_folder_code(folder: Path) -> None:
-    """A tokenizer or processor config that points at code (`auto_map`) is refused, naming the file and the code."""
-    for name in CODE_BEARING:
-        path = folder / name
-        if not path.is_file():
-            continue
-        try:
-            config = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path}: not valid JSON ({err})") from None
-        auto_map = config.get("auto_map") if isinstance(config, dict) else None
-        if auto_map:
-            raise ConfigError(f"{path}: 'auto_map' points at code shipped with the folder ({json.dumps(auto_map)}); "
-                              "mipha-lab never runs code from a model folder - use a folder whose tokenizer and "
-                              "processor are standard transformers classes (remove 'auto_map')")
+def place_weights(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    """Load `state` into `model`: every stored tensor must land in place (same name, same shape) and every
+    parameter must be stored, except those tied to one stored earlier."""
+    own = model.state_dict()
+    unexpected = sorted(set(state) - set(own))
+    missing = sorted(set(own) - set(state) - tied_names(model))
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state if k in own and state[k].shape != own[k].shape]
+    if unexpected or missing or wrong:
+        raise ConfigError(f"{source}: the weights do not match the model - stored but without a place: "
+                          f"{unexpected[:5]}, not stored: {missing[:5]}, wrong shape (stored vs model): {wrong[:5]}")
+    model.load_state_dict(state, strict=False)
 
 
-def load_folder_tokenizer(source: str | Path) -> Any:
-    """`AutoTokenizer.from_pretrained` without remote code: a local folder is checked first; a refusal from
-    transformers (a hub tokenizer with code) becomes a clear error."""
-    from transformers import AutoTokenizer
-
-    if Path(source).is_dir():
-        refuse_folder_code(Path(source))
-    try:
-        return AutoTokenizer.from_pretrained(source, **NO_REMOTE_CODE)
-    except ValueError as err:
-        if "trust_remote_code" in str(err):
-            raise ConfigError(f"{source}: its tokenizer needs code of its own, which mipha-lab never runs") from None
-        raise
+def tied_names(model: nn.Module) -> set[str]:
+    """Names of parameters that share memory with an earlier one (saved once, re-tied on load)."""
+    seen: dict[int, str] = {}
+    tied = set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if tensor.data_ptr() in seen:
+            tied.add(name)
+        seen.setdefault(tensor.data_ptr(), name)
+    return tied
