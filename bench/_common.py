@@ -86,7 +86,7 @@ def synthetic_item(index: int, shape: Shape, image_size: int, vocab: int, genera
 
 def synthetic_items(model: MultimodalModel, shapes: list[Shape], seed: int = 0) -> list[dict]:
     generator = torch.Generator().manual_seed(seed)
-    vocab = model.language_model.get_input_embeddings().num_embeddings
+    vocab = model.lm.vocab_size
     return [synthetic_item(i, s, model.vision_tower.image_size, vocab, generator) for i, s in enumerate(shapes)]
 
 

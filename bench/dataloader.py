@@ -27,11 +27,13 @@ from bench._common import parser  # noqa: E402
 from bench._results import report  # noqa: E402
 from mipha_lab.constants import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX  # noqa: E402
 from mipha_lab.data.batching import collate_padded  # noqa: E402
-from mipha_lab.model.image_processing import ImageProcessor  # noqa: E402
 from mipha_lab.data.llava import LlavaDataset, read_records  # noqa: E402
 from mipha_lab.data.templates import PHI_SYSTEM, get_template  # noqa: E402
-from mipha_lab.model.language import load_tokenizer  # noqa: E402
-from mipha_lab.model.language import LLM  # noqa: E402
+from mipha_lab.model.image_processing import ImageProcessor  # noqa: E402
+from mipha_lab.model.language import (
+    LLM,  # noqa: E402
+    load_tokenizer,  # noqa: E402
+)
 from mipha_lab.model.vision import VISION  # noqa: E402
 
 WORDS = "the a red blue green circle square left right top is what where how many color shape there".split()

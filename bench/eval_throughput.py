@@ -24,10 +24,12 @@ sys.path.insert(0, str(REPO))
 from bench._common import parser  # noqa: E402
 from bench._results import report  # noqa: E402
 from mipha_lab.data.templates import get_template  # noqa: E402
-from mipha_lab.eval.benchmarks import llava_questions  # noqa: E402
+from mipha_lab.eval.benchmarks import (
+    BENCHMARKS,  # noqa: E402
+    llava_questions,  # noqa: E402
+)
 from mipha_lab.eval.generate import answer_questions  # noqa: E402
 from mipha_lab.model import load_model  # noqa: E402
-from mipha_lab.eval.benchmarks import BENCHMARKS  # noqa: E402
 
 
 def trained_micro(workdir: Path) -> Path:

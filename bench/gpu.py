@@ -19,9 +19,12 @@ Measured in one process, so every ratio compares like with like:
 
 Packed rows hold micro batch x the longest sample's positions, the most a padded micro-batch holds, so
 packing on and off use the same memory (the trainer's packed rows hold micro batch x max_length; without
-flash-attention packing costs attention over the whole row, which this measures too). Weights,
-gradients and AdamW states are bf16 (DeepSpeed's bf16 keeps an fp32 master copy: its optimizer step
-costs a little more). Attention: flash-attention 2 when it imports, else SDPA (`auto`, as the recipe).
+flash-attention packing costs attention over the whole row, which this measures too). Every training step
+is the trainer's own step function (train/step.py) on its torch engine, with the recipe's precision:
+fp32 weights, gradients and AdamW states, forward and backward under bf16 autocast, the loss normalised
+over the supervised tokens of the whole global batch - what `launch` runs on one GPU (DeepSpeed, absent
+on the lent machine, is not timed). Generation runs in bf16, as serving does. Attention:
+flash-attention 2 when it imports, else SDPA (`auto`, as the recipe).
 
 Progress goes to stderr, a summary table to stdout, the figures to bench/results/gpu-<card>.json.
 `--cpu-smoke` runs the same code with the tiny cards in fp32 on the CPU in seconds (what CI runs); its
@@ -74,18 +77,29 @@ from bench._results import write_result  # noqa: E402
 from mipha_lab.config import Experiment, StageConfig, load_experiment  # noqa: E402
 from mipha_lab.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX  # noqa: E402
 from mipha_lab.data.batching import (  # noqa: E402
-    collate_packed, collate_padded, plan_packed, plan_padded, real_token_fraction,
+    collate_packed,
+    collate_padded,
+    plan_packed,
+    plan_padded,
+    real_token_fraction,
 )
-from mipha_lab.model import MultimodalModel  # noqa: E402
 from mipha_lab.data.mixtures import MIXTURES  # noqa: E402
+from mipha_lab.distributed import Distributed  # noqa: E402
+from mipha_lab.model import (
+    MultimodalModel,  # noqa: E402
+    build_model,  # noqa: E402
+)
 from mipha_lab.registry.cards import SourceStats  # noqa: E402
-from mipha_lab.train.engine import TorchEngine  # noqa: E402
+from mipha_lab.train.engine import make_engine  # noqa: E402
 from mipha_lab.train.flops import batch_flops, peak_flops  # noqa: E402
 from mipha_lab.train.policy import apply_policy  # noqa: E402
 from mipha_lab.train.stage import (  # noqa: E402
-    enable_checkpointing, peak_memory_mb, sample_sizes, transformers_checkpointing,
+    enable_checkpointing,
+    peak_memory_mb,
+    sample_sizes,
+    transformers_checkpointing,
 )
-from mipha_lab.model import build_model  # noqa: E402
+from mipha_lab.train.step import global_counts, train_step  # noqa: E402
 
 RECIPE = REPO / "experiments" / "siglip_phi2_fullft.yaml"
 RECIPE_GPUS = 8  # the recipe's global batches are for 8 GPUs (its header): accumulation per GPU follows
@@ -97,7 +111,7 @@ class Settings:
     """Everything that differs between the real measurement and the CPU smoke run."""
 
     device: str
-    dtype: torch.dtype
+    dtype: torch.dtype  # the matmul peak's and generation's (training follows the recipe's engine precision)
     tiny: bool  # the recipe's cards replaced by their tiny siblings
     stage2_text_tokens: int  # mean text tokens of a stage-2 sample (stage 1: its mixture card's)
     warmup_steps: int
@@ -133,8 +147,9 @@ def card_slug(name: str) -> str:
 
 
 def recipe(settings: Settings) -> Experiment:
-    """The recipe with random init (no hub); in the smoke run with the tiny siblings of its cards."""
-    overrides = ["model.pretrained=false"]
+    """The recipe with random init (no hub), on one process with the trainer's torch engine (DeepSpeed is not
+    on the lent machine); in the smoke run with the tiny siblings of its cards, in fp32."""
+    overrides = ["model.pretrained=false", "engine.kind=torch"] + (["engine.precision=fp32"] if settings.tiny else [])
     experiment = load_experiment(RECIPE, overrides)
     if settings.tiny:
         overrides += [f"model.vision=tiny-{experiment.model.vision}", f"model.llm=tiny-{experiment.model.llm}"]
@@ -143,10 +158,11 @@ def recipe(settings: Settings) -> Experiment:
 
 
 def build(experiment: Experiment, settings: Settings) -> MultimodalModel:
-    """Parameters are created on the target device (a 3B-parameter random init on the CPU would take minutes)."""
+    """Parameters are created on the target device (a 3B-parameter random init on the CPU would take minutes),
+    in fp32 as the trainer keeps them (its engine runs forward under bf16 autocast)."""
     with torch.device(settings.device):
         model = build_model(experiment, with_tokenizer=False)
-    return model.to(dtype=settings.dtype).train()
+    return model.train()
 
 
 def matmul_tflops(device: torch.device, dtype: torch.dtype, side: int, repeats: int) -> float:
@@ -241,26 +257,26 @@ def packing_loss(model: MultimodalModel, items: list[dict[str, Any]], device: to
     return {**losses, "samples": len(items), "abs_difference": abs(losses["packed"] - losses["padded"])}
 
 
-def train(model: MultimodalModel, stage: StageConfig, param_groups: list[dict[str, Any]],
+def train(model: MultimodalModel, experiment: Experiment, stage: StageConfig, param_groups: list[dict[str, Any]],
           micro: list[tuple[dict[str, Any], Sizes]], accumulation: int, settings: Settings,
           peaks: dict[str, float | None], device: torch.device) -> dict[str, Any]:
-    """Optimizer steps of `accumulation` micro-batches each (forward, backward, clipping, AdamW) until the
-    steps are done or the cap is reached; figures over the steps after warm-up."""
-    engine = TorchEngine(model, param_groups, stage, len(micro) // accumulation)
+    """Optimizer steps of `accumulation` micro-batches each through the trainer's own step function
+    (train/step.py: the engine's precision, the global-token loss, clipping, AdamW) until the steps are done
+    or the cap is reached; figures over the steps after warm-up."""
+    dist = Distributed(0, 1, 0, device)
+    engine = make_engine(model, param_groups, experiment, stage, len(micro) // accumulation, dist, accumulation)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    losses: list[torch.Tensor] = []
+    losses: list[float] = []
     begin, timed_from, done = time.perf_counter(), None, 0
     try:
         for step in range(len(micro) // accumulation):
             if step == settings.warmup_steps:
                 sync(device)
                 timed_from = time.perf_counter()
-            for batch, _ in micro[step * accumulation:(step + 1) * accumulation]:
-                out = forward(model, batch)
-                engine.backward(out.loss / accumulation)
-                losses.append(out.loss.detach())
-            engine.step()
+            batches = [batch for batch, _ in micro[step * accumulation:(step + 1) * accumulation]]
+            counts = global_counts(batches, model.num_image_tokens, model.config.max_positions, dist)
+            losses.append(train_step(engine, batches, counts, dist).loss)
             if step >= settings.warmup_steps:
                 done += 1
             if time.perf_counter() - begin > settings.cap_s:
@@ -269,7 +285,7 @@ def train(model: MultimodalModel, stage: StageConfig, param_groups: list[dict[st
         end = time.perf_counter()
     finally:
         model.zero_grad(set_to_none=True)
-    values = [float(loss) for loss in losses]
+    values = losses
     figures: dict[str, Any] = {"loss_first": values[0], "loss_last": values[-1],
                                "loss_finite": all(math.isfinite(v) for v in values),
                                "peak_memory_gib": peak_memory_mb(device) / 1024, "steps": done}
@@ -291,8 +307,8 @@ def train(model: MultimodalModel, stage: StageConfig, param_groups: list[dict[st
     }
 
 
-def measure_stage(model: MultimodalModel, key: str, stage: StageConfig, text_mean: int, settings: Settings,
-                  peaks: dict[str, float | None],
+def measure_stage(model: MultimodalModel, experiment: Experiment, key: str, stage: StageConfig, text_mean: int,
+                  settings: Settings, peaks: dict[str, float | None],
                   device: torch.device) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """Both batchings of one stage on the same samples: the timed steps of each, and the loss check."""
     param_groups, _ = apply_policy(model, stage)
@@ -302,8 +318,8 @@ def measure_stage(model: MultimodalModel, key: str, stage: StageConfig, text_mea
     accumulation = max(1, stage.global_batch // (stage.micro_batch * RECIPE_GPUS))
     micro_batches = (settings.warmup_steps + settings.steps) * accumulation
     side = model.vision_tower.image_size
-    images = torch.randn(8, 3, side, side, generator=torch.Generator().manual_seed(1)).to(device, settings.dtype)
-    vocab = model.language_model.get_input_embeddings().weight.shape[0]
+    images = torch.randn(8, 3, side, side, generator=torch.Generator().manual_seed(1)).to(device)
+    vocab = model.lm.vocab_size
     items = make_samples(2 * micro_batches * stage.micro_batch, text_mean, share, vocab, images, seed=2)
     lengths = [len(item["input_ids"]) - 1 + model.num_image_tokens for item in items]
     budget = stage.micro_batch * max(lengths)
@@ -323,8 +339,9 @@ def measure_stage(model: MultimodalModel, key: str, stage: StageConfig, text_mea
         chosen = list(islice(cycle(plan), micro_batches))
         note(f"{key}-{name}: {micro_batches} micro-batches of {sum(map(len, chosen)) / len(chosen):.1f} samples, "
              f"accumulation {accumulation}, checkpointing {setting.activation_checkpointing.model_dump()}")
-        figures = guarded(lambda: train(model, setting, param_groups, collated(items, chosen, batching, device),
-                                        accumulation, settings, peaks, device), device)
+        figures = guarded(lambda: train(model, experiment, setting, param_groups,
+                                        collated(items, chosen, batching, device), accumulation, settings, peaks,
+                                        device), device)
         results[f"{key}-{name}"] = {
             "stage": stage.name, "batching": batching, "micro_batch": stage.micro_batch, "accumulation": accumulation,
             "activation_checkpointing": setting.activation_checkpointing.model_dump(),
@@ -346,13 +363,13 @@ def greedy(row: torch.Tensor, eos: int) -> list[int]:
 def measure_generation(model: MultimodalModel, settings: Settings, device: torch.device) -> dict[str, Any]:
     """Batched greedy generation (left padding after splicing, KV cache) against one prompt at a time,
     as LLaVA evaluates; the one-at-a-time pass stops at the cap and compares the prompts it reached."""
-    model.eval()
+    model.eval().to(settings.dtype)  # as serving does
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     side = model.vision_tower.image_size
     images = torch.randn(settings.prompts, 3, side, side, generator=torch.Generator().manual_seed(4))
     images = images.to(device, settings.dtype)
-    vocab = model.language_model.get_input_embeddings().weight.shape[0]
+    vocab = model.lm.vocab_size
     items = make_samples(settings.prompts, settings.prompt_text_tokens, 0.0, vocab, images, seed=5)
     eos = model.language_model.config.eos_token_id
 
@@ -449,14 +466,17 @@ def main(argv: list[str] | None = None) -> int:
         build_s += time.perf_counter() - begin
         note(f"built {experiment.model.vision} + {experiment.model.projector} + {experiment.model.llm} on {device} "
              f"({sum(p.numel() for p in model.parameters()):,} parameters) in {time.perf_counter() - begin:.1f} s")
-        configurations, packing[key] = measure_stage(model, key, stage, text_mean, settings, peaks, device)
+        configurations, packing[key] = measure_stage(model, experiment, key, stage, text_mean, settings, peaks,
+                                                     device)
         training.update(configurations)
     assert model is not None
     generation = guarded(lambda: measure_generation(model, settings, device), device)
-    lm_attention = model.language_model.config._attn_implementation
+    lm_attention = model.lm.attention
     vision_attention = getattr(model.vision_tower.backbone.config, "_attn_implementation", None)
     figures = {
-        "smoke": args.cpu_smoke, "device": name, "dtype": str(settings.dtype).removeprefix("torch."),
+        "smoke": args.cpu_smoke, "device": name,
+        "dtype": f"training fp32 weights, {experiment.engine.precision} compute; generation "
+                 f"{str(settings.dtype).removeprefix('torch.')}",
         "attn_implementation": {"lm": lm_attention, "vision": vision_attention},
         "recipe": str(RECIPE.relative_to(REPO)), "cards": [experiment.model.vision, experiment.model.llm],
         "peak_tflops": peaks, "build_s": build_s, "training": training,

@@ -24,11 +24,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench._common import (  # noqa: E402
-    MAX_LENGTH, MICRO_BATCH, TINY_729, Shape, llava_mix_shapes, parser, synthetic_items, tiny_vlm_729, train_pass,
+    MAX_LENGTH,
+    MICRO_BATCH,
+    TINY_729,
+    Shape,
+    llava_mix_shapes,
+    parser,
+    synthetic_items,
+    tiny_vlm_729,
+    train_pass,
 )
 from bench._results import report  # noqa: E402
 from mipha_lab.data.batching import (  # noqa: E402
-    collate_packed, collate_padded, plan_modality_grouped, plan_packed, real_token_fraction,
+    collate_packed,
+    collate_padded,
+    plan_modality_grouped,
+    plan_packed,
+    real_token_fraction,
 )
 from mipha_lab.model import MultimodalModel  # noqa: E402
 
@@ -111,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         "micro_batches": {name: len(b) for name, b in batches.items()},
         "row_budget": BUDGET, "grouping_world_size": WORLD, "repeats": repeats, "smoke": args.smoke,
         "model": TINY_729 + ", every module trains",
-        "attn_implementation": model.language_model.config._attn_implementation,
+        "attn_implementation": model.lm.attention,
     }
     return report("packing", figures, args.out,
                   f"{packed_fraction:.1%} real tokens (packed rows of {BUDGET} over modality-grouped padded batches: "

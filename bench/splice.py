@@ -25,7 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench._common import (  # noqa: E402
-    MICRO_BATCH, TINY_729, llava_mix_shapes, parser, seconds, synthetic_items, tiny_vlm_729, train_pass,
+    MICRO_BATCH,
+    TINY_729,
+    llava_mix_shapes,
+    parser,
+    seconds,
+    synthetic_items,
+    tiny_vlm_729,
+    train_pass,
 )
 from bench._results import report  # noqa: E402
 from mipha_lab.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX  # noqa: E402
@@ -78,7 +85,7 @@ def llava_splice(input_ids: torch.Tensor, attention_mask: torch.Tensor, text_emb
 def splice_inputs(model: MultimodalModel, batch: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
     """The splice's arguments for a batch, as `MultimodalModel.embed` passes them (leaves that need grad)."""
     with torch.no_grad():
-        text = model.language_model.get_input_embeddings()(batch["input_ids"].clamp(min=0))
+        text = model.lm.embeddings(batch["input_ids"].clamp(min=0))
         features = model.encode_images(batch["pixel_values"])
     args = (batch["input_ids"], batch["attention_mask"], text.requires_grad_(), features.requires_grad_(),
             batch["labels"])

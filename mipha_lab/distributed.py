@@ -1,8 +1,10 @@
 """The process group of a run: torchrun / SLURM environment -> ranks, device, collectives."""
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +52,7 @@ def init_distributed(process_group: bool = False) -> Distributed:
     if cuda:
         torch.cuda.set_device(device)
     if (world > 1 or process_group) and not torch.distributed.is_initialized():
-        import deepspeed
+        import deepspeed  # optional and heavy: only for several processes
 
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     return Distributed(rank, world, local, device)
@@ -63,3 +65,16 @@ def gather_objects(dist: "Distributed", value: Any) -> list[Any]:
     out: list[Any] = [None] * dist.world_size
     torch.distributed.all_gather_object(out, value)
     return out
+
+
+@contextlib.contextmanager
+def whole_parameters(model: torch.nn.Module, zero3: bool, modifier_rank: int | None = None) -> Iterator[None]:
+    """Under ZeRO-3 each rank holds a shard of every parameter: inside this block every rank sees them whole
+    (changes made by `modifier_rank` are scattered back on exit). Without ZeRO-3 it does nothing."""
+    if not zero3:
+        yield
+        return
+    import deepspeed  # optional and heavy: only under ZeRO-3
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=modifier_rank):
+        yield

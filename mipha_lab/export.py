@@ -122,7 +122,7 @@ def to_llava(model: Any) -> tuple[Any, Any]:
 
     merge_lora(model)
     strategy, extra, template = _checked(model)
-    tower, lm, tokenizer = model.vision_tower, model.language_model, model.tokenizer
+    tower, lm, tokenizer = model.vision_tower, model.lm, model.tokenizer
     if tokenizer is None:
         raise ConfigError("hf-llava export needs the model's tokenizer (saved with the model)")
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
@@ -141,8 +141,8 @@ def to_llava(model: Any) -> tuple[Any, Any]:
     parts.vision_tower.load_state_dict(tower.backbone.state_dict())
     parts.multi_modal_projector.linear_1.load_state_dict(model.projector[0].state_dict())
     parts.multi_modal_projector.linear_2.load_state_dict(model.projector[2].state_dict())
-    parts.language_model.load_state_dict(lm.get_decoder().state_dict())
-    head = lm.get_output_embeddings()
+    parts.language_model.load_state_dict(lm.decoder.state_dict())
+    head = lm.head
     if head.bias is None:
         llava.lm_head.load_state_dict(head.state_dict())
     else:

@@ -29,7 +29,7 @@ from mipha_lab.config import load_scale
 from mipha_lab.errors import MiphaLabError, exit_status
 from mipha_lab.pipeline import train_and_evaluate
 from mipha_lab.plan import format_plan, plan_experiment
-from mipha_lab.runs import follow_hint, print_status
+from mipha_lab.runs.status import follow_hint, print_status
 from mipha_lab.sweep import expand_all
 
 

@@ -6,7 +6,7 @@ import os
 
 from mipha_lab.config import Experiment
 from mipha_lab.eval.runner import evaluate_run
-from mipha_lab.run_folder import RunFolder
+from mipha_lab.runs.folder import RunFolder
 from mipha_lab.train.trainer import run_experiment
 
 

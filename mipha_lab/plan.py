@@ -101,7 +101,7 @@ def memory_gib(model: MultimodalModel, micro_batch: int, tokens: float, zero_sta
         grads /= gpus
     if zero_stage >= 3:
         weights /= gpus
-    config = model.language_model.config
+    config = model.lm.config
     per_token_layer = 2.0 if checkpointing else 34.0
     activations = per_token_layer * micro_batch * tokens * config.hidden_size * config.num_hidden_layers
     return (weights + grads + optimizer + activations) / GIB

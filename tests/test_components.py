@@ -8,11 +8,10 @@ import torch
 from safetensors.torch import save_file
 
 from mipha_lab.errors import InputError
-from mipha_lab.model.language import build_language_model, load_tokenizer
-from mipha_lab.model.vision_backends import build_vision_tower
-from mipha_lab.model.language import LLM
+from mipha_lab.model.language import LLM, build_language_model, load_tokenizer
 from mipha_lab.model.projectors import PROJECTORS
 from mipha_lab.model.vision import VISION
+from mipha_lab.model.vision_backends import build_vision_tower
 
 TINY_TOWERS = [
     "tiny-siglip-so400m-384", "tiny-clip-vit-l-336", "tiny-dinov2-large",

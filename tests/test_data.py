@@ -13,19 +13,23 @@ from PIL import Image
 
 from mipha_lab.constants import IMAGE_TOKEN_INDEX
 from mipha_lab.data.batching import (
-    RankBatchSampler, collate_packed, collate_padded, plan_modality_grouped, plan_packed, plan_padded,
+    RankBatchSampler,
+    collate_packed,
+    collate_padded,
+    plan_modality_grouped,
+    plan_packed,
+    plan_padded,
 )
-from mipha_lab.model.image_processing import ImageProcessor
 from mipha_lab.data.llava import LlavaDataset, read_records
-from mipha_lab.data.mixtures import load_mixture, sample_indices
+from mipha_lab.data.mixtures import MIXTURES, load_mixture, sample_indices
 from mipha_lab.data.problems import SampleError, SkipReport
 from mipha_lab.data.synthetic import generate
 from mipha_lab.data.templates import get_template
 from mipha_lab.errors import ConfigError
 from mipha_lab.model import build_vlm
-from mipha_lab.train.stage import transformers_checkpointing
-from mipha_lab.data.mixtures import MIXTURES
+from mipha_lab.model.image_processing import ImageProcessor
 from mipha_lab.registry.cards import MixtureCard
+from mipha_lab.train.stage import transformers_checkpointing
 
 
 @pytest.fixture(scope="module")

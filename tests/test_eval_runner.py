@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from mipha_lab.errors import ConfigError
+from mipha_lab.eval.benchmarks import BENCHMARKS
 from mipha_lab.eval.runner import PARTIAL, run_benchmark
 from mipha_lab.model import load_model
-from mipha_lab.eval.benchmarks import BENCHMARKS
 
 MICRO = Path(__file__).resolve().parents[1] / "experiments" / "micro.yaml"
 
@@ -92,9 +92,9 @@ def test_two_processes_give_the_answers_of_one(trained, tmp_path):
 def test_batch_invariance_check_and_an_unreadable_image(trained, tmp_path):
     import shutil
 
+    from mipha_lab.data.templates import get_template
     from mipha_lab.eval.benchmarks import Question
     from mipha_lab.eval.generate import answer_questions
-    from mipha_lab.data.templates import get_template
 
     out = eval_cli(trained, "--benchmarks", "shapes-vqa", "--data-root", "data", "--batch-size", "16", "--limit", "48",
                    "--check-batch-invariance", "24", "--out", str(tmp_path / "inv"))

@@ -96,3 +96,31 @@ def test_runs_without_the_packages_the_gpu_machine_lacks(tmp_path):
     result = _run([sys.executable, "-c", prelude], tmp_path)
     assert set(result["training"]) == CONFIGURATIONS
     assert all("error" not in r for r in result["training"].values())
+
+
+def test_the_benchmark_times_the_trainers_step():
+    """bench/gpu.py's training loss is the trainer's: the mean over every supervised token of the global
+    batch (micro-batches holding different numbers of them), computed here from plain forwards."""
+    sys.path.insert(0, str(REPO))
+    import torch
+
+    from bench import gpu
+
+    settings = gpu.SMOKE
+    experiment = gpu.recipe(settings)
+    stage = experiment.stages[-1]
+    model = gpu.build(experiment, settings)
+    param_groups, _ = gpu.apply_policy(model, stage)
+    vocab = model.language_model.get_input_embeddings().weight.shape[0]
+    side = model.vision_tower.image_size
+    items = gpu.make_samples(6, 40, 0.5, vocab, torch.randn(2, 3, side, side), seed=0)
+    micro = gpu.collated(items, [[0, 1, 2], [3], [4, 5]], "padded", torch.device("cpu"))
+    with torch.no_grad():
+        outs = [gpu.forward(model, batch) for batch, _ in micro]
+    expected = float(sum(o.loss_sum for o in outs) / sum(o.num_supervised for o in outs))
+    per_micro_mean = float(sum(o.loss for o in outs) / len(outs))  # what a loss / accumulation loop reports
+    assert abs(expected - per_micro_mean) > 1e-4  # the batch tells the two apart
+    figures = gpu.train(model, experiment, stage, param_groups, micro, 3, settings.__class__(
+        **{**settings.__dict__, "warmup_steps": 0, "steps": 1}), {"measured": 1.0, "datasheet": None},
+        torch.device("cpu"))
+    assert figures["loss_first"] == pytest.approx(expected, rel=1e-6)

@@ -17,8 +17,6 @@ from mipha_lab.errors import ConfigError
 from mipha_lab.model import MultimodalModel, build_vlm
 from tests.interop_helpers import QUESTION, gelu_gemma, hf_llava_outputs, inputs, logits, released_name, write_released
 
-
-
 LAYOUTS = {
     "mipha-3b (phi-2, siglip)": ("mipha_phi", "tiny-siglip-so400m-384", "tiny-phi-2", {}),
     "mipha-1.6b (phi-1.5, fused qkv)": ("mipha_phi", "tiny-siglip-so400m-384", "tiny-phi-1.5", {"fused_qkv": True}),

@@ -13,11 +13,11 @@ LAYERS = [
     ("configuration and cards", ["config", "registry"]),
     ("components and the model", ["model"]),
     ("data", ["data"]),
-    ("run folders", ["run_folder", "run_lock"]),
+    ("run folders", ["runs.folder", "runs.lock", "runs.setup", "runs"]),
     ("training engine", ["train"]),
     ("evaluation", ["eval"]),
-    ("entry points", ["pipeline", "plan", "sweep", "cluster", "runs", "serve", "export", "convert", "launch",
-                      "registry.__main__", "eval.__main__"]),
+    ("entry points", ["pipeline", "plan", "sweep", "cluster", "runs.status", "runs.__main__", "serve", "export",
+                      "convert", "launch", "registry.__main__", "eval.__main__"]),
     ("analysis", ["analysis"]),
 ]
 

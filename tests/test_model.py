@@ -7,7 +7,8 @@ import logging
 import pytest
 import torch
 
-from mipha_lab.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX as IMG
+from mipha_lab.constants import IGNORE_INDEX
+from mipha_lab.constants import IMAGE_TOKEN_INDEX as IMG
 from mipha_lab.errors import ConfigError, InputError
 from mipha_lab.model import MultimodalModel, build_vlm
 from mipha_lab.model.splice import splice_reference

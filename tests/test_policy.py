@@ -8,8 +8,8 @@ from mipha_lab.config import StageConfig
 from mipha_lab.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from mipha_lab.errors import ConfigError
 from mipha_lab.model import build_vlm
-from mipha_lab.train.engine import TorchEngine
 from mipha_lab.model.adapters import merge_lora
+from mipha_lab.train.engine import TorchEngine
 from mipha_lab.train.policy import apply_policy, module_parameters
 
 

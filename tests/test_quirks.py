@@ -8,8 +8,8 @@ import torch
 
 from mipha_lab.config import QuirksConfig, StageConfig, load_experiment
 from mipha_lab.model import build_vlm
-from mipha_lab.train.policy import apply_policy
 from mipha_lab.model.loader import NO_TRUNCATION, build_model
+from mipha_lab.train.policy import apply_policy
 
 MICRO = Path(__file__).resolve().parents[1] / "experiments" / "micro.yaml"
 STAGE1 = dict(name="align", mixture="shapes-captions", template="plain", global_batch=8, micro_batch=8,

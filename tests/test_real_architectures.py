@@ -4,10 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mipha_lab.model.language import build_language_model
-from mipha_lab.model.vision_backends import build_vision_tower
-from mipha_lab.model.language import LLM
+from mipha_lab.model.language import LLM, build_language_model
 from mipha_lab.model.vision import VISION
+from mipha_lab.model.vision_backends import build_vision_tower
 
 PUBLISHED_LLM = {
     "phi-2": 2_779_683_840,

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from mipha_lab.errors import ConfigError, UnknownNameError
-from mipha_lab.registry import Registry, add_card_dir, read_card
 from mipha_lab.model.language import LLM
 from mipha_lab.model.projectors import PROJECTORS
 from mipha_lab.model.vision import VISION
+from mipha_lab.registry import Registry, add_card_dir, read_card
 from mipha_lab.registry.__main__ import list_entries, main
 
 REPO = Path(__file__).resolve().parents[1]

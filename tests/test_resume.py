@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mipha_lab.run_lock import RunLock
+from mipha_lab.runs.lock import RunLock
 from mipha_lab.train.faults import ENV as KILL_AT
 
 MICRO = Path(__file__).resolve().parents[1] / "experiments" / "micro.yaml"

@@ -16,7 +16,12 @@ from mipha_lab.eval.scoring.mme import mme_prediction
 from mipha_lab.eval.scoring.pope import pope_prediction, score_pope
 from mipha_lab.eval.scoring.scienceqa import parse_letter
 from mipha_lab.eval.scoring.vqa import (
-    normalize_evalai, normalize_official, score_textvqa, score_vqav2, textvqa_question, vqa_accuracy,
+    normalize_evalai,
+    normalize_official,
+    score_textvqa,
+    score_vqav2,
+    textvqa_question,
+    vqa_accuracy,
 )
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"

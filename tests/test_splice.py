@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mipha_lab.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX as IMG
+from mipha_lab.constants import IGNORE_INDEX
+from mipha_lab.constants import IMAGE_TOKEN_INDEX as IMG
 from mipha_lab.errors import InputError
 from mipha_lab.model.splice import count_targets, splice, splice_reference
 

@@ -4,10 +4,8 @@ from __future__ import annotations
 import pytest
 
 from mipha_lab.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from mipha_lab.data.templates import MaskError, Template, check_tokenizer, encode, get_template
-from mipha_lab.model.language import load_tokenizer
-from mipha_lab.model.language import LLM
-from mipha_lab.data.templates import TEMPLATES
+from mipha_lab.data.templates import TEMPLATES, MaskError, Template, check_tokenizer, encode, get_template
+from mipha_lab.model.language import LLM, load_tokenizer
 
 SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
@@ -106,8 +104,9 @@ def test_gemma_bos_is_first_and_masked():
 def test_in_sequence_end_tokens_are_real_tokens_even_when_pad_equals_eos():
     """Phi-2 has no pad token; the original set pad = eos and masked the in-sequence <|endoftext|>.
     Here masks come from lengths: both end tokens are supervised and attended."""
-    from mipha_lab.data.batching import collate_padded
     import torch
+
+    from mipha_lab.data.batching import collate_padded
 
     tokenizer = load_tokenizer(LLM.get("tiny-phi-2"))
     encoded = encode(get_template("phi"), tokenizer, CONVERSATION)

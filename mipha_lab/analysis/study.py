@@ -20,7 +20,7 @@ import yaml
 from mipha_lab.config import config_differences
 from mipha_lab.eval.benchmarks import PAPER_ORDER, headline_scores
 from mipha_lab.eval.scoring.answers import read_jsonl
-from mipha_lab.run_folder import RunFolder
+from mipha_lab.runs.folder import RunFolder
 
 NOT_COMPARED = ("seed", "run_name", "runs_root", "data_root", "source", "extends_chain", "tracking", "resources",
                 "sweep", "eval", "data_workers", "checkpoint")

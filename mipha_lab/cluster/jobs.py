@@ -18,7 +18,7 @@ from mipha_lab.config import Experiment, load_experiment
 from mipha_lab.eval.runner import evaluate_run
 from mipha_lab.pipeline import train_and_evaluate
 from mipha_lab.registry.user_modules import import_modules
-from mipha_lab.run_folder import RunFolder
+from mipha_lab.runs.folder import RunFolder
 from mipha_lab.train import preemption
 
 

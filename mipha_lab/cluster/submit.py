@@ -16,7 +16,7 @@ from mipha_lab.cluster.jobs import CommandJob, EvaluateRunJob, TrainJob
 from mipha_lab.cluster.profile import ClusterProfile, Shape
 from mipha_lab.cluster.slurm_state import ACTIVE, RUN_STATE, job_states
 from mipha_lab.config import ResourcesConfig
-from mipha_lab.run_folder import RunFolder
+from mipha_lab.runs.folder import RunFolder
 from mipha_lab.sweep import Cell
 
 

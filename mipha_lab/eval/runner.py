@@ -15,7 +15,7 @@ from mipha_lab.eval.benchmarks import BENCHMARKS, PAPER_ORDER, Benchmark
 from mipha_lab.eval.generate import answer_key, answer_questions
 from mipha_lab.eval.scoring.answers import ScoreInputError, read_jsonl
 from mipha_lab.model import load_model
-from mipha_lab.run_folder import RunFolder
+from mipha_lab.runs.folder import RunFolder
 
 log = logging.getLogger(__name__)
 PARTIAL = "answers.partial.jsonl"  # answers.partial*.jsonl: one per rank, appended after every batch

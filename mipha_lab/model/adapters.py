@@ -8,6 +8,7 @@ from pydantic import Field
 from torch import nn
 
 from mipha_lab.errors import ConfigError
+from mipha_lab.model.lm_interface import LanguageModel
 from mipha_lab.validation import StrictModel
 
 AdapterModule = Literal["vision", "lm_body"]
@@ -26,7 +27,7 @@ class LoraSpec(StrictModel):
 def lora_host(model: nn.Module, module: str) -> nn.Module:
     """The submodule whose linear layers a `vision` or `lm_body` LoRA policy adapts."""
     if module == "lm_body":
-        return model.language_model.get_decoder()
+        return LanguageModel(model.language_model).decoder
     if module == "vision":
         return model.vision_tower
     raise ConfigError(f"mode 'lora' applies to vision and lm_body, not {module}")

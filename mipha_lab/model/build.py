@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from mipha_lab.errors import ConfigError
 from mipha_lab.model.language import LLM, build_language_model, load_tokenizer, transformers_attention
+from mipha_lab.model.lm_interface import LanguageModel
 from mipha_lab.model.projectors import PROJECTORS, grid_side
 from mipha_lab.model.spec import ComponentSpec, VLMConfig
 from mipha_lab.model.vision import VISION
@@ -110,5 +111,5 @@ def components_from_config(config: VLMConfig) -> tuple[nn.Module, nn.Module, nn.
         vision = validate(VisionCard, config.vision.card, "config.json: vision.card").named(config.vision.name)
     tower, _ = build_vision(vision, **config.vision.args)
     lm = _rebuild_llm(config.llm, config.attn_implementation)
-    proj, _ = build_projector(config.projector.name, tower, lm.get_input_embeddings().weight.shape[1], config.projector.args)
+    proj, _ = build_projector(config.projector.name, tower, LanguageModel(lm).width, config.projector.args)
     return tower, proj, lm

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from mipha_lab.errors import ConfigError
+from mipha_lab.model.lm_interface import LanguageModel
 
 SCALES = ("none", "sqrt_hidden_size")
 
@@ -37,7 +38,7 @@ class _StopBeforeFirstLayer(Exception):
 
 
 def _first_layer(lm: nn.Module) -> nn.Module | None:
-    layers = getattr(lm.get_decoder(), "layers", None)
+    layers = getattr(LanguageModel(lm).decoder, "layers", None)
     return layers[0] if layers is not None and len(layers) else None
 
 
@@ -57,7 +58,7 @@ def _lookup_factor(embedding: nn.Module) -> float:
 def measured_factors(lm: nn.Module) -> tuple[float, float] | None:
     """(factor applied at lookup, factor applied by the decoder's forward before its first layer), measured
     on this module; None on the meta device (nothing to measure, nothing computed)."""
-    embedding = lm.get_input_embeddings()
+    embedding = LanguageModel(lm).embeddings
     weight = embedding.weight
     if weight.is_meta:
         return None
@@ -70,7 +71,7 @@ def measured_factors(lm: nn.Module) -> tuple[float, float] | None:
         raise _StopBeforeFirstLayer(args[0] if args else kwargs["hidden_states"])
 
     handle = layer.register_forward_pre_hook(stop, with_kwargs=True)
-    decoder = lm.get_decoder()
+    decoder = LanguageModel(lm).decoder
     was_training = decoder.training
     decoder.eval()
     try:
@@ -92,7 +93,7 @@ def image_feature_factor(lm: nn.Module, rule: str | None, name: str) -> float:
     """The factor spliced image features need so that they end up scaled as the text is (1.0 when the LM
     does not scale, or when its forward scales the whole sequence itself). `rule` None (an LM given as a
     module, without a card) takes the measured factor as declared."""
-    hidden = lm.get_input_embeddings().weight.shape[1]
+    hidden = LanguageModel(lm).width
     measured = measured_factors(lm)
     if measured is None:
         return 1.0

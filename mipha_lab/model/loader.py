@@ -12,6 +12,7 @@ from torch import nn
 from mipha_lab.config import Experiment
 from mipha_lab.model.build import LLMSpec, VisionSpec, build_llm, build_projector, build_vision
 from mipha_lab.model.language import resolve_attn_implementation
+from mipha_lab.model.lm_interface import LanguageModel
 from mipha_lab.model.spec import VLMConfig
 from mipha_lab.model.vlm import MultimodalModel
 
@@ -43,7 +44,7 @@ def build_vlm(
     lm, card_tokenizer, llm_spec, card_template = build_llm(
         llm, pretrained=pretrained, attn_implementation=attn_implementation, with_tokenizer=with_tokenizer
     )
-    lm_width = lm.get_input_embeddings().weight.shape[1]
+    lm_width = LanguageModel(lm).width
     proj, proj_spec = build_projector(projector, tower, lm_width, projector_args)
     config = VLMConfig(
         vision=vision_spec, projector=proj_spec, llm=llm_spec,

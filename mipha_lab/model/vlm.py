@@ -19,6 +19,7 @@ from mipha_lab.model.build import components_from_config
 from mipha_lab.model.embedding_scale import image_feature_factor, scale_features
 from mipha_lab.model.folder import read_model_folder
 from mipha_lab.model.image_processing import ImageProcessor
+from mipha_lab.model.lm_interface import LanguageModel
 from mipha_lab.model.packed_attention import PACKED_SDPA, PackedSegments, without_cudnn_attention
 from mipha_lab.model.spec import VLMConfig
 from mipha_lab.model.splice import Spliced, block_causal_mask, check_image_counts, splice
@@ -63,6 +64,11 @@ class MultimodalModel(nn.Module):
         self.image_feature_factor = image_feature_factor(
             language_model, card.get("embedding_scale", "none") if card is not None else None, config.llm.name)
 
+    @property
+    def lm(self) -> LanguageModel:
+        """The language model through its interface (lm_interface.py)."""
+        return LanguageModel(self.language_model)
+
     # ----------------------------------------------------------------- inputs
     @property
     def num_image_tokens(self) -> int:
@@ -73,7 +79,7 @@ class MultimodalModel(nn.Module):
         embeddings are when looked up (Gemma under transformers 5; see embedding_scale.py)."""
         dtype = next(self.vision_tower.parameters()).dtype
         features = self.projector(self.vision_tower(pixel_values.to(dtype)))
-        features = features.to(self.language_model.get_input_embeddings().weight.dtype)
+        features = features.to(self.lm.dtype)
         return scale_features(features, self.image_feature_factor)
 
     def embed(
@@ -92,7 +98,7 @@ class MultimodalModel(nn.Module):
         idx = self.config.image_token_index
         num_images = 0 if pixel_values is None else pixel_values.shape[0]
         check_image_counts((input_ids == idx) & attention_mask.bool(), num_images, image_counts, sample_ids)
-        text = self.language_model.get_input_embeddings()(input_ids.clamp(min=0))
+        text = self.lm.embeddings(input_ids.clamp(min=0))
         features = self.encode_images(pixel_values) if num_images else None
         out = splice(
             input_ids, attention_mask, text, features, labels,
@@ -141,14 +147,8 @@ class MultimodalModel(nn.Module):
             input_ids, attention_mask, pixel_values, labels,
             padding_side=padding_side, image_counts=image_counts, sample_ids=sample_ids, segment_ids=segment_ids,
         )
-        body = self.language_model.get_decoder()
-        hidden = body(
-            inputs_embeds=spliced.inputs_embeds,
-            position_ids=spliced.position_ids,
-            use_cache=False,
-            **self._attention_inputs(spliced),
-        ).last_hidden_state
-        head = self.language_model.get_output_embeddings()
+        hidden = self.lm.hidden_states(spliced.inputs_embeds, spliced.position_ids, **self._attention_inputs(spliced))
+        head = self.lm.head
         loss = loss_sum = count = None
         if spliced.labels is not None:
             targets = spliced.labels[:, 1:]
@@ -165,7 +165,7 @@ class MultimodalModel(nn.Module):
         mask), `sdpa_packed` from the spans, any other implementation from a block-causal mask."""
         if spliced.segment_ids is None:
             return {"attention_mask": spliced.attention_mask}
-        implementation = self.language_model.config._attn_implementation
+        implementation = self.lm.attention
         if implementation.startswith("flash"):
             return {"attention_mask": None}
         if implementation == PACKED_SDPA:
@@ -224,7 +224,7 @@ class MultimodalModel(nn.Module):
         if output_scores:
             kwargs.update(output_scores=True, output_logits=True, return_dict_in_generate=True)
         with without_cudnn_attention():
-            return self.language_model.generate(**kwargs)
+            return self.lm.generate(**kwargs)
 
     # ----------------------------------------------------------------- save / load
     def save_pretrained(self, folder: str | Path) -> Path:

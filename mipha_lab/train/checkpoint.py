@@ -21,10 +21,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_file
 
 from mipha_lab.errors import ConfigError, StorageError, disk_writes
+from mipha_lab.runs.folder import PREFIX, checkpoint_dir, latest_checkpoint
 from mipha_lab.train import faults
-
-CHECKPOINTS = "checkpoints"
-PREFIX = "step-"
 
 
 @dataclass
@@ -52,16 +50,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def checkpoint_dir(run_path: Path) -> Path:
-    return run_path / CHECKPOINTS
-
-
-def latest_checkpoint(run_path: Path) -> Path | None:
-    """The newest complete checkpoint (partial folders never count)."""
-    found = sorted(checkpoint_dir(run_path).glob(f"{PREFIX}*"), key=lambda p: int(p.name[len(PREFIX):]))
-    return found[-1] if found else None
 
 
 def read_state(folder: Path) -> TrainState:

@@ -1,20 +1,44 @@
-"""One engine interface over plain PyTorch (one process) and DeepSpeed ZeRO 0/1/2/3 (any number).
+"""One engine interface (`Engine`) over plain PyTorch (one process) and DeepSpeed ZeRO 0/1/2/3 (any number).
 
-The loop computes each micro-batch's loss as (sum of token losses) x world / (supervised tokens of the
-whole global batch), so gradients summed over accumulation and averaged over ranks are exactly those
-of the mean over every supervised token of the global batch. DeepSpeed's own division by the
-accumulation steps is therefore turned off (`scale_wrt_gas=False`).
+The step function (step.py) scales each micro-batch's loss to the global batch itself, so DeepSpeed's own
+division by the accumulation steps is turned off (`scale_wrt_gas=False`).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from mipha_lab.config import ScheduleConfig, StageConfig
+from mipha_lab.config import Experiment, ScheduleConfig, StageConfig
+from mipha_lab.distributed import Distributed
+from mipha_lab.errors import ConfigError
+
+
+class Engine(Protocol):
+    """What the step function and the stage loop ask of an engine."""
+
+    model: nn.Module  # what forward is called on (DeepSpeed's wrapper under DeepSpeed)
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """The precision forward runs under (bf16 autocast over fp32 weights on GPUs)."""
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def micro_step(self) -> None:
+        """After each micro-batch's backward (DeepSpeed counts them)."""
+
+    def step(self) -> float:
+        """Clip, update, advance the schedule, clear gradients; the gradient norm before clipping."""
+
+    def lrs(self) -> dict[str, float]: ...
+
+    def save_state(self, folder: Path) -> None: ...
+
+    def load_state(self, folder: Path) -> None: ...
 
 
 def lr_lambda(schedule: ScheduleConfig, total_steps: int):
@@ -69,8 +93,8 @@ class TorchEngine:
         self.bf16 = bf16
         self.params = [p for g in param_groups for p in g["params"]]
 
-    def autocast(self):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        device = next(self.model.parameters()).device.type
         return torch.autocast(device, dtype=torch.bfloat16, enabled=self.bf16)
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -107,7 +131,7 @@ class DeepSpeedEngine:
 
     def __init__(self, model: nn.Module, param_groups: list[dict[str, Any]], stage: StageConfig, total_steps: int,
                  zero_stage: int, accumulation: int, bf16: bool = False) -> None:
-        import deepspeed
+        import deepspeed  # optional and heavy: only for this engine
 
         optimizer = _optimizer(param_groups, stage)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage.schedule, total_steps))
@@ -127,8 +151,8 @@ class DeepSpeedEngine:
         self.model = self.engine
         self.bf16 = bf16
 
-    def autocast(self):
-        return torch.autocast("cpu", enabled=False)  # DeepSpeed casts the model itself
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext()  # DeepSpeed casts the model itself
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)
@@ -152,3 +176,17 @@ class DeepSpeedEngine:
         self.engine.load_checkpoint(str(folder / "deepspeed"), tag="state", load_optimizer_states=True,
                                     load_lr_scheduler_states=True, load_module_strict=True)
         reapply(self.optimizer, self.scheduler, wanted)
+
+
+def make_engine(model: nn.Module, param_groups: list[dict[str, Any]], experiment: Experiment, stage: StageConfig,
+                total_steps: int, dist: Distributed, accumulation: int) -> Engine:
+    """The experiment's engine for a stage: DeepSpeed when asked (or `auto` with several processes), else
+    plain PyTorch; bf16 when asked (or `auto` on a GPU)."""
+    kind, precision = experiment.engine.kind, experiment.engine.precision
+    bf16 = precision == "bf16" or (precision == "auto" and dist.device.type == "cuda")
+    if kind == "deepspeed" or (kind == "auto" and dist.world_size > 1):
+        return DeepSpeedEngine(model, param_groups, stage, total_steps, experiment.zero_stage(stage), accumulation,
+                               bf16)
+    if dist.world_size > 1:
+        raise ConfigError("engine.kind 'torch' runs one process; use 'deepspeed' (or 'auto') for several")
+    return TorchEngine(model, param_groups, stage, total_steps, bf16)

@@ -85,14 +85,14 @@ def sample_flops(model: nn.Module, text_tokens: int, images: int, supervised: in
     """FLOPs to train on one sample with `text_tokens` text positions (image placeholders excluded),
     `images` images and `supervised` positions in the loss."""
     checkpointing = checkpointing or {}
-    tower, lm = model.vision_tower, model.language_model
+    tower, lm = model.vision_tower, model.lm
     sequence = text_tokens + images * model.num_image_tokens
     units = _tower_units(tower, images, bool(checkpointing.get("vision"))) if images else []
     if images:
         units.append(_unit(model.projector, images * tower.num_tokens))
     attention = _attention(_attention_width(lm.config), sequence)
-    units += [_unit(layer, sequence, attention, bool(checkpointing.get("lm"))) for layer in lm.get_decoder().layers]
-    units.append(_unit(lm.get_output_embeddings(), supervised))
+    units += [_unit(layer, sequence, attention, bool(checkpointing.get("lm"))) for layer in lm.layers]
+    units.append(_unit(lm.head, supervised))
     useful = recompute = 0.0
     upstream_trains = False
     for unit in units:

@@ -27,8 +27,8 @@ class ModuleRow:
 
 def module_parameters(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
     """Each parameter in exactly one module group (a tied head counts under lm_embeddings)."""
-    lm = model.language_model
-    embeddings, head = lm.get_input_embeddings(), lm.get_output_embeddings()
+    lm = model.lm
+    embeddings, head = lm.embeddings, lm.head
     groups: dict[str, list[tuple[str, nn.Parameter]]] = {name: [] for name in MODULES}
     seen: set[int] = set()
 
@@ -42,19 +42,18 @@ def module_parameters(model: nn.Module) -> dict[str, list[tuple[str, nn.Paramete
     add("projector", model.projector, "projector")
     add("lm_embeddings", embeddings, "lm.embeddings")
     add("lm_head", head, "lm.head")
-    add("lm_body", lm, "language_model")
+    add("lm_body", lm.module, "language_model")
     return groups
 
 
 def is_tied(model: nn.Module) -> bool:
-    lm = model.language_model
-    return lm.get_output_embeddings().weight is lm.get_input_embeddings().weight
+    return model.lm.tied
 
 
 def blocks(model: nn.Module, module: str) -> nn.ModuleList:
     """The repeated layers that `partial` counts from."""
     if module == "lm_body":
-        return model.language_model.get_decoder().layers
+        return model.lm.layers
     if module == "vision":
         return model.vision_tower.blocks
     raise ConfigError(f"mode 'partial' applies to vision and lm_body, not {module}")

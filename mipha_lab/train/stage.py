@@ -6,7 +6,7 @@ import math
 import resource
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from tqdm import tqdm
@@ -18,23 +18,19 @@ from mipha_lab.data.llava import LlavaDataset
 from mipha_lab.data.mixtures import load_mixture
 from mipha_lab.data.problems import SkipReport
 from mipha_lab.data.templates import get_template
-from mipha_lab.distributed import Distributed, gather_objects
-from mipha_lab.errors import ConfigError, MiphaLabError
+from mipha_lab.distributed import Distributed, gather_objects, whole_parameters
+from mipha_lab.errors import ConfigError
 from mipha_lab.model import MultimodalModel
 from mipha_lab.model.image_processing import ImageProcessor
-from mipha_lab.model.splice import count_targets
-from mipha_lab.run_folder import RunFolder
+from mipha_lab.runs.folder import RunFolder
 from mipha_lab.train import faults, preemption
 from mipha_lab.train.checkpoint import CheckpointWriter, TrainState, load_model_state, load_rng
-from mipha_lab.train.engine import DeepSpeedEngine, TorchEngine
+from mipha_lab.train.engine import Engine, make_engine
 from mipha_lab.train.flops import batch_flops, peak_flops
 from mipha_lab.train.policy import apply_policy, table_markdown
 from mipha_lab.train.preemption import Preempted
+from mipha_lab.train.step import NonFiniteLoss, global_counts, on_device, train_step
 from mipha_lab.train.tracking import Tracker
-
-
-class NonFiniteLoss(MiphaLabError):
-    """The loss of a global batch is NaN or infinite; the step was not applied."""
 
 
 def stage_dataset(model: MultimodalModel, stage: StageConfig, experiment: Experiment) -> tuple[LlavaDataset, list]:
@@ -83,12 +79,8 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def gathered_state(model: MultimodalModel, dist: Distributed, zero3: bool) -> dict[str, torch.Tensor] | None:
     """The full state dict on rank 0 (gathered from every rank under ZeRO-3), None elsewhere."""
-    if zero3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-            return model.weights_to_save() if dist.main else None
-    return model.weights_to_save() if dist.main else None
+    with whole_parameters(model, zero3):
+        return model.weights_to_save() if dist.main else None
 
 
 def sample_sizes(batch: dict[str, Any]) -> list[tuple[int, int, int]]:
@@ -105,10 +97,6 @@ def sample_sizes(batch: dict[str, Any]) -> list[tuple[int, int, int]]:
         images = int((ids[where] == IMAGE_TOKEN_INDEX).sum())
         sizes.append((int(where.sum()) - images, images, int(supervised[0][where].sum())))
     return sizes
-
-
-def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 class StageRunner:
@@ -138,17 +126,6 @@ class StageRunner:
         if self.stage.max_steps is not None:
             return self.stage.max_steps
         return max(1, math.floor((self.stage.epochs or 1.0) * steps_per_epoch))
-
-    def engine(self, param_groups: list[dict[str, Any]], total: int):
-        kind = self.experiment.engine.kind
-        bf16 = self.experiment.engine.precision == "bf16" or (
-            self.experiment.engine.precision == "auto" and self.dist.device.type == "cuda")
-        if kind == "deepspeed" or (kind == "auto" and self.dist.world_size > 1):
-            return DeepSpeedEngine(self.model, param_groups, self.stage, total, self.experiment.zero_stage(self.stage),
-                                   self.accumulation, bf16)
-        if self.dist.world_size > 1:
-            raise ConfigError("engine.kind 'torch' runs one process; use 'deepspeed' (or 'auto') for several")
-        return TorchEngine(self.model, param_groups, self.stage, total, bf16)
 
     def checkpoint_due(self, step: int, total: int, last_save: float) -> tuple[bool, bool]:
         """(a checkpoint is due, the job was signalled to stop). Due every `every_steps` global steps or
@@ -185,7 +162,7 @@ class StageRunner:
         total = self.total_steps(steps_per_epoch)
         if resume is not None and not boundary:
             load_model_state(resume, self.model)
-        engine = self.engine(param_groups, total)
+        engine = make_engine(self.model, param_groups, self.experiment, stage, total, dist, self.accumulation)
         if resume is not None and not boundary:
             engine.load_state(resume)
             load_rng(resume, dist.rank)
@@ -254,51 +231,25 @@ class StageRunner:
                 print(f"stage {self.stage.name}, epoch {epoch}: {report.summary()}")
             report.write(self.run.path / f"skipped-{self.stage.name}.json")
 
-    def global_counts(self, micro: list[dict[str, Any]]) -> tuple[float, float, float, float]:
-        """Supervised targets (after truncation), spliced tokens, samples and images of the global batch."""
-        model = self.model
-        local = [
-            sum(float(count_targets(b["input_ids"], b["attention_mask"], b["labels"], model.num_image_tokens,
-                                    model.config.max_positions, segment_ids=b.get("segment_ids")))
-                for b in micro if b["input_ids"].numel()),
-            sum(float(b["attention_mask"].sum()) + float(b["image_counts"].sum()) * (model.num_image_tokens - 1) for b in micro),
-            sum(float(len(b["ids"])) for b in micro),
-            sum(float(b["image_counts"].sum()) for b in micro),
-        ]
-        targets, tokens, samples, images = self.dist.all_sum(local)
-        return targets, tokens, samples, images
-
-    def optimizer_step(self, engine, batches, step: int, epoch: int, total: int, report: SkipReport) -> None:
+    def optimizer_step(self, engine: Engine, batches, step: int, epoch: int, total: int, report: SkipReport) -> None:
+        """One global batch through the step function, then its metrics: a row, the tracker, the status."""
         model, dist = self.model, self.dist
         start = time.perf_counter()
-        micro = [_to(next(batches), dist.device) for _ in range(self.accumulation)]
+        micro = [on_device(next(batches), dist.device) for _ in range(self.accumulation)]
         data_time = time.perf_counter() - start
         for batch in micro:
             report.add(batch["skipped"])
-        targets, tokens, samples, images = self.global_counts(micro)
-        if samples == 0:
+        counts = global_counts(micro, model.num_image_tokens, model.config.max_positions, dist)
+        if counts.samples == 0:
             raise ConfigError(f"stage '{self.stage.name}', step {step + 1}: every sample of the global batch was skipped "
                               f"({report.summary()}); is max_length {self.stage.max_length} too short?")
-        start = time.perf_counter()
-        loss_sum = 0.0
-        for index, batch in enumerate(micro):
-            with engine.autocast():
-                out = engine.model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"],
-                                   image_counts=batch["image_counts"], sample_ids=batch["ids"],
-                                   segment_ids=batch["segment_ids"], return_logits=False)
-            engine.backward(out.loss_sum * dist.world_size / max(targets, 1.0))
-            loss_sum += float(out.loss_sum.detach())
-            if index == len(micro) - 1:  # checked before the update, so a bad batch never reaches the weights
-                (global_loss,) = dist.all_sum([loss_sum])
-                self.last_loss = global_loss / max(targets, 1.0)
-                if not math.isfinite(self.last_loss):
-                    self.stop_nonfinite(step, micro)
-            engine.micro_step()
-        compute_time = time.perf_counter() - start
-        start = time.perf_counter()
-        grad_norm = engine.step()
-        optim_time = time.perf_counter() - start
-        elapsed = data_time + compute_time + optim_time
+        try:
+            figures = train_step(engine, micro, counts, dist)
+        except NonFiniteLoss as err:
+            self.last_loss = err.loss
+            self.stop_nonfinite(step, micro)  # records the batch, raises with the advice
+        self.last_loss = figures.loss
+        elapsed = data_time + figures.compute_s + figures.optimizer_s
         sizes = [size for batch in micro for size in sample_sizes(batch)]
         flops = batch_flops(model, sizes, self.stage.activation_checkpointing.model_dump())
         flops_useful, flops_recompute = self.dist.all_sum([flops.useful, flops.recompute])
@@ -306,10 +257,11 @@ class StageRunner:
         global_step = self.state.global_step - self.state.stage_step + step + 1
         row = {
             "stage": self.stage.name, "step": global_step, "stage_step": step + 1, "total_steps": total,
-            "epoch": epoch, "loss": self.last_loss, "lr": engine.lrs(), "grad_norm": grad_norm,
-            "tokens_per_s": tokens / elapsed, "samples_per_s": samples / elapsed, "images_per_s": images / elapsed,
-            "time": {"data": data_time, "forward_backward": compute_time, "optimizer": optim_time},
-            "peak_memory_mb": peak_memory_mb(dist.device), "supervised_tokens": int(targets),
+            "epoch": epoch, "loss": figures.loss, "lr": engine.lrs(), "grad_norm": figures.grad_norm,
+            "tokens_per_s": counts.tokens / elapsed, "samples_per_s": counts.samples / elapsed,
+            "images_per_s": counts.images / elapsed,
+            "time": {"data": data_time, "forward_backward": figures.compute_s, "optimizer": figures.optimizer_s},
+            "peak_memory_mb": peak_memory_mb(dist.device), "supervised_tokens": int(counts.targets),
             "flops": flops_useful, "recompute_flops": flops_recompute,
             "mfu": flops_useful / (elapsed * peak * dist.world_size) if peak else None,
         }
@@ -330,7 +282,7 @@ class StageRunner:
         raise Preempted(f"stage {self.stage.name}, step {global_step}: signalled to stop; checkpoint saved in "
                         f"{self.run.path / 'checkpoints'}, the job is requeued and resumes from it")
 
-    def stop_nonfinite(self, step: int, micro: list[dict[str, Any]]) -> None:
+    def stop_nonfinite(self, step: int, micro: list[dict[str, Any]]) -> NoReturn:
         """Record the step and every rank's sample ids of the offending global batch, then stop."""
         global_step = self.state.global_step - self.state.stage_step + step + 1
         ids = [i for rank_ids in gather_objects(self.dist, [i for b in micro for i in b["ids"]]) for i in rank_ids]
@@ -338,7 +290,7 @@ class StageRunner:
             record = {"stage": self.stage.name, "step": global_step, "stage_step": step + 1,
                       "loss": repr(self.last_loss), "sample_ids": ids}
             (self.run.path / "nonfinite.json").write_text(json.dumps(record, indent=2) + "\n")
-        raise NonFiniteLoss(
+        raise NonFiniteLoss(self.last_loss,
             f"stage {self.stage.name}, step {global_step}: loss is {self.last_loss}; the step was not applied, the "
             f"last checkpoint is kept, the batch's {len(ids)} sample ids are in {self.run.path / 'nonfinite.json'}. "
             f"Fix the cause, then launch again to resume: lower stages.{self.stage.name}.optimizer.lr or "

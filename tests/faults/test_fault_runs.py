@@ -16,7 +16,7 @@ import pytest
 
 from mipha_lab.config import load_experiment
 from mipha_lab.errors import ConfigError, StorageError
-from mipha_lab.run_folder import RunFolder
+from mipha_lab.runs.folder import RunFolder
 
 REPO = Path(__file__).resolve().parents[2]
 MICRO = REPO / "experiments" / "micro.yaml"

@@ -1,4 +1,4 @@
-"""`python -m mipha_lab.runs status RUNS_ROOT [--sweep NAME] [--json]`: one row per run folder.
+"""The state of run folders: one row per run (state, stage, step, loss, time, scores).
 
 State, stage, step and loss come from the folder (`status.json`, `metrics.jsonl`, `eval/`), the job
 from `job.json`, and the job's state from Slurm itself (`sacct`/`squeue`) when it can be asked: a
@@ -7,7 +7,6 @@ shows the last lines of its error.
 """
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import pickle
@@ -18,8 +17,8 @@ from typing import Any
 from mipha_lab.cluster.slurm_state import RUN_STATE, job_states
 from mipha_lab.errors import MiphaLabError, exit_status
 from mipha_lab.eval.benchmarks import headline_scores
-from mipha_lab.run_folder import RunFolder
-from mipha_lab.run_lock import RunLock
+from mipha_lab.runs.folder import RunFolder
+from mipha_lab.runs.lock import RunLock
 
 ERROR_LINES = 8
 
@@ -135,29 +134,3 @@ def follow_hint(root: Path, cells: list[Any]) -> str:
     option = f" --sweep {sweeps[0]}" if len(sweeps) == 1 else ""
     return (f"follow: python -m mipha_lab.runs status {root}{option}\n"
             f"        squeue --me  |  tail -f {root}/.jobs/<job id>/<job id>_0_log.err")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mipha_lab.runs", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-    status = commands.add_parser("status", help="one row per run: state, stage, step, loss, time, scores")
-    status.add_argument("root", help="the runs folder (runs_root of the experiments)")
-    status.add_argument("--sweep", help="only the cells of this sweep (runs_root/<sweep>/)")
-    status.add_argument("--json", action="store_true", help="stdout holds only the rows as one JSON list")
-    args = parser.parse_args(argv)
-
-    def show() -> int:
-        root = Path(args.root)
-        paths = run_folders(root, args.sweep)
-        if args.json:
-            print(json.dumps(status_rows(paths, root)))
-        else:
-            print_status(paths, root)
-        return 0
-
-    return exit_status(show)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -52,6 +52,20 @@ def hardware() -> dict[str, Any]:
     return {"host": socket.gethostname(), "platform": platform.platform(), "cpus": os.cpu_count(), "gpus": gpus}
 
 
+CHECKPOINTS = "checkpoints"  # <run>/checkpoints/step-XXXXXXXX/ (train/checkpoint.py writes them)
+PREFIX = "step-"
+
+
+def checkpoint_dir(run_path: Path) -> Path:
+    return run_path / CHECKPOINTS
+
+
+def latest_checkpoint(run_path: Path) -> Path | None:
+    """The newest complete checkpoint (partial folders never count)."""
+    found = sorted(checkpoint_dir(run_path).glob(f"{PREFIX}*"), key=lambda p: int(p.name[len(PREFIX):]))
+    return found[-1] if found else None
+
+
 class RunFolder:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)

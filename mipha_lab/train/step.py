@@ -1,0 +1,87 @@
+"""One optimizer step over a global batch, as a function: what the trainer runs and bench/gpu.py times.
+
+Each micro-batch's loss is (sum of its token losses) x world / (supervised tokens of the whole global
+batch), so gradients summed over accumulation and averaged over ranks are exactly those of the mean over
+every supervised token of the global batch. The loss is checked before the last micro-batch reaches the
+optimizer, so a non-finite batch never changes the weights.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mipha_lab.distributed import Distributed
+from mipha_lab.errors import MiphaLabError
+from mipha_lab.model.splice import count_targets
+from mipha_lab.train.engine import Engine
+
+
+class NonFiniteLoss(MiphaLabError):
+    """The loss of a global batch is NaN or infinite; the step was not applied."""
+
+    def __init__(self, loss: float, message: str = "") -> None:
+        super().__init__(message or f"loss is {loss}; the step was not applied")
+        self.loss = loss
+
+
+@dataclass(frozen=True)
+class GlobalCounts:
+    """What the whole global batch (every rank, every micro-batch) holds."""
+
+    targets: float  # supervised tokens after splicing and truncation: the loss's denominator
+    tokens: float  # positions after splicing
+    samples: float
+    images: float
+
+
+@dataclass(frozen=True)
+class StepFigures:
+    loss: float  # mean over every supervised token of the global batch
+    grad_norm: float
+    compute_s: float  # forward and backward of every micro-batch
+    optimizer_s: float  # clipping and the update
+
+
+def global_counts(micro: list[dict[str, Any]], image_tokens: int, max_positions: int, dist: Distributed) -> GlobalCounts:
+    """Counted on every rank and summed, before any forward: the normalisation needs the global total."""
+    local = [
+        sum(float(count_targets(b["input_ids"], b["attention_mask"], b["labels"], image_tokens, max_positions,
+                                segment_ids=b.get("segment_ids")))
+            for b in micro if b["input_ids"].numel()),
+        sum(float(b["attention_mask"].sum()) + float(b["image_counts"].sum()) * (image_tokens - 1) for b in micro),
+        sum(float(len(b["ids"])) for b in micro),
+        sum(float(b["image_counts"].sum()) for b in micro),
+    ]
+    return GlobalCounts(*dist.all_sum(local))
+
+
+def train_step(engine: Engine, micro: list[dict[str, Any]], counts: GlobalCounts, dist: Distributed) -> StepFigures:
+    """Forward and backward of each micro-batch (on the device, under the engine's precision), then the
+    engine's step (clipping, optimizer, schedule). Raises NonFiniteLoss before the update."""
+    start = time.perf_counter()
+    loss_sum, loss = 0.0, math.nan
+    for index, batch in enumerate(micro):
+        with engine.autocast():
+            out = engine.model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"],
+                               image_counts=batch["image_counts"], sample_ids=batch["ids"],
+                               segment_ids=batch["segment_ids"], return_logits=False)
+        engine.backward(out.loss_sum * dist.world_size / max(counts.targets, 1.0))
+        loss_sum += float(out.loss_sum.detach())
+        if index == len(micro) - 1:
+            (global_loss,) = dist.all_sum([loss_sum])
+            loss = global_loss / max(counts.targets, 1.0)
+            if not math.isfinite(loss):
+                raise NonFiniteLoss(loss)
+        engine.micro_step()
+    compute = time.perf_counter() - start
+    start = time.perf_counter()
+    grad_norm = engine.step()
+    return StepFigures(loss, grad_norm, compute, time.perf_counter() - start)
+
+
+def on_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
