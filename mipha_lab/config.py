@@ -11,17 +11,22 @@ import copy
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
+from typing_extensions import Self
 
 from mipha_lab.constants import MAX_IMAGE_PIXELS
 from mipha_lab.errors import ConfigError
 from mipha_lab.registry.user_modules import import_modules
 from mipha_lab.validation import StrictModel, load_yaml, validate
 
-Mode = Literal["frozen", "full", "lora", "partial"]
+if TYPE_CHECKING:  # the policies' apply() sets flags on torch parameters; the schema needs no torch
+    from torch import nn
+
+    NamedParams = Sequence[tuple[str, nn.Parameter]]
 MODULES = ("vision", "projector", "lm_body", "lm_embeddings", "lm_head")
 
 
@@ -41,38 +46,104 @@ class ModelConfig(StrictModel):
     card_dirs: list[str] = Field(default_factory=list)
 
 
-class ModulePolicy(StrictModel):
-    """How one module trains in a stage. A bare string (`frozen`, `full`, `lora`, `partial`) is accepted."""
+class _Policy(StrictModel):
+    """What every trainability mode has: an optional learning rate of the module's own."""
 
-    mode: Mode = "frozen"
     lr: float | None = Field(None, ge=0, allow_inf_nan=False)  # absolute learning rate of this module
     lr_scale: float | None = Field(None, ge=0, allow_inf_nan=False)  # or a multiplier of the stage's learning rate
-    from_layer: int | None = None  # partial: layers from this index on train
-    r: int = 64  # lora
-    alpha: int = 16
-    dropout: float = 0.05
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
-
-    @model_validator(mode="before")
-    @classmethod
-    def _from_string(cls, value: Any) -> Any:
-        return {"mode": value} if isinstance(value, str) else value
 
     @model_validator(mode="after")
-    def _check(self) -> "ModulePolicy":
-        if self.mode == "partial" and self.from_layer is None:
-            raise ValueError("mode 'partial' needs from_layer")
+    def _one_rate(self) -> Self:
         if self.lr is not None and self.lr_scale is not None:
             raise ValueError("give lr or lr_scale, not both")
         return self
 
 
+class Frozen(_Policy):
+    """Nothing of the module trains."""
+
+    mode: Literal["frozen"] = "frozen"
+
+    @property
+    def label(self) -> str:
+        return "frozen"
+
+    def apply(self, params: NamedParams, layers: Callable[[], Sequence[nn.Module]]) -> None:
+        for _, param in params:
+            param.requires_grad = False
+
+
+class Full(_Policy):
+    """Every parameter of the module trains."""
+
+    mode: Literal["full"] = "full"
+
+    @property
+    def label(self) -> str:
+        return "full"
+
+    def apply(self, params: NamedParams, layers: Callable[[], Sequence[nn.Module]]) -> None:
+        for _, param in params:
+            param.requires_grad = True
+
+
+class Lora(_Policy):
+    """Low-rank adapters on the module's linear layers train (injected before apply); its weights stay."""
+
+    mode: Literal["lora"] = "lora"
+    r: int = Field(64, gt=0)
+    alpha: int = Field(16, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+    @property
+    def label(self) -> str:
+        return f"lora r={self.r} alpha={self.alpha}"
+
+    def apply(self, params: NamedParams, layers: Callable[[], Sequence[nn.Module]]) -> None:
+        for name, param in params:
+            param.requires_grad = "lora_" in name
+
+
+class Partial(_Policy):
+    """The module's repeated layers from `from_layer` on train; the layers before, and the rest, do not."""
+
+    mode: Literal["partial"] = "partial"
+    from_layer: int = Field(ge=0)
+
+    @property
+    def label(self) -> str:
+        return f"partial from layer {self.from_layer}"
+
+    def apply(self, params: NamedParams, layers: Callable[[], Sequence[nn.Module]]) -> None:
+        for _, param in params:
+            param.requires_grad = False
+        blocks = list(layers())
+        if self.from_layer >= len(blocks):
+            raise ConfigError(f"from_layer {self.from_layer} is outside the module's layers 0..{len(blocks) - 1}")
+        for layer in blocks[self.from_layer:]:
+            layer.requires_grad_(True)
+
+
+def _policy_shorthand(value: Any) -> Any:
+    """A bare string names the mode; a mapping without `mode` is frozen."""
+    if isinstance(value, str):
+        return {"mode": value}
+    if isinstance(value, dict) and "mode" not in value:
+        return {**value, "mode": "frozen"}
+    return value
+
+
+# How one module trains in a stage: `frozen`, `full`, `lora` or `partial`, each with its own fields.
+ModulePolicy = Annotated[Frozen | Full | Lora | Partial, Field(discriminator="mode"), BeforeValidator(_policy_shorthand)]
+
+
 class Trainable(StrictModel):
-    vision: ModulePolicy = ModulePolicy()
-    projector: ModulePolicy = ModulePolicy(mode="full")
-    lm_body: ModulePolicy = ModulePolicy()
-    lm_embeddings: ModulePolicy = ModulePolicy()
-    lm_head: ModulePolicy = ModulePolicy()
+    vision: ModulePolicy = Frozen()
+    projector: ModulePolicy = Full()
+    lm_body: ModulePolicy = Frozen()
+    lm_embeddings: ModulePolicy = Frozen()
+    lm_head: ModulePolicy = Frozen()
 
 
 class OptimizerConfig(StrictModel):

@@ -38,20 +38,30 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _allowed_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    """The field names allowed at `loc` (the parent of an unknown key), when it is a nested model."""
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The schema classes an annotation can hold (through Annotated, unions and lists)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in get_args(annotation) for m in _models_in(arg)]
 
-    current: Any = model
+
+def _allowed_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The field names allowed at `loc` (the parent of an unknown key), when it is a nested model; a
+    union's member is named in `loc` by its tag (`trainable.vision.full.r`)."""
+    current: list[type[BaseModel]] = [model]
     for part in loc:
         if isinstance(part, int):  # an item of a list[Model]
-            current = next((a for a in get_args(current) if hasattr(a, "model_fields")), None)
             continue
-        fields = getattr(current, "model_fields", None)
-        if fields is None or part not in fields:
+        tagged = [m for m in current if part not in m.model_fields
+                  and any(f.default == part for f in m.model_fields.values())]
+        if tagged:
+            current = tagged
+            continue
+        owner = next((m for m in current if part in m.model_fields), None)
+        if owner is None:
             return []
-        current = fields[part].annotation
-    fields = getattr(current, "model_fields", None)
-    return sorted(fields) if fields else []
+        current = _models_in(owner.model_fields[part].annotation)
+    return sorted(current[0].model_fields) if len(current) == 1 else []
 
 
 def validate(model: type[M], data: dict[str, Any], source: str | Path) -> M:

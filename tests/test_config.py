@@ -45,8 +45,12 @@ def test_wrong_type_and_literal_name_the_key_and_allowed_values(tmp_path):
 def test_policy_strings_and_checks(tmp_path):
     exp = load_experiment(EXPERIMENTS / "micro.yaml", ["stages.instruct.trainable.lm_body=lora"])
     assert exp.stage("instruct").trainable.lm_body.mode == "lora" and exp.stage("instruct").trainable.lm_body.r == 64
-    with pytest.raises(ConfigError, match="partial' needs from_layer"):
+    with pytest.raises(ConfigError, match=r"missing required key 'stages.1.trainable.vision.partial.from_layer'"):
         load_experiment(EXPERIMENTS / "micro.yaml", ["stages.instruct.trainable.vision=partial"])
+    with pytest.raises(ConfigError, match=r"unknown key 'stages.1.trainable.vision.full.r' \(allowed: lr, lr_scale, mode\)"):
+        load_experiment(EXPERIMENTS / "micro.yaml", ["stages.instruct.trainable.vision={mode: full, r: 8}"])
+    with pytest.raises(ConfigError, match=r"trainable.vision': Input tag 'half' .* expected tags: 'frozen', 'full', 'lora', 'partial'"):
+        load_experiment(EXPERIMENTS / "micro.yaml", ["stages.instruct.trainable.vision=half"])
     with pytest.raises(ConfigError, match="not a multiple of micro_batch"):
         load_experiment(EXPERIMENTS / "micro.yaml", ["stages.align.global_batch=6"])
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from mipha_lab.config import MODULES, ModulePolicy, QuirksConfig, StageConfig, Trainable
+from mipha_lab.config import MODULES, Frozen, Full, Lora, ModulePolicy, QuirksConfig, StageConfig, Trainable
 from mipha_lab.errors import ConfigError
 from mipha_lab.model.adapters import add_lora
 
@@ -69,9 +69,9 @@ def check_tied(trainable: Trainable, model: nn.Module, llm_name: str) -> None:
 
 def with_quirks(trainable: Trainable, model: nn.Module, quirks: QuirksConfig) -> Trainable:
     """Quirk 1: the original froze only the inner LM, so an untied head trained whenever the body was frozen."""
-    if (quirks.stage1_trains_lm_head and trainable.lm_body.mode == "frozen" and trainable.lm_head.mode == "frozen"
+    if (quirks.stage1_trains_lm_head and isinstance(trainable.lm_body, Frozen) and isinstance(trainable.lm_head, Frozen)
             and not is_tied(model)):
-        return trainable.model_copy(update={"lm_head": ModulePolicy(mode="full")})
+        return trainable.model_copy(update={"lm_head": Full()})
     return trainable
 
 
@@ -92,7 +92,7 @@ def apply_policy(model: nn.Module, stage: StageConfig, llm_name: str = "",
     check_tied(trainable, model, llm_name)
     for module in MODULES:
         policy = getattr(trainable, module)
-        if policy.mode == "lora":
+        if isinstance(policy, Lora):
             add_lora(model, module, policy.r, policy.alpha, policy.dropout, policy.target_modules)
     groups = module_parameters(model)
     param_groups: list[dict[str, Any]] = []
@@ -100,15 +100,10 @@ def apply_policy(model: nn.Module, stage: StageConfig, llm_name: str = "",
     for module in MODULES:
         policy = getattr(trainable, module)
         params = groups[module]
-        for name, param in params:
-            param.requires_grad = policy.mode == "full" or (policy.mode == "lora" and "lora_" in name)
-        if policy.mode == "partial":
-            assert policy.from_layer is not None
-            layers = blocks(model, module)
-            if not 0 <= policy.from_layer < len(layers):
-                raise ConfigError(f"{module}: from_layer {policy.from_layer} outside 0..{len(layers) - 1}")
-            for layer in list(layers)[policy.from_layer :]:
-                layer.requires_grad_(True)
+        try:
+            policy.apply(params, lambda: blocks(model, module))  # noqa: B023 - called at once
+        except ConfigError as err:
+            raise ConfigError(f"stage '{stage.name}', trainable.{module}: {err}") from None
         chosen = [(n, p) for n, p in params if p.requires_grad]
         lr = module_lr(policy, stage.optimizer.lr, quirks.shared_learning_rate) if chosen else None
         if chosen:
@@ -117,9 +112,8 @@ def apply_policy(model: nn.Module, stage: StageConfig, llm_name: str = "",
             for suffix, plist, wd in (("", decay, stage.optimizer.weight_decay), (".no_decay", no_decay, 0.0)):
                 if plist:
                     param_groups.append({"params": plist, "lr": lr, "weight_decay": wd, "name": module + suffix})
-        label = policy.mode + (f" from layer {policy.from_layer}" if policy.mode == "partial" else "")
-        label += f" r={policy.r} alpha={policy.alpha}" if policy.mode == "lora" else ""
-        rows.append(ModuleRow(module, sum(p.numel() for _, p in params), sum(p.numel() for _, p in chosen), label, lr))
+        rows.append(ModuleRow(module, sum(p.numel() for _, p in params), sum(p.numel() for _, p in chosen), policy.label,
+                              lr))
     if not param_groups:
         raise ConfigError(f"stage '{stage.name}': every module is frozen, nothing would train")
     return param_groups, rows
