@@ -12,6 +12,7 @@ import pytest
 
 from mipha_lab.eval.scoring.answers import ScoreInputError, read_jsonl
 from mipha_lab.eval.scoring.gqa import score_gqa
+from mipha_lab.eval.scoring.mmbench import score_mmbench_table
 from mipha_lab.eval.scoring.mme import mme_prediction
 from mipha_lab.eval.scoring.pope import pope_prediction, score_pope
 from mipha_lab.eval.scoring.scienceqa import parse_letter
@@ -91,7 +92,7 @@ def test_scienceqa_golden():
 def test_mmbench_golden_from_the_table_and_from_answers():
     d = LLAVA / "mmbench"
     expected = {"circular": 67.69, "all_rows": 76.45, "original_rows": 75.43}
-    assert score_cli("mmbench", "--table", d / "llava-v1.5-13b_dev_20230712.tsv") == expected
+    assert score_mmbench_table(d / "llava-v1.5-13b_dev_20230712.tsv") == expected  # the server's table
     assert score_cli("mmbench", "--questions", d / "llava-v1.5-13b_dev_20230712.tsv",
                      "--answers", d / "llava-v1.5-13b.jsonl") == expected
 
@@ -229,3 +230,25 @@ def test_prompts_are_the_ones_llava_asked(name, folder, answers):
     assert ours.keys() == asked.keys()
     different = [k for k in ours if ours[k] != asked[k] and not (name == "mmbench" and asked[k].endswith("\n" + ours[k]))]
     assert not different, (len(different), ours[different[0]][-300:], asked[different[0]][-300:])
+
+
+def test_score_flags_come_from_each_benchmarks_files(tmp_path):
+    """`eval score NAME` asks for the files NAME's scorer reads (its declared roles), then the answers."""
+    annotations = {"annotations": [
+        {"question_id": 1, "answer_type": "yes/no", "question_type": "is the", "answers": [{"answer": "yes"}] * 10},
+        {"question_id": 2, "answer_type": "number", "question_type": "how many",
+         "answers": [{"answer": a} for a in ["2"] * 2 + ["3"] * 8]}]}
+    (tmp_path / "ann.json").write_text(json.dumps(annotations))
+    (tmp_path / "q.json").write_text(json.dumps({"questions": [{"question_id": 1, "image_id": 7, "question": "Is it?"},
+                                                               {"question_id": 2, "image_id": 7, "question": "How many?"}]}))
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(a) + "\n" for a in [{"question_id": 1, "text": "yes"},
+                                                                              {"question_id": 2, "text": "two"}]))
+    scores = score_cli("vqav2-val", "--questions", tmp_path / "q.json", "--annotations", tmp_path / "ann.json",
+                       "--answers", tmp_path / "a.jsonl")
+    assert scores["overall"] == 80.0  # 1.0 and 0.6 by the official rule
+    help_text = subprocess.run([sys.executable, "-m", "mipha_lab.eval", "score", "mme", "--help"],
+                               capture_output=True, text=True, timeout=120).stdout
+    assert "--questions" in help_text and "--ground-truth" in help_text and "--answers" in help_text
+    missing = subprocess.run([sys.executable, "-m", "mipha_lab.eval", "score", "gqa", "--answers", str(tmp_path / "a.jsonl")],
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "--annotations" in missing.stderr

@@ -1,15 +1,13 @@
 """`python -m mipha_lab.eval run MODEL_OR_RUN --benchmarks pope,mme --data-root DIR [--batch-size N]
 [--limit K] [--out DIR] [--cluster PROFILE [--wait]]`: answer and score (as a cluster job with --cluster);
-`python -m mipha_lab.eval score BENCHMARK ...`: score an answer file with the official rules.
+`python -m mipha_lab.eval score BENCHMARK --answers A.jsonl --<file> PATH ...`: score an answer file (LLaVA's
+format) with the official rules; the files each benchmark's scorer reads are its flags
+(`python -m mipha_lab.eval score BENCHMARK --help`), for example
 
-  score pope          --questions Q.jsonl --answers A.jsonl --annotations DIR
-  score mme           --questions Q.jsonl --answers A.jsonl --ground-truth DIR
-  score scienceqa-img --questions llava_test_CQM-A.json --answers A.jsonl
-  score mmbench       --table T.tsv                  (a table with a prediction column)
-  score mmbench       --questions T.tsv --answers A.jsonl
-  score vqav2         --annotations ANN.json --questions Q.json --results R.json
-  score textvqa       --annotations TextVQA_0.5.1_val.json --answers A.jsonl
-  score gqa           --questions testdev_balanced_questions.json --answers A.jsonl
+  score pope          --questions Q.jsonl --annotations DIR --answers A.jsonl
+  score mme           --questions Q.jsonl --ground-truth DIR --answers A.jsonl
+  score gqa           --annotations testdev_balanced_questions.json --answers A.jsonl
+  score vqav2-val     --questions v2_OpenEnded_mscoco_val2014_questions.json --annotations ANN.json --answers A.jsonl
 
 Figures are percentages rounded to 2 decimals. With --json, stdout holds only one JSON object.
 Answers that cannot be scored as given (missing, duplicate or misordered ids) are refused with the
@@ -23,7 +21,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from mipha_lab.cluster.profile import load_profile
 from mipha_lab.cluster.submit import submit_command
@@ -31,66 +29,9 @@ from mipha_lab.distributed import init_distributed
 from mipha_lab.errors import exit_status
 from mipha_lab.eval.benchmarks import BENCHMARKS
 from mipha_lab.eval.runner import run_benchmarks
-from mipha_lab.eval.scoring import gqa, mmbench, mme, pope, scienceqa, vqa
-from mipha_lab.eval.scoring.answers import ScoreInputError, read_answers, read_json, read_jsonl
+from mipha_lab.eval.scoring.answers import ScoreInputError, read_answers
 from mipha_lab.model import load_model
 from mipha_lab.registry.user_modules import import_modules
-
-
-def _need(args: argparse.Namespace, *names: str) -> None:
-    missing = [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) is None]
-    if missing:
-        raise ScoreInputError(f"{args.benchmark} needs {', '.join(missing)}")
-
-
-def score_pope(args: argparse.Namespace) -> dict[str, Any]:
-
-    _need(args, "questions", "answers", "annotations")
-    return pope.score_pope(read_jsonl(args.questions), read_answers(args.answers), args.annotations)
-
-
-def score_mme(args: argparse.Namespace) -> dict[str, Any]:
-
-    _need(args, "questions", "answers", "ground_truth")
-    return mme.score_mme(read_jsonl(args.questions), read_answers(args.answers), args.ground_truth)
-
-
-def score_scienceqa(args: argparse.Namespace) -> dict[str, Any]:
-
-    _need(args, "questions", "answers")
-    return scienceqa.score_scienceqa(read_json(args.questions), read_answers(args.answers))
-
-
-def score_mmbench(args: argparse.Namespace) -> dict[str, Any]:
-
-    if args.table is not None:
-        return mmbench.score_mmbench_table(args.table)
-    _need(args, "questions", "answers")
-    return mmbench.score_mmbench(args.questions, read_answers(args.answers))
-
-
-def score_vqav2(args: argparse.Namespace) -> dict[str, Any]:
-
-    _need(args, "annotations", "questions", "results")
-    return vqa.score_vqav2(read_json(args.annotations), read_json(args.questions), read_json(args.results))
-
-
-def score_textvqa(args: argparse.Namespace) -> dict[str, Any]:
-
-    _need(args, "annotations", "answers")
-    return vqa.score_textvqa(read_json(args.annotations), read_answers(args.answers))
-
-
-def score_gqa(args: argparse.Namespace) -> dict[str, Any]:
-
-    _need(args, "questions", "answers")
-    return gqa.score_gqa(read_json(args.questions), read_answers(args.answers))
-
-
-SCORERS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
-    "pope": score_pope, "mme": score_mme, "scienceqa-img": score_scienceqa, "mmbench": score_mmbench,
-    "mmbench-cn": score_mmbench, "vqav2": score_vqav2, "textvqa": score_textvqa, "gqa": score_gqa,
-}
 
 
 def format_scores(scores: dict[str, Any], indent: str = "") -> str:
@@ -176,11 +117,17 @@ def main(argv: list[str] | None = None) -> int:
     runner.add_argument("--wait", action="store_true", help="with --cluster: wait for the job and show the scores")
     runner.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                         help="import this module first (it registers the model's own Python components)")
-    scorer = commands.add_parser("score", help="score an answer file")
-    scorer.add_argument("benchmark", choices=sorted(SCORERS))
-    for flag in ("--questions", "--answers", "--annotations", "--ground-truth", "--table", "--results"):
-        scorer.add_argument(flag)
-    scorer.add_argument("--json", action="store_true", help="stdout holds only the scores as one JSON object")
+    scorer = commands.add_parser("score", help="score an answer file").add_subparsers(dest="benchmark", required=True)
+    for entry in BENCHMARKS:
+        benchmark = entry.obj
+        if benchmark.score is None:
+            continue
+        one = scorer.add_parser(entry.name, help=entry.description)
+        for role in benchmark.score_files:
+            one.add_argument(f"--{role.replace('_', '-')}", dest=role, type=Path, required=True,
+                             help=f"the benchmark's {role} (under a data root: {benchmark.files[role]})")
+        one.add_argument("--answers", type=Path, required=True, help="the answers, LLaVA's jsonl format")
+        one.add_argument("--json", action="store_true", help="stdout holds only the scores as one JSON object")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.command == "run":
@@ -192,7 +139,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def score(args: argparse.Namespace) -> int:
-    scores = SCORERS[args.benchmark](args)
+    """The benchmark's own scorer on the given files (the same call `eval run` makes)."""
+    benchmark = BENCHMARKS.get(args.benchmark)
+    paths = {role: getattr(args, role) for role in benchmark.score_files}
+    missing = [f"--{role.replace('_', '-')} {path}" for role, path in paths.items() if not path.exists()]
+    if missing:
+        raise ScoreInputError(f"{benchmark.name}: no such file or folder: {', '.join(missing)}")
+    scores = benchmark.score(paths, read_answers(args.answers))
     print(json.dumps(scores) if args.json else format_scores(scores))
     return 0
 

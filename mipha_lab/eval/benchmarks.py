@@ -21,7 +21,7 @@ from mipha_lab.eval.scoring.mmbench import options, read_table, score_mmbench
 from mipha_lab.eval.scoring.mme import score_mme
 from mipha_lab.eval.scoring.pope import score_pope
 from mipha_lab.eval.scoring.scienceqa import score_scienceqa
-from mipha_lab.eval.scoring.vqa import score_textvqa
+from mipha_lab.eval.scoring.vqa import score_textvqa, score_vqav2
 from mipha_lab.eval.shapes import score_vqa
 from mipha_lab.registry import Registry
 
@@ -55,6 +55,7 @@ class Benchmark:
     load: Callable[[dict[str, Path]], list[Question]]
     score: Callable[..., dict[str, Any]] | None  # (paths, answers, records list or None) -> scores
     headline: str  # the key of the figure the summary table shows
+    score_files: tuple[str, ...] = ()  # the files (roles) the scorer reads besides the answers: `eval score` flags
     max_new_tokens: int = 128
     source: str = LLAVA_EVAL
     submission: Callable[[dict[str, Path], list[dict[str, Any]], Path], Path] | None = None  # a file for the server
@@ -106,6 +107,19 @@ def mmbench_questions(paths: dict[str, Path], suffix: str = LETTER) -> list[Ques
     return questions
 
 
+def vqav2_val_questions(paths: dict[str, Path]) -> list[Question]:
+    """The official val questions with LLaVA's VQAv2 prompt (the question, then the short-answer suffix)."""
+    return [Question(q["question_id"], _with_suffix(q["question"], SHORT),
+                     _image_file(paths["images"], f"COCO_val2014_{q['image_id']:012d}.jpg"))
+            for q in read_json(paths["questions"])["questions"]]
+
+
+def _vqav2_val_score(paths: dict[str, Path], answers: list[dict[str, Any]],
+                     records: list | None = None) -> dict[str, Any]:
+    results = [{"question_id": a["question_id"], "answer": a["text"]} for a in answers]
+    return score_vqav2(read_json(paths["annotations"]), read_json(paths["questions"]), results, records)
+
+
 def _pope_score(paths: dict[str, Path], answers: list[dict[str, Any]], records: list | None = None) -> dict[str, Any]:
 
     return score_pope(read_jsonl(paths["questions"]), answers, paths["annotations"], records)
@@ -138,7 +152,7 @@ def _mmbench_score(paths: dict[str, Path], answers: list[dict[str, Any]], record
 
 def _shapes_vqa_score(paths: dict[str, Path], answers: list[dict[str, Any]], records: list | None = None) -> dict[str, Any]:
 
-    return score_vqa(answers, read_jsonl(paths["answers"]), records)
+    return score_vqa(answers, read_jsonl(paths["truth"]), records)
 
 
 BENCHMARKS.register("vqav2")(Benchmark(
@@ -147,47 +161,55 @@ BENCHMARKS.register("vqav2")(Benchmark(
     {"questions": "eval/vqav2/llava_vqav2_mscoco_test-dev2015.jsonl", "images": "eval/vqav2/test2015",
      "test_split": "eval/vqav2/llava_vqav2_mscoco_test2015.jsonl"},
     llava_questions, None, "overall", submission=submission.vqav2_upload))
+BENCHMARKS.register("vqav2-val")(Benchmark(
+    "vqav2-val", "VQAv2 val, the official VQA accuracy (offline: the val ground truth is public)",
+    {"questions": "eval/vqav2/v2_OpenEnded_mscoco_val2014_questions.json", "images": "eval/vqav2/val2014",
+     "annotations": "eval/vqav2/v2_mscoco_val2014_annotations.json"},
+    vqav2_val_questions, _vqav2_val_score, "overall", score_files=("questions", "annotations"),
+    source="the official VQAv2 val files (visualqa.org) and COCO val2014 images"))
 BENCHMARKS.register("gqa")(Benchmark(
     "gqa", "GQA testdev-balanced, exact match",
     {"questions": "eval/gqa/llava_gqa_testdev_balanced.jsonl", "images": "eval/gqa/data/images",
      "annotations": "eval/gqa/data/testdev_balanced_questions.json"},
-    llava_questions, _gqa_score, "accuracy", submission=submission.gqa_predictions))
+    llava_questions, _gqa_score, "accuracy", score_files=("annotations",), submission=submission.gqa_predictions))
 BENCHMARKS.register("scienceqa-img")(Benchmark(
     "scienceqa-img", "ScienceQA test, accuracy on the 2,017 image questions",
     {"questions": "eval/scienceqa/llava_test_CQM-A.json", "images": "eval/scienceqa/images/test"},
-    scienceqa_questions, _scienceqa_score, "img_accuracy", max_new_tokens=1024))
+    scienceqa_questions, _scienceqa_score, "img_accuracy", score_files=("questions",), max_new_tokens=1024))
 BENCHMARKS.register("textvqa")(Benchmark(
     "textvqa", "TextVQA val with OCR tokens, VQA accuracy (EvalAI processor)",
     {"questions": "eval/textvqa/llava_textvqa_val_v051_ocr.jsonl", "images": "eval/textvqa/train_images",
      "annotations": "eval/textvqa/TextVQA_0.5.1_val.json"},
-    llava_questions, _textvqa_score, "accuracy"))
+    llava_questions, _textvqa_score, "accuracy", score_files=("annotations",)))
 BENCHMARKS.register("pope")(Benchmark(
     "pope", "POPE (COCO) adversarial / popular / random, mean F1",
     {"questions": "eval/pope/llava_pope_test.jsonl", "images": "eval/pope/val2014", "annotations": "eval/pope/coco"},
-    llava_questions, _pope_score, "mean_f1"))
+    llava_questions, _pope_score, "mean_f1", score_files=("questions", "annotations")))
 BENCHMARKS.register("mme")(Benchmark(
     "mme", "MME perception and cognition",
     {"questions": "eval/MME/llava_mme.jsonl", "images": "eval/MME/MME_Benchmark_release_version",
      "ground_truth": "eval/MME/eval_tool/Your_Results"},
-    llava_questions, _mme_score, "perception"))
+    llava_questions, _mme_score, "perception", score_files=("questions", "ground_truth")))
 BENCHMARKS.register("mmbench")(Benchmark(
     "mmbench", "MMBench dev EN, CircularEval", {"questions": "eval/mmbench/mmbench_dev_20230712.tsv"},
-    mmbench_questions, _mmbench_score, "circular", max_new_tokens=1024,
+    mmbench_questions, _mmbench_score, "circular", score_files=("questions",), max_new_tokens=1024,
     source="MMBench (opencompass) dev 20230712 TSV", submission=submission.mmbench_table))
 BENCHMARKS.register("mmbench-cn")(Benchmark(
     "mmbench-cn", "MMBench dev CN, CircularEval", {"questions": "eval/mmbench_cn/mmbench_dev_cn_20231003.tsv"},
-    lambda paths: mmbench_questions(paths, LETTER_CN), _mmbench_score, "circular", max_new_tokens=1024,
+    lambda paths: mmbench_questions(paths, LETTER_CN), _mmbench_score, "circular", score_files=("questions",),
+    max_new_tokens=1024,
     source="MMBench-CN (opencompass) dev 20231003 TSV", submission=submission.mmbench_table))
 BENCHMARKS.register("shapes-vqa")(Benchmark(
     "shapes-vqa", "synthetic shapes: colour / shape / count / position / yes-no, exact match",
     {"questions": "shapes/eval/shapes-vqa/questions.jsonl", "images": "shapes/images",
-     "answers": "shapes/eval/shapes-vqa/answers.jsonl"},
-    llava_questions, _shapes_vqa_score, "accuracy", max_new_tokens=8, source=SYNTHETIC))
+     "truth": "shapes/eval/shapes-vqa/answers.jsonl"},
+    llava_questions, _shapes_vqa_score, "accuracy", score_files=("truth",), max_new_tokens=8, source=SYNTHETIC))
 BENCHMARKS.register("shapes-pope")(Benchmark(
     "shapes-pope", "synthetic shapes existence questions in POPE's format, scored by the POPE scorer",
     {"questions": "shapes/eval/shapes-pope/questions.jsonl", "images": "shapes/images",
      "annotations": "shapes/eval/shapes-pope/annotations"},
-    llava_questions, _pope_score, "mean_f1", max_new_tokens=8, source=SYNTHETIC))
+    llava_questions, _pope_score, "mean_f1", score_files=("questions", "annotations"), max_new_tokens=8,
+    source=SYNTHETIC))
 
 PAPER_ORDER = ("vqav2", "gqa", "scienceqa-img", "textvqa", "pope", "mme", "mmbench")
 
