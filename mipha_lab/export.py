@@ -1,6 +1,11 @@
-"""`python -m mipha_lab.export hf-llava MODEL_OR_RUN OUT_DIR`: a model as transformers'
-`LlavaForConditionalGeneration` + `LlavaProcessor` (the door to vLLM, SGLang and the wider ecosystem);
-`python -m mipha_lab.export merged RUN OUT_DIR`: a LoRA-trained model with its adapters folded in.
+"""`python -m mipha_lab.export FORMAT SOURCE OUT_DIR`: a model (a run folder's final/, a saved model, or a
+released Mipha / LLaVA-Phi checkpoint) written in another format.
+
+- `mipha-lab`: our format (config.json with resolved cards, one safetensors file, tokenizer,
+  preprocessor) - for a released checkpoint, converted once so that later loads skip the checks;
+- `hf-llava`: transformers' `LlavaForConditionalGeneration` + `LlavaProcessor` (the door to vLLM,
+  SGLang and the wider ecosystem);
+- `merged`: our format with every LoRA adapter folded into its base weights.
 
 hf-llava needs a Hugging Face vision tower (SigLIP or CLIP) at its native resolution and the
 `mlp2x_gelu` projector. The processor carries our chat template (list-content messages render exactly
@@ -172,6 +177,12 @@ def export_hf_llava(source: Path, out: Path, allow_pickle: bool = False, overwri
     return write_folder(out, write)
 
 
+def export_mipha_lab(source: Path, out: Path, allow_pickle: bool = False, overwrite: bool = False) -> Path:
+    """Our format, as loaded (a released checkpoint's layout recognised and checked once, here)."""
+    check_output(out, source, overwrite)
+    return write_folder(out, load_model(source, allow_pickle=allow_pickle).save_pretrained)
+
+
 def export_merged(source: Path, out: Path, allow_pickle: bool = False, overwrite: bool = False) -> tuple[Path, int]:
     """Our format with every LoRA adapter folded into its base weights (the same outputs, plain layers)."""
 
@@ -184,7 +195,7 @@ def export_merged(source: Path, out: Path, allow_pickle: bool = False, overwrite
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m mipha_lab.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("format", choices=["hf-llava", "merged"])
+    parser.add_argument("format", choices=["mipha-lab", "hf-llava", "merged"])
     parser.add_argument("source", type=Path, help="a run folder (its final/), a saved model or a released checkpoint")
     parser.add_argument("out", type=Path, help="the folder to write")
     parser.add_argument("--allow-pickle", action="store_true",
@@ -200,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> int:
         if not args.source.exists():
             raise ConfigError(f"{args.source}: no such run folder or model folder")
-        if args.format == "hf-llava":
+        if args.format == "mipha-lab":
+            print(f"wrote {export_mipha_lab(args.source, args.out, args.allow_pickle, args.overwrite)}: our format")
+        elif args.format == "hf-llava":
             out = export_hf_llava(args.source, args.out, args.allow_pickle, args.overwrite)
             print(f"wrote {out}: LlavaForConditionalGeneration + LlavaProcessor (load with "
                   f"LlavaForConditionalGeneration.from_pretrained('{out}') and AutoProcessor.from_pretrained('{out}'))")

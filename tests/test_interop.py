@@ -1,5 +1,5 @@
 """Interoperability: the released checkpoints' layouts load with every tensor in place and the same logits;
-`convert` writes our format; `export hf-llava` gives plain transformers the same logits and greedy tokens;
+`export mipha-lab` writes our format; `export hf-llava` gives plain transformers the same logits and greedy tokens;
 LoRA runs load unmerged and export merged with identical outputs; pickle files are refused unless allowed."""
 from __future__ import annotations
 
@@ -69,11 +69,11 @@ def test_gemma_runs_the_exact_gelu_its_config_names(tmp_path):
         assert (act(x) - torch.nn.functional.gelu(x, approximate="tanh")).abs().max() > 1e-4
 
 
-def test_convert_cli_writes_our_format_and_refuses_pickle_unless_allowed(tmp_path):
+def test_export_to_our_format_writes_it_and_refuses_pickle_unless_allowed(tmp_path):
     ref = reference("tiny-siglip-so400m-384", "tiny-phi-2")
     stored = write_released(ref, tmp_path / "released", "mipha_phi")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    run = [sys.executable, "-m", "mipha_lab.convert", "mipha"]
+    run = [sys.executable, "-m", "mipha_lab.export", "mipha-lab"]
     out = subprocess.run([*run, str(tmp_path / "released"), str(tmp_path / "ours")], capture_output=True, text=True,
                          env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]

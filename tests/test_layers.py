@@ -17,7 +17,7 @@ LAYERS = [
     ("training engine", ["train"]),
     ("evaluation", ["eval"]),
     ("entry points", ["pipeline", "plan", "sweep", "cluster", "runs.status", "runs.__main__", "serve", "export",
-                      "convert", "launch", "registry.__main__", "eval.__main__"]),
+                      "launch", "registry.__main__", "eval.__main__"]),
     ("analysis", ["analysis"]),
 ]
 

@@ -1,5 +1,5 @@
 """Model folders: only the folder's own weight files are read, truncated weights are named, and no code
-from a folder runs - not through serve, eval, export or convert, not even when "y" waits on stdin."""
+from a folder runs - not through serve, eval or export (to Llava or to our format), not even when "y" waits on stdin."""
 from __future__ import annotations
 
 import json
@@ -101,7 +101,7 @@ COMMANDS = {
     "eval": lambda m, out, root: cli("mipha_lab.eval", "run", str(m), "--benchmarks", "shapes-vqa", "--data-root",
                                      str(root), "--limit", "2", "--out", str(out)),
     "export": lambda m, out, root: cli("mipha_lab.export", "hf-llava", str(m), str(out)),
-    "convert": lambda m, out, root: cli("mipha_lab.convert", "mipha", str(m), str(out)),
+    "export-ours": lambda m, out, root: cli("mipha_lab.export", "mipha-lab", str(m), str(out)),
 }
 
 
@@ -112,7 +112,7 @@ def test_a_folder_that_names_its_own_code_is_refused_and_nothing_runs(kind, comm
     torch.manual_seed(0)
     model = build_vlm("tiny-siglip-so400m-384", "tiny-phi-2").eval()
     folder = tmp_path / "malicious"
-    if command == "convert":
+    if command == "export-ours":
         write_released(model, folder, "mipha_phi")
     else:
         model.save_pretrained(folder)
