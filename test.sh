@@ -3,7 +3,8 @@
 # 1. the Debian packages of the local Slurm cluster the cluster tests start (slurm-wlm, slurmdbd, munge,
 #    MariaDB), installed only when missing - as root here, through sudo on a workstation;
 # 2. a virtual environment (.venv) with the project and its test extras;
-# 3. pytest, with any arguments given to this script (default: the whole suite, quietly).
+# 3. the linters (ruff check, ruff format --check, mypy: configured in pyproject.toml), then
+# 4. pytest, with any arguments given to this script (default: the whole suite, quietly).
 set -euo pipefail
 cd "$(dirname "$0")"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -22,4 +23,5 @@ fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q -e '.[test]'
+.venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/mypy
 exec .venv/bin/python -m pytest -q "$@"

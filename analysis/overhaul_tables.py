@@ -37,10 +37,13 @@ display(Markdown(markdown))
 
 # %%
 fig, panels = figure_grid(len(tables))
-for plot, (axis, rows) in zip(panels, tables.items()):
+for plot, (axis, rows) in zip(panels, tables.items(), strict=False):
     names = [r["cell"] for r in rows]
-    plot.bar(range(len(rows)), [r["aggregate_z"] or 0 for r in rows],
-             color=["tab:gray" if r["baseline"] else "tab:blue" for r in rows])
+    plot.bar(
+        range(len(rows)),
+        [r["aggregate_z"] or 0 for r in rows],
+        color=["tab:gray" if r["baseline"] else "tab:blue" for r in rows],
+    )
     plot.set_xticks(range(len(rows)), names, rotation=45, ha="right", fontsize=8)
     plot.set_title(axis, fontsize=10)
     plot.axhline(0, color="black", linewidth=0.5)

@@ -25,11 +25,15 @@ by_axis = axes(setup.cells)
 # %%
 for metric, label in (("loss", "loss"), ("tokens_per_s", "tokens/s")):
     fig, panels = figure_grid(len(by_axis))
-    for plot, (axis, members) in zip(panels, by_axis.items()):
+    for plot, (axis, members) in zip(panels, by_axis.items(), strict=False):
         for cell in members:
             for run in cell.runs:
-                plot.plot([m["step"] for m in run.metrics], [m[metric] for m in run.metrics], linewidth=0.8,
-                          label=f"{cell.name} s{run.config.get('seed', 0)}")
+                plot.plot(
+                    [m["step"] for m in run.metrics],
+                    [m[metric] for m in run.metrics],
+                    linewidth=0.8,
+                    label=f"{cell.name} s{run.config.get('seed', 0)}",
+                )
         plot.set_title(axis, fontsize=10)
         plot.set_xlabel("step")
         plot.set_ylabel(label)
@@ -40,7 +44,10 @@ for metric, label in (("loss", "loss"), ("tokens_per_s", "tokens/s")):
 # %%
 costs = [run_costs(run) for cell in setup.cells for run in cell.runs]
 lines = ["| run | steps | tokens/s | MFU | GPU-hours |", "|---|---:|---:|---:|---:|"]
-lines += [f"| {c['run']} | {c['steps']} | {c['tokens_per_s']:.0f} | "
-          f"{'-' if c['mfu'] is None else format(c['mfu'], '.1%')} | {c['gpu_hours']:.2f} |" for c in costs]
+lines += [
+    f"| {c['run']} | {c['steps']} | {c['tokens_per_s']:.0f} | "
+    f"{'-' if c['mfu'] is None else format(c['mfu'], '.1%')} | {c['gpu_hours']:.2f} |"
+    for c in costs
+]
 (setup.out / "costs.md").write_text("\n".join(lines) + "\n")
 display(Markdown("\n".join(lines)))

@@ -4,6 +4,7 @@ any benchmark fails. `gpu.py` needs a GPU and is run on its own.
 
     python -m bench [--smoke] [--out DIR] [--only NAME ...]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,12 +54,19 @@ def table(outcomes: list[Outcome]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     available = benchmarks()
-    cli = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     cli.add_argument("--smoke", action="store_true", help="every benchmark at its smoke size (what CI runs)")
     cli.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
-    cli.add_argument("--only", nargs="+", choices=available, default=available, metavar="NAME",
-                     help=f"run only these ({', '.join(available)})")
+    cli.add_argument(
+        "--only",
+        nargs="+",
+        choices=available,
+        default=available,
+        metavar="NAME",
+        help=f"run only these ({', '.join(available)})",
+    )
     args = cli.parse_args(argv)
     outcomes = []
     for name in args.only:

@@ -1,12 +1,14 @@
 """What several benchmarks share: the command line, timing, a tiny model with SigLIP-SO400M's 729 visual
 tokens, and synthetic samples with LLaVA-mix-like lengths."""
+
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,8 +43,14 @@ def tiny_vlm_729(seed: int = 0, max_positions: int | None = None, attn_implement
     """tiny-siglip-so400m-384 at 216 px (729 visual tokens, as the real tower) + tiny-phi-2, fp32, no tokenizer
     (the benchmarks make token ids directly)."""
     torch.manual_seed(seed)
-    return build_vlm("tiny-siglip-so400m-384", "tiny-phi-2", image_size=GRID * TINY_PATCH,
-                     max_positions=max_positions, attn_implementation=attn_implementation, with_tokenizer=False)
+    return build_vlm(
+        "tiny-siglip-so400m-384",
+        "tiny-phi-2",
+        image_size=GRID * TINY_PATCH,
+        max_positions=max_positions,
+        attn_implementation=attn_implementation,
+        with_tokenizer=False,
+    )
 
 
 @dataclass(frozen=True)
@@ -69,7 +77,7 @@ def llava_mix_shapes(count: int, seed: int = 0) -> list[Shape]:
     text = np.where(image, _lognormal(rng, 120, 500, count), _lognormal(rng, 400, 1500, count))
     cap = np.where(image, MAX_LENGTH - IMAGE_TOKENS, MAX_LENGTH)
     text = np.clip(np.rint(text), 2, cap).astype(int)
-    return [Shape(int(t), bool(i)) for t, i in zip(text, image)]
+    return [Shape(int(t), bool(i)) for t, i in zip(text, image, strict=True)]
 
 
 def synthetic_item(index: int, shape: Shape, image_size: int, vocab: int, generator: torch.Generator) -> dict:
@@ -92,7 +100,14 @@ def synthetic_items(model: MultimodalModel, shapes: list[Shape], seed: int = 0) 
 
 def train_pass(model: MultimodalModel, batch: dict[str, Any]) -> tuple[float, int]:
     """One micro-batch's forward and backward (gradients accumulate); its loss sum and supervised count."""
-    out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"],
-                image_counts=batch["image_counts"], segment_ids=batch["segment_ids"], return_logits=False)
+    out = model(
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["pixel_values"],
+        batch["labels"],
+        image_counts=batch["image_counts"],
+        segment_ids=batch["segment_ids"],
+        return_logits=False,
+    )
     out.loss_sum.backward()
     return float(out.loss_sum.detach()), int(out.num_supervised)

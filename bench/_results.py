@@ -1,4 +1,5 @@
 """Where benchmark results go, with the machine and versions they were measured on."""
+
 from __future__ import annotations
 
 import json

@@ -6,6 +6,7 @@ before anything is timed. Prints `dataloader: <ratio>x (...)` and writes bench/r
 
     python bench/dataloader.py [--smoke] [--samples N] [--workers W] [--out DIR]
 """
+
 from __future__ import annotations
 
 import json
@@ -19,24 +20,43 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+import torch
+from PIL import Image
 
-from bench._common import parser  # noqa: E402
-from bench._results import report  # noqa: E402
-from mipha_lab.constants import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX  # noqa: E402
-from mipha_lab.data.batching import collate_padded  # noqa: E402
-from mipha_lab.data.llava import LlavaDataset, read_records  # noqa: E402
-from mipha_lab.data.templates import PHI_SYSTEM, get_template  # noqa: E402
-from mipha_lab.model.image_processing import ImageProcessor  # noqa: E402
+from bench._common import parser
+from bench._results import report
+from mipha_lab.constants import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+from mipha_lab.data.batching import collate_padded
+from mipha_lab.data.llava import LlavaDataset, read_records
+from mipha_lab.data.templates import PHI_SYSTEM, get_template
+from mipha_lab.model.image_processing import ImageProcessor
 from mipha_lab.model.language import (
-    LLM,  # noqa: E402
-    load_tokenizer,  # noqa: E402
+    LLM,
+    load_tokenizer,
 )
-from mipha_lab.model.vision import VISION  # noqa: E402
+from mipha_lab.model.vision import VISION
 
-WORDS = "the a red blue green circle square left right top is what where how many color shape there".split()
+WORDS = [
+    "the",
+    "a",
+    "red",
+    "blue",
+    "green",
+    "circle",
+    "square",
+    "left",
+    "right",
+    "top",
+    "is",
+    "what",
+    "where",
+    "how",
+    "many",
+    "color",
+    "shape",
+    "there",
+]
 
 
 def make_data(root: Path, samples: int, seed: int = 0) -> Path:
@@ -53,8 +73,10 @@ def make_data(root: Path, samples: int, seed: int = 0) -> Path:
         for t in range(pyrng.randint(1, 4)):
             question = " ".join(pyrng.choices(WORDS, k=pyrng.randint(4, 14))) + "?"
             answer = " ".join(pyrng.choices(WORDS, k=pyrng.randint(1, 20)))
-            turns += [{"from": "human", "value": (IMAGE_TOKEN + "\n" if t == 0 else "") + question},
-                      {"from": "gpt", "value": answer}]
+            turns += [
+                {"from": "human", "value": (IMAGE_TOKEN + "\n" if t == 0 else "") + question},
+                {"from": "gpt", "value": answer},
+            ]
         rows.append({"id": str(i), "image": f"{i}.jpg", "conversations": turns})
     path = root / "data.json"
     path.write_text(json.dumps(rows))
@@ -71,8 +93,9 @@ class ReferenceDataset(torch.utils.data.Dataset):
 
         self.rows = json.loads(path.read_text())
         self.root, self.tokenizer = image_root, tokenizer
-        self.processor = SiglipImageProcessorPil(size={"height": 384, "width": 384}, image_mean=[0.5] * 3,
-                                                 image_std=[0.5] * 3, resample=3)
+        self.processor = SiglipImageProcessorPil(
+            size={"height": 384, "width": 384}, image_mean=[0.5] * 3, image_std=[0.5] * 3, resample=3
+        )
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -96,7 +119,7 @@ class ReferenceDataset(torch.utils.data.Dataset):
         turns[0] = IMAGE_TOKEN + "\n" + turns[0].replace(IMAGE_TOKEN, "").strip()
         prompt = PHI_SYSTEM + " "
         rounds = []
-        for q, a in zip(turns[::2], turns[1::2]):
+        for q, a in zip(turns[::2], turns[1::2], strict=True):
             instruction = f"USER: {q} ASSISTANT:"
             rounds.append((instruction, f"{instruction} {a}<|endoftext|>"))
             prompt += rounds[-1][1]
@@ -133,11 +156,16 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         path = make_data(Path(tmp), samples)
         records, _ = read_records(path, Path(tmp) / "images")
-        ours = LlavaDataset(records, get_template("phi"), tokenizer,
-                            ImageProcessor(VISION.get("siglip-so400m-384").image, "pad"),
-                            max_length=4096, image_tokens=729)
+        ours = LlavaDataset(
+            records,
+            get_template("phi"),
+            tokenizer,
+            ImageProcessor(VISION.get("siglip-so400m-384").image, "pad"),
+            max_length=4096,
+            image_tokens=729,
+        )
         reference = ReferenceDataset(path, Path(tmp) / "images", tokenizer)
-        for a, b in zip(loader(ours, 0), loader(reference, 0)):
+        for a, b in zip(loader(ours, 0), loader(reference, 0), strict=True):
             assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
             assert float((a["pixel_values"] - b["pixel_values"]).abs().max()) < 1e-5
         ours_rate, ref_rate = [], []
@@ -145,12 +173,22 @@ def main(argv: list[str] | None = None) -> int:
             ref_rate.append(throughput(reference, args.workers))
             ours_rate.append(throughput(ours, args.workers))
     ratio = max(ours_rate) / max(ref_rate)
-    figures = {"ratio": round(ratio, 3), "ours_samples_per_s": round(max(ours_rate), 2),
-               "reference_samples_per_s": round(max(ref_rate), 2), "samples": samples, "workers": args.workers,
-               "identical_outputs": True, "smoke": args.smoke}
-    return report("dataloader", figures, args.out,
-                  f"{ratio:.2f}x (samples/s of our dataset+collator over a LLaVA-style reference; "
-                  f"{max(ours_rate):.1f} vs {max(ref_rate):.1f})")
+    figures = {
+        "ratio": round(ratio, 3),
+        "ours_samples_per_s": round(max(ours_rate), 2),
+        "reference_samples_per_s": round(max(ref_rate), 2),
+        "samples": samples,
+        "workers": args.workers,
+        "identical_outputs": True,
+        "smoke": args.smoke,
+    }
+    return report(
+        "dataloader",
+        figures,
+        args.out,
+        f"{ratio:.2f}x (samples/s of our dataset+collator over a LLaVA-style reference; "
+        f"{max(ours_rate):.1f} vs {max(ref_rate):.1f})",
+    )
 
 
 if __name__ == "__main__":

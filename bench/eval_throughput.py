@@ -8,6 +8,7 @@ bench/results/eval_throughput.json (keys `speedup`, `agreement`).
 
     python bench/eval_throughput.py [--smoke] [--model RUN_OR_MODEL] [--questions N] [--out DIR]
 """
+
 from __future__ import annotations
 
 import os
@@ -21,29 +22,35 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench._common import parser  # noqa: E402
-from bench._results import report  # noqa: E402
-from mipha_lab.data.templates import get_template  # noqa: E402
+from bench._common import parser
+from bench._results import report
+from mipha_lab.data.templates import get_template
 from mipha_lab.eval.benchmarks import (
-    BENCHMARKS,  # noqa: E402
-    llava_questions,  # noqa: E402
+    BENCHMARKS,
+    llava_questions,
 )
-from mipha_lab.eval.generate import answer_questions  # noqa: E402
-from mipha_lab.model import load_model  # noqa: E402
+from mipha_lab.eval.generate import answer_questions
+from mipha_lab.model import load_model
 
 
 def trained_micro(workdir: Path) -> Path:
     env = {**os.environ, "WANDB_MODE": "disabled"}
-    subprocess.run([sys.executable, "-m", "mipha_lab.launch", str(REPO / "experiments" / "micro.yaml"), "eval.benchmarks=[]"],
-                   cwd=workdir, check=True, capture_output=True, env=env)
+    subprocess.run(
+        [sys.executable, "-m", "mipha_lab.launch", str(REPO / "experiments" / "micro.yaml"), "eval.benchmarks=[]"],
+        cwd=workdir,
+        check=True,
+        capture_output=True,
+        env=env,
+    )
     return workdir / "runs" / "micro"
 
 
 def timed_answers(model, questions, batch_size: int) -> tuple[float, list[str]]:
     template = get_template(model.config.template or "phi")
     start = time.perf_counter()
-    answers = answer_questions(model, template, questions, batch_size=batch_size, max_new_tokens=8,
-                               desc=f"batch {batch_size}")
+    answers = answer_questions(
+        model, template, questions, batch_size=batch_size, max_new_tokens=8, desc=f"batch {batch_size}"
+    )
     return len(questions) / (time.perf_counter() - start), [a["text"] for a in answers]
 
 
@@ -66,14 +73,23 @@ def main(argv: list[str] | None = None) -> int:
         rates, agreement = {}, {}
         for size in (16, 32):
             rates[size], texts = timed_answers(model, questions, size)
-            agreement[size] = sum(a == b for a, b in zip(texts, reference)) / len(reference)
+            agreement[size] = sum(a == b for a, b in zip(texts, reference, strict=True)) / len(reference)
     best = max(rates, key=rates.get)
-    figures = {"speedup": rates[best] / rate_1, "agreement": min(agreement.values()), "questions": count,
-               "questions_per_s": {"1": rate_1, **{str(k): v for k, v in rates.items()}},
-               "agreement_per_batch": {str(k): v for k, v in agreement.items()}, "smoke": args.smoke}
-    return report("eval_throughput", figures, args.out,
-                  f"{figures['speedup']:.2f}x (questions/s at batch {best} over batch 1: {rates[best]:.1f} vs "
-                  f"{rate_1:.1f}, {count} shapes-vqa questions; answers equal to batch 1: {figures['agreement']:.1%})")
+    figures = {
+        "speedup": rates[best] / rate_1,
+        "agreement": min(agreement.values()),
+        "questions": count,
+        "questions_per_s": {"1": rate_1, **{str(k): v for k, v in rates.items()}},
+        "agreement_per_batch": {str(k): v for k, v in agreement.items()},
+        "smoke": args.smoke,
+    }
+    return report(
+        "eval_throughput",
+        figures,
+        args.out,
+        f"{figures['speedup']:.2f}x (questions/s at batch {best} over batch 1: {rates[best]:.1f} vs "
+        f"{rate_1:.1f}, {count} shapes-vqa questions; answers equal to batch 1: {figures['agreement']:.1%})",
+    )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ Prints `flops: <ratio> (...)` and writes bench/results/flops.json.
 
     python bench/flops.py [--smoke] [--text N] [--out DIR]
 """
+
 from __future__ import annotations
 
 import os
@@ -22,21 +23,21 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from bench._common import TINY_729, parser, tiny_vlm_729  # noqa: E402
-from bench._results import report  # noqa: E402
-from mipha_lab.config import QuirksConfig, StageConfig  # noqa: E402
-from mipha_lab.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX  # noqa: E402
-from mipha_lab.model import MultimodalModel, build_vlm  # noqa: E402
-from mipha_lab.model.language import LLM  # noqa: E402
-from mipha_lab.model.vision import VISION  # noqa: E402
-from mipha_lab.registry.cards import Card  # noqa: E402
-from mipha_lab.registry.core import Registry  # noqa: E402
-from mipha_lab.train.flops import Flops, sample_flops  # noqa: E402
-from mipha_lab.train.policy import apply_policy  # noqa: E402
-from mipha_lab.train.stage import enable_checkpointing  # noqa: E402
+from bench._common import TINY_729, parser, tiny_vlm_729
+from bench._results import report
+from mipha_lab.config import QuirksConfig, StageConfig
+from mipha_lab.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from mipha_lab.model import MultimodalModel, build_vlm
+from mipha_lab.model.language import LLM
+from mipha_lab.model.vision import VISION
+from mipha_lab.registry.cards import Card
+from mipha_lab.registry.core import Registry
+from mipha_lab.train.flops import Flops, sample_flops
+from mipha_lab.train.policy import apply_policy
+from mipha_lab.train.stage import enable_checkpointing
 
 FULL = {"vision": "full", "projector": "full", "lm_body": "full", "lm_embeddings": "full", "lm_head": "full"}
 STAGES = {"stage 1": {"projector": "full"}, "stage 2": FULL}
@@ -45,15 +46,24 @@ RELEASED_QUIRKS = QuirksConfig(stage1_trains_lm_head=True)
 
 def stage(trainable: dict[str, str], lm_checkpointing: bool = False) -> StageConfig:
     """A stage with these trainable modules (only the policy and checkpointing matter here)."""
-    return StageConfig(name="bench", mixture="shapes-instruct", template="phi", global_batch=1, micro_batch=1,
-                       optimizer={"lr": 1e-3}, trainable=trainable, activation_checkpointing={"lm": lm_checkpointing})
+    return StageConfig(
+        name="bench",
+        mixture="shapes-instruct",
+        template="phi",
+        global_batch=1,
+        micro_batch=1,
+        optimizer={"lr": 1e-3},
+        trainable=trainable,
+        activation_checkpointing={"lm": lm_checkpointing},
+    )
 
 
 def cut(registry: Registry, name: str, layers: int) -> Card:
     """A registry card with fewer layers (same widths)."""
     card = registry.get(name)
     return card.model_copy(update={"architecture": {**card.architecture, "num_hidden_layers": layers}}).named(
-        card.name, card.source)
+        card.name, card.source
+    )
 
 
 def mid_vlm(smoke: bool) -> MultimodalModel:
@@ -62,8 +72,13 @@ def mid_vlm(smoke: bool) -> MultimodalModel:
     from transformers.initialization import no_init_weights
 
     with no_init_weights():
-        model = build_vlm(cut(VISION, "siglip-so400m-384", 3), cut(LLM, "phi-2", 1 if smoke else 2),
-                          attn_implementation="eager", with_tokenizer=False, image_size=112 if smoke else None)
+        model = build_vlm(
+            cut(VISION, "siglip-so400m-384", 3),
+            cut(LLM, "phi-2", 1 if smoke else 2),
+            attn_implementation="eager",
+            with_tokenizer=False,
+            image_size=112 if smoke else None,
+        )
     for param in model.parameters():
         param.data.zero_()
     return model
@@ -89,17 +104,26 @@ def measure(model: MultimodalModel, text: int) -> tuple[float, int]:
     return float(counter.get_total_flops()), int(out.num_supervised)
 
 
-def case(model: MultimodalModel, name: str, stage_name: str, text: int,
-         lm_checkpointing: bool = False) -> dict[str, Any]:
+def case(
+    model: MultimodalModel, name: str, stage_name: str, text: int, lm_checkpointing: bool = False
+) -> dict[str, Any]:
     config = stage(STAGES[stage_name], lm_checkpointing)
     apply_policy(model, config, name, RELEASED_QUIRKS)
     if lm_checkpointing:
         enable_checkpointing(model, config)
     measured, supervised = measure(model, text)
     ours: Flops = sample_flops(model, text, 1, supervised, config.activation_checkpointing.model_dump())
-    return {"model": name, "stage": stage_name, "lm_checkpointing": lm_checkpointing, "text_tokens": text,
-            "supervised": supervised, "measured": measured, "useful": ours.useful,
-            "recompute": ours.recompute, "ratio": (ours.useful + ours.recompute) / measured}
+    return {
+        "model": name,
+        "stage": stage_name,
+        "lm_checkpointing": lm_checkpointing,
+        "text_tokens": text,
+        "supervised": supervised,
+        "measured": measured,
+        "useful": ours.useful,
+        "recompute": ours.recompute,
+        "ratio": (ours.useful + ours.recompute) / measured,
+    }
 
 
 def furthest(cases: list[dict[str, Any]]) -> float:
@@ -119,18 +143,26 @@ def main(argv: list[str] | None = None) -> int:
     cases += [case(mid, "mid", name, text) for name in STAGES]
     measured_recompute = checkpointed["measured"] - cases[1]["measured"]
     figures = {
-        "ratio": furthest(cases), "tiny_ratio": furthest(cases[:2]), "mid_ratio": furthest(cases[2:]),
+        "ratio": furthest(cases),
+        "tiny_ratio": furthest(cases[:2]),
+        "mid_ratio": furthest(cases[2:]),
         "recompute_ratio": checkpointed["recompute"] / measured_recompute,
-        "cases": cases + [checkpointed],
-        "models": {"tiny": TINY_729,
-                   "mid": f"siglip-so400m-384 with 3 layers{' at 112 px' if args.smoke else ''} + mlp2x_gelu + "
-                          f"phi-2 with {1 if args.smoke else 2} layer(s)"},
+        "cases": [*cases, checkpointed],
+        "models": {
+            "tiny": TINY_729,
+            "mid": f"siglip-so400m-384 with 3 layers{' at 112 px' if args.smoke else ''} + mlp2x_gelu + "
+            f"phi-2 with {1 if args.smoke else 2} layer(s)",
+        },
         "smoke": args.smoke,
     }
-    return report("flops", figures, args.out,
-                  f"{figures['ratio']:.3f} (our analytic FLOPs over torch's FLOP counter, forward+backward of one "
-                  f"sample, the case furthest from 1; tiny {figures['tiny_ratio']:.3f}, mid-size {figures['mid_ratio']:.3f}; "
-                  f"recompute under LM checkpointing {figures['recompute_ratio']:.2f})")
+    return report(
+        "flops",
+        figures,
+        args.out,
+        f"{figures['ratio']:.3f} (our analytic FLOPs over torch's FLOP counter, forward+backward of one "
+        f"sample, the case furthest from 1; tiny {figures['tiny_ratio']:.3f}, mid-size {figures['mid_ratio']:.3f}; "
+        f"recompute under LM checkpointing {figures['recompute_ratio']:.2f})",
+    )
 
 
 if __name__ == "__main__":

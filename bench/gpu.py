@@ -51,6 +51,7 @@ and copy gpu-<card>.json from what comes back into bench/results/.
 
     python bench/gpu.py [--cpu-smoke] [--out DIR]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,44 +63,45 @@ import re
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import cycle, islice
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
+import torch
 
-from bench._results import write_result  # noqa: E402
-from mipha_lab.config import Experiment, StageConfig, load_experiment  # noqa: E402
-from mipha_lab.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX  # noqa: E402
-from mipha_lab.data.batching import (  # noqa: E402
+from bench._results import write_result
+from mipha_lab.config import Experiment, StageConfig, load_experiment
+from mipha_lab.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from mipha_lab.data.batching import (
     collate_packed,
     collate_padded,
     plan_packed,
     plan_padded,
     real_token_fraction,
 )
-from mipha_lab.data.mixtures import MIXTURES  # noqa: E402
-from mipha_lab.distributed import Distributed  # noqa: E402
+from mipha_lab.data.mixtures import MIXTURES
+from mipha_lab.distributed import Distributed
 from mipha_lab.model import (
-    MultimodalModel,  # noqa: E402
-    build_model,  # noqa: E402
+    MultimodalModel,
+    build_model,
 )
-from mipha_lab.registry.cards import SourceStats  # noqa: E402
-from mipha_lab.train.engine import make_engine  # noqa: E402
-from mipha_lab.train.flops import batch_flops, peak_flops  # noqa: E402
-from mipha_lab.train.policy import apply_policy  # noqa: E402
-from mipha_lab.train.stage import (  # noqa: E402
+from mipha_lab.registry.cards import SourceStats
+from mipha_lab.train.engine import make_engine
+from mipha_lab.train.flops import batch_flops, peak_flops
+from mipha_lab.train.policy import apply_policy
+from mipha_lab.train.stage import (
     enable_checkpointing,
     peak_memory_mb,
     sample_sizes,
     transformers_checkpointing,
 )
-from mipha_lab.train.step import global_counts, train_step  # noqa: E402
+from mipha_lab.train.step import global_counts, train_step
 
 RECIPE = REPO / "experiments" / "siglip_phi2_fullft.yaml"
 RECIPE_GPUS = 8  # the recipe's global batches are for 8 GPUs (its header): accumulation per GPU follows
@@ -125,12 +127,36 @@ class Settings:
     new_tokens: int
 
 
-REAL = Settings(device="cuda", dtype=torch.bfloat16, tiny=False, stage2_text_tokens=400, warmup_steps=2, steps=15,
-                cap_s=60.0, generation_cap_s=30.0, matmul_side=8192, matmul_repeats=20, prompts=16,
-                prompt_text_tokens=48, new_tokens=32)
-SMOKE = Settings(device="cpu", dtype=torch.float32, tiny=True, stage2_text_tokens=40, warmup_steps=1, steps=2,
-                 cap_s=60.0, generation_cap_s=30.0, matmul_side=1024, matmul_repeats=3, prompts=8,
-                 prompt_text_tokens=12, new_tokens=8)
+REAL = Settings(
+    device="cuda",
+    dtype=torch.bfloat16,
+    tiny=False,
+    stage2_text_tokens=400,
+    warmup_steps=2,
+    steps=15,
+    cap_s=60.0,
+    generation_cap_s=30.0,
+    matmul_side=8192,
+    matmul_repeats=20,
+    prompts=16,
+    prompt_text_tokens=48,
+    new_tokens=32,
+)
+SMOKE = Settings(
+    device="cpu",
+    dtype=torch.float32,
+    tiny=True,
+    stage2_text_tokens=40,
+    warmup_steps=1,
+    steps=2,
+    cap_s=60.0,
+    generation_cap_s=30.0,
+    matmul_side=1024,
+    matmul_repeats=3,
+    prompts=8,
+    prompt_text_tokens=12,
+    new_tokens=8,
+)
 
 
 def note(message: str) -> None:
@@ -188,8 +214,9 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype, side: int, repeats: 
     return 2.0 * side**3 * repeats / seconds / 1e12
 
 
-def make_samples(count: int, text_mean: int, supervised_share: float, vocab: int, images: torch.Tensor,
-                 seed: int) -> list[dict[str, Any]]:
+def make_samples(
+    count: int, text_mean: int, supervised_share: float, vocab: int, images: torch.Tensor, seed: int
+) -> list[dict[str, Any]]:
     """Dataset items as the collators take them: one image, then text whose last tokens are supervised
     (answers come last); text lengths spread +-50% around the mean so that padding costs what it costs."""
     rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
@@ -200,8 +227,14 @@ def make_samples(count: int, text_mean: int, supervised_share: float, vocab: int
         ids[0] = IMAGE_TOKEN_INDEX
         labels = ids.clone()
         labels[: 1 + text - max(1, round(text * supervised_share))] = IGNORE_INDEX
-        items.append({"id": f"sample-{index}", "input_ids": ids, "labels": labels,
-                      "pixel_values": images[index % len(images)][None]})
+        items.append(
+            {
+                "id": f"sample-{index}",
+                "input_ids": ids,
+                "labels": labels,
+                "pixel_values": images[index % len(images)][None],
+            }
+        )
     return items
 
 
@@ -220,8 +253,9 @@ def on(device: torch.device, batch: dict[str, Any]) -> dict[str, Any]:
 Sizes = list[tuple[int, int, int]]  # (text tokens, images, supervised tokens) of each sample, for FLOPs
 
 
-def collated(items: list[dict[str, Any]], rows: list[list[int]], batching: str,
-             device: torch.device) -> list[tuple[dict[str, Any], Sizes]]:
+def collated(
+    items: list[dict[str, Any]], rows: list[list[int]], batching: str, device: torch.device
+) -> list[tuple[dict[str, Any], Sizes]]:
     """Micro-batches on the device before the clock starts (data loading is not what is measured)."""
     collate = collate_packed if batching == "packed" else collate_padded
     return [(on(device, batch), sample_sizes(batch)) for batch in (collate([items[i] for i in row]) for row in rows)]
@@ -229,9 +263,16 @@ def collated(items: list[dict[str, Any]], rows: list[list[int]], batching: str,
 
 def forward(model: MultimodalModel, batch: dict[str, Any]):
     """The trainer's call (stage.py), so the benchmark pays for the same checks and splicing."""
-    return model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"],
-                 image_counts=batch["image_counts"], sample_ids=batch["ids"], segment_ids=batch["segment_ids"],
-                 return_logits=False)
+    return model(
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["pixel_values"],
+        batch["labels"],
+        image_counts=batch["image_counts"],
+        sample_ids=batch["ids"],
+        segment_ids=batch["segment_ids"],
+        return_logits=False,
+    )
 
 
 def guarded(measure: Callable[[], dict[str, Any]], device: torch.device) -> dict[str, Any]:
@@ -252,14 +293,24 @@ def guarded(measure: Callable[[], dict[str, Any]], device: torch.device) -> dict
 @torch.no_grad()
 def packing_loss(model: MultimodalModel, items: list[dict[str, Any]], device: torch.device) -> dict[str, Any]:
     """One packed row and the same samples padded, before any step: packing must not change the loss."""
-    losses = {name: float(forward(model, on(device, collate(items))).loss)
-              for name, collate in (("padded", collate_padded), ("packed", collate_packed))}
+    losses = {
+        name: float(forward(model, on(device, collate(items))).loss)
+        for name, collate in (("padded", collate_padded), ("packed", collate_packed))
+    }
     return {**losses, "samples": len(items), "abs_difference": abs(losses["packed"] - losses["padded"])}
 
 
-def train(model: MultimodalModel, experiment: Experiment, stage: StageConfig, param_groups: list[dict[str, Any]],
-          micro: list[tuple[dict[str, Any], Sizes]], accumulation: int, settings: Settings,
-          peaks: dict[str, float | None], device: torch.device) -> dict[str, Any]:
+def train(
+    model: MultimodalModel,
+    experiment: Experiment,
+    stage: StageConfig,
+    param_groups: list[dict[str, Any]],
+    micro: list[tuple[dict[str, Any], Sizes]],
+    accumulation: int,
+    settings: Settings,
+    peaks: dict[str, float | None],
+    device: torch.device,
+) -> dict[str, Any]:
     """Optimizer steps of `accumulation` micro-batches each through the trainer's own step function
     (train/step.py: the engine's precision, the global-token loss, clipping, AdamW) until the steps are done
     or the cap is reached; figures over the steps after warm-up."""
@@ -274,7 +325,7 @@ def train(model: MultimodalModel, experiment: Experiment, stage: StageConfig, pa
             if step == settings.warmup_steps:
                 sync(device)
                 timed_from = time.perf_counter()
-            batches = [batch for batch, _ in micro[step * accumulation:(step + 1) * accumulation]]
+            batches = [batch for batch, _ in micro[step * accumulation : (step + 1) * accumulation]]
             counts = global_counts(batches, model.num_image_tokens, model.config.max_positions, dist)
             losses.append(train_step(engine, batches, counts, dist).loss)
             if step >= settings.warmup_steps:
@@ -286,20 +337,28 @@ def train(model: MultimodalModel, experiment: Experiment, stage: StageConfig, pa
     finally:
         model.zero_grad(set_to_none=True)
     values = losses
-    figures: dict[str, Any] = {"loss_first": values[0], "loss_last": values[-1],
-                               "loss_finite": all(math.isfinite(v) for v in values),
-                               "peak_memory_gib": peak_memory_mb(device) / 1024, "steps": done}
+    figures: dict[str, Any] = {
+        "loss_first": values[0],
+        "loss_last": values[-1],
+        "loss_finite": all(math.isfinite(v) for v in values),
+        "peak_memory_gib": peak_memory_mb(device) / 1024,
+        "steps": done,
+    }
     if timed_from is None or not done:
         return {**figures, "error": f"no step after warm-up within {settings.cap_s:.0f} s"}
     seconds = end - timed_from
     first = settings.warmup_steps * accumulation
-    timed = [size for _, sizes in micro[first:first + done * accumulation] for size in sizes]
+    timed = [size for _, sizes in micro[first : first + done * accumulation] for size in sizes]
     flops = batch_flops(model, timed, stage.activation_checkpointing.model_dump())
     tokens = sum(text + images * model.num_image_tokens for text, images, _ in timed)
     achieved = flops.useful / seconds
     return {
-        **figures, "seconds": seconds, "samples": len(timed), "samples_per_s": len(timed) / seconds,
-        "tokens_per_s": tokens / seconds, "tflops_per_s": achieved / 1e12,
+        **figures,
+        "seconds": seconds,
+        "samples": len(timed),
+        "samples_per_s": len(timed) / seconds,
+        "tokens_per_s": tokens / seconds,
+        "tflops_per_s": achieved / 1e12,
         "useful_tflop_per_sample": flops.useful / len(timed) / 1e12,
         "recompute_share": flops.recompute / (flops.useful + flops.recompute),
         "mfu_measured_peak": achieved / (peaks["measured"] * 1e12),
@@ -307,9 +366,16 @@ def train(model: MultimodalModel, experiment: Experiment, stage: StageConfig, pa
     }
 
 
-def measure_stage(model: MultimodalModel, experiment: Experiment, key: str, stage: StageConfig, text_mean: int,
-                  settings: Settings, peaks: dict[str, float | None],
-                  device: torch.device) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+def measure_stage(
+    model: MultimodalModel,
+    experiment: Experiment,
+    key: str,
+    stage: StageConfig,
+    text_mean: int,
+    settings: Settings,
+    peaks: dict[str, float | None],
+    device: torch.device,
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """Both batchings of one stage on the same samples: the timed steps of each, and the loss check."""
     param_groups, _ = apply_policy(model, stage)
     enable_checkpointing(model, stage)
@@ -323,32 +389,57 @@ def measure_stage(model: MultimodalModel, experiment: Experiment, key: str, stag
     items = make_samples(2 * micro_batches * stage.micro_batch, text_mean, share, vocab, images, seed=2)
     lengths = [len(item["input_ids"]) - 1 + model.num_image_tokens for item in items]
     budget = stage.micro_batch * max(lengths)
-    plans = {"padded": plan_padded(len(items), stage.micro_batch, seed=3, epoch=0),
-             "packed": plan_packed(lengths, budget, seed=3, epoch=0)}
+    plans = {
+        "padded": plan_padded(len(items), stage.micro_batch, seed=3, epoch=0),
+        "packed": plan_packed(lengths, budget, seed=3, epoch=0),
+    }
     check = guarded(lambda: packing_loss(model, [items[i] for i in plans["packed"][0]], device), device)
     note(f"{key}: packed vs padded loss on the same {len(plans['packed'][0])} samples: {check}")
     results = {}
     variants = [(batching, batching, plan, stage) for batching, plan in plans.items()]
     if stage.activation_checkpointing.lm:  # the recipe recomputes the LM: packed rows without it too
         no_recompute = stage.activation_checkpointing.model_copy(update={"lm": False})
-        variants.append(("packed-no-recompute", "packed", plans["packed"],
-                         stage.model_copy(update={"activation_checkpointing": no_recompute})))
+        variants.append(
+            (
+                "packed-no-recompute",
+                "packed",
+                plans["packed"],
+                stage.model_copy(update={"activation_checkpointing": no_recompute}),
+            )
+        )
     for name, batching, plan, setting in variants:
         if not setting.activation_checkpointing.lm:
             transformers_checkpointing(model.language_model, enabled=False)
         chosen = list(islice(cycle(plan), micro_batches))
-        note(f"{key}-{name}: {micro_batches} micro-batches of {sum(map(len, chosen)) / len(chosen):.1f} samples, "
-             f"accumulation {accumulation}, checkpointing {setting.activation_checkpointing.model_dump()}")
-        figures = guarded(lambda: train(model, experiment, setting, param_groups,
-                                        collated(items, chosen, batching, device), accumulation, settings, peaks,
-                                        device), device)
+        note(
+            f"{key}-{name}: {micro_batches} micro-batches of {sum(map(len, chosen)) / len(chosen):.1f} samples, "
+            f"accumulation {accumulation}, checkpointing {setting.activation_checkpointing.model_dump()}"
+        )
+        figures = guarded(
+            lambda setting=setting, chosen=chosen, batching=batching: train(
+                model,
+                experiment,
+                setting,
+                param_groups,
+                collated(items, chosen, batching, device),
+                accumulation,
+                settings,
+                peaks,
+                device,
+            ),
+            device,
+        )
         results[f"{key}-{name}"] = {
-            "stage": stage.name, "batching": batching, "micro_batch": stage.micro_batch, "accumulation": accumulation,
+            "stage": stage.name,
+            "batching": batching,
+            "micro_batch": stage.micro_batch,
+            "accumulation": accumulation,
             "activation_checkpointing": setting.activation_checkpointing.model_dump(),
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "samples_per_micro_batch": sum(map(len, chosen)) / len(chosen),
             "real_token_fraction": real_token_fraction(chosen, lengths, budget if batching == "packed" else None),
-            "row_budget": budget if batching == "packed" else None, **figures,
+            "row_budget": budget if batching == "packed" else None,
+            **figures,
         }
         note(f"{key}-{name}: {row_text(results[f'{key}-{name}'])}")
     return results, check
@@ -375,8 +466,13 @@ def measure_generation(model: MultimodalModel, settings: Settings, device: torch
 
     def generate(chosen: list[dict[str, Any]], new_tokens: int) -> torch.Tensor:
         batch = on(device, collate_padded(chosen))
-        return model.generate(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
-                              max_new_tokens=new_tokens, eos_token_id=eos)
+        return model.generate(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["pixel_values"],
+            max_new_tokens=new_tokens,
+            eos_token_id=eos,
+        )
 
     generate(items[:2], 2)  # first-call costs (kernels, allocator) out of the timings
     sync(device)
@@ -395,10 +491,14 @@ def measure_generation(model: MultimodalModel, settings: Settings, device: torch
     batched_rate = sum(map(len, batched)) / batched_s
     single_rate = sum(map(len, single)) / single_s
     return {
-        "prompts": len(items), "prompts_single": len(single), "new_tokens": settings.new_tokens,
-        "image_tokens": model.num_image_tokens, "prompt_text_tokens": settings.prompt_text_tokens,
-        "tokens_per_s": {"batched": batched_rate, "single": single_rate}, "speedup": batched_rate / single_rate,
-        "agreement": sum(a == b for a, b in zip(batched, single)) / len(single),
+        "prompts": len(items),
+        "prompts_single": len(single),
+        "new_tokens": settings.new_tokens,
+        "image_tokens": model.num_image_tokens,
+        "prompt_text_tokens": settings.prompt_text_tokens,
+        "tokens_per_s": {"batched": batched_rate, "single": single_rate},
+        "speedup": batched_rate / single_rate,
+        "agreement": sum(a == b for a, b in zip(batched, single, strict=False)) / len(single),  # single: up to the cap
         "peak_memory_gib": peak_memory_mb(device) / 1024,
     }
 
@@ -407,29 +507,39 @@ def row_text(r: dict[str, Any]) -> str:
     if "samples_per_s" not in r:
         return f"{r.get('error')}"
     sheet = f"{r['mfu_datasheet_peak']:.1%}" if r["mfu_datasheet_peak"] is not None else "-"
-    return (f"{r['samples_per_s']:9.2f} {r['tokens_per_s']:10.0f} {r['mfu_measured_peak']:9.1%} {sheet:>10} "
-            f"{r['peak_memory_gib']:8.1f} {r['steps']:5d} {r['loss_last']:7.3f}")
+    return (
+        f"{r['samples_per_s']:9.2f} {r['tokens_per_s']:10.0f} {r['mfu_measured_peak']:9.1%} {sheet:>10} "
+        f"{r['peak_memory_gib']:8.1f} {r['steps']:5d} {r['loss_last']:7.3f}"
+    )
 
 
 def summary(figures: dict[str, Any]) -> str:
     peaks = figures["peak_tflops"]
     sheet = f"{peaks['datasheet']:.0f}" if peaks["datasheet"] else "unknown"
     attention = figures["attn_implementation"]
-    lines = [f"gpu: {figures['device']} ({figures['dtype']}, attention: LM {attention['lm']}, vision "
-             f"{attention['vision']}); matmul peak {peaks['measured']:.3g} TFLOP/s measured, {sheet} datasheet; "
-             f"build {figures['build_s']:.0f} s",
-             f"{'configuration':15} {'samples/s':>9} {'tokens/s':>10} {'MFU meas':>9} {'MFU sheet':>10} "
-             f"{'peak GiB':>8} {'steps':>5} {'loss':>7}"]
+    lines = [
+        f"gpu: {figures['device']} ({figures['dtype']}, attention: LM {attention['lm']}, vision "
+        f"{attention['vision']}); matmul peak {peaks['measured']:.3g} TFLOP/s measured, {sheet} datasheet; "
+        f"build {figures['build_s']:.0f} s",
+        f"{'configuration':15} {'samples/s':>9} {'tokens/s':>10} {'MFU meas':>9} {'MFU sheet':>10} "
+        f"{'peak GiB':>8} {'steps':>5} {'loss':>7}",
+    ]
     lines += [f"{name:15} {row_text(r)}" for name, r in figures["training"].items()]
-    lines.append("packed vs padded loss on the same samples: " + ", ".join(
-        f"{key} {c['packed']:.4f} vs {c['padded']:.4f}" if "error" not in c else f"{key} {c['error']}"
-        for key, c in figures["packing_loss"].items()))
+    lines.append(
+        "packed vs padded loss on the same samples: "
+        + ", ".join(
+            f"{key} {c['packed']:.4f} vs {c['padded']:.4f}" if "error" not in c else f"{key} {c['error']}"
+            for key, c in figures["packing_loss"].items()
+        )
+    )
     g = figures["generation"]
     if "speedup" in g:
         rates = g["tokens_per_s"]
-        lines.append(f"generation: batch {g['prompts']} vs 1: {g['speedup']:.2f}x ({rates['batched']:.0f} vs "
-                     f"{rates['single']:.0f} tokens/s, {g['new_tokens']} new tokens), greedy tokens equal: "
-                     f"{g['agreement']:.0%}")
+        lines.append(
+            f"generation: batch {g['prompts']} vs 1: {g['speedup']:.2f}x ({rates['batched']:.0f} vs "
+            f"{rates['single']:.0f} tokens/s, {g['new_tokens']} new tokens), greedy tokens equal: "
+            f"{g['agreement']:.0%}"
+        )
     else:
         lines.append(f"generation: {g['error']}")
     return "\n".join(lines)
@@ -438,8 +548,12 @@ def summary(figures: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny cards, fp32, on the CPU (what CI runs)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="folder for the JSON (default: bench/results; with --cpu-smoke a new temporary folder)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for the JSON (default: bench/results; with --cpu-smoke a new temporary folder)",
+    )
     args = parser.parse_args(argv)
     settings = SMOKE if args.cpu_smoke else REAL
     if settings.device == "cuda" and not torch.cuda.is_available():
@@ -448,39 +562,51 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     experiment = recipe(settings)
     datasheet = peak_flops(name)
-    peaks = {"measured": matmul_tflops(device, settings.dtype, settings.matmul_side, settings.matmul_repeats),
-             "datasheet": datasheet / 1e12 if datasheet else None}
-    note(f"{name}: matmul {settings.matmul_side}^3 {settings.dtype}: {peaks['measured']:.3g} TFLOP/s "
-         f"(datasheet {peaks['datasheet']})")
+    peaks = {
+        "measured": matmul_tflops(device, settings.dtype, settings.matmul_side, settings.matmul_repeats),
+        "datasheet": datasheet / 1e12 if datasheet else None,
+    }
+    note(
+        f"{name}: matmul {settings.matmul_side}^3 {settings.dtype}: {peaks['measured']:.3g} TFLOP/s "
+        f"(datasheet {peaks['datasheet']})"
+    )
     training: dict[str, dict[str, Any]] = {}
     packing: dict[str, dict[str, Any]] = {}
     stage1_text = round(mixture_stats(experiment.stages[0]).text_tokens)
     model, build_s = None, 0.0
-    for key, stage, text_mean in (("stage2", experiment.stages[-1], settings.stage2_text_tokens),
-                                  ("stage1", experiment.stages[0], stage1_text)):
+    for key, stage, text_mean in (
+        ("stage2", experiment.stages[-1], settings.stage2_text_tokens),
+        ("stage1", experiment.stages[0], stage1_text),
+    ):
         model = None
         gc.collect()
         begin = time.perf_counter()
         model = build(experiment, settings)
         sync(device)
         build_s += time.perf_counter() - begin
-        note(f"built {experiment.model.vision} + {experiment.model.projector} + {experiment.model.llm} on {device} "
-             f"({sum(p.numel() for p in model.parameters()):,} parameters) in {time.perf_counter() - begin:.1f} s")
-        configurations, packing[key] = measure_stage(model, experiment, key, stage, text_mean, settings, peaks,
-                                                     device)
+        note(
+            f"built {experiment.model.vision} + {experiment.model.projector} + {experiment.model.llm} on {device} "
+            f"({sum(p.numel() for p in model.parameters()):,} parameters) in {time.perf_counter() - begin:.1f} s"
+        )
+        configurations, packing[key] = measure_stage(model, experiment, key, stage, text_mean, settings, peaks, device)
         training.update(configurations)
     assert model is not None
     generation = guarded(lambda: measure_generation(model, settings, device), device)
     lm_attention = model.lm.attention
     vision_attention = getattr(model.vision_tower.backbone.config, "_attn_implementation", None)
     figures = {
-        "smoke": args.cpu_smoke, "device": name,
+        "smoke": args.cpu_smoke,
+        "device": name,
         "dtype": f"training fp32 weights, {experiment.engine.precision} compute; generation "
-                 f"{str(settings.dtype).removeprefix('torch.')}",
+        f"{str(settings.dtype).removeprefix('torch.')}",
         "attn_implementation": {"lm": lm_attention, "vision": vision_attention},
-        "recipe": str(RECIPE.relative_to(REPO)), "cards": [experiment.model.vision, experiment.model.llm],
-        "peak_tflops": peaks, "build_s": build_s, "training": training,
-        "packing_loss": packing, "generation": generation,
+        "recipe": str(RECIPE.relative_to(REPO)),
+        "cards": [experiment.model.vision, experiment.model.llm],
+        "peak_tflops": peaks,
+        "build_s": build_s,
+        "training": training,
+        "packing_loss": packing,
+        "generation": generation,
         "seconds_total": time.perf_counter() - STARTED,
     }
     out = args.out or (Path(tempfile.mkdtemp(prefix="gpu-smoke-")) if args.cpu_smoke else None)

@@ -11,6 +11,7 @@ Prints `packing: <fraction> (...)` and writes bench/results/packing.json.
 
     python bench/packing.py [--smoke] [--samples N] [--timed N] [--repeats R] [--out DIR]
 """
+
 from __future__ import annotations
 
 import os
@@ -21,9 +22,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from bench._common import (  # noqa: E402
+from bench._common import (
     MAX_LENGTH,
     MICRO_BATCH,
     TINY_729,
@@ -34,15 +35,15 @@ from bench._common import (  # noqa: E402
     tiny_vlm_729,
     train_pass,
 )
-from bench._results import report  # noqa: E402
-from mipha_lab.data.batching import (  # noqa: E402
+from bench._results import report
+from mipha_lab.data.batching import (
     collate_packed,
     collate_padded,
     plan_modality_grouped,
     plan_packed,
     real_token_fraction,
 )
-from mipha_lab.model import MultimodalModel  # noqa: E402
+from mipha_lab.model import MultimodalModel
 
 WORLD = 8  # the released recipe's GPUs: lengths are grouped within mega-batches of 8 x 4 samples
 BUDGET = MICRO_BATCH * MAX_LENGTH
@@ -51,8 +52,10 @@ BUDGET = MICRO_BATCH * MAX_LENGTH
 def plans(shapes: list[Shape], seed: int = 0) -> dict[str, list[list[int]]]:
     lengths = [s.length for s in shapes]
     signed = [s.length if s.image else -s.length for s in shapes]
-    return {"packed": plan_packed(lengths, BUDGET, seed, 0),
-            "padded": plan_modality_grouped(signed, MICRO_BATCH, WORLD, seed, 0)}
+    return {
+        "packed": plan_packed(lengths, BUDGET, seed, 0),
+        "padded": plan_modality_grouped(signed, MICRO_BATCH, WORLD, seed, 0),
+    }
 
 
 def fractions(shapes: list[Shape], plan: dict[str, list[list[int]]]) -> tuple[float, float]:
@@ -97,8 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     model = tiny_vlm_729().train()
     items = synthetic_items(model, subset)
     layouts = {"padded": collate_padded, "packed": collate_packed}
-    batches = {name: [layouts[name]([items[i] for i in group]) for group in plan]
-               for name, plan in plans(subset).items()}
+    batches = {
+        name: [layouts[name]([items[i] for i in group]) for group in plan] for name, plan in plans(subset).items()
+    }
     for name in layouts:  # warm-up
         train_pass(model, batches[name][0])
     best: dict[str, float] = {}
@@ -113,22 +117,33 @@ def main(argv: list[str] | None = None) -> int:
     (loss_a, count_a, grads_a), (loss_b, count_b, grads_b) = results["padded"], results["packed"]
     assert count_a == count_b, (count_a, count_b)
     figures = {
-        "real_token_fraction": round(packed_fraction, 4), "padded_real_token_fraction": round(padded_fraction, 4),
+        "real_token_fraction": round(packed_fraction, 4),
+        "padded_real_token_fraction": round(padded_fraction, 4),
         "tokens_per_s_ratio": round(rates["packed"] / rates["padded"], 3),
         "tokens_per_s": {name: round(rate, 1) for name, rate in rates.items()},
         "loss": {"packed": loss_b / count_b, "padded": loss_a / count_a},
         "loss_abs_difference": abs(loss_b / count_b - loss_a / count_a),
         "gradient_max_difference": gradient_difference(grads_a, grads_b),
-        "samples": samples, "timed_samples": timed, "timed_tokens": tokens, "supervised_tokens": count_a,
+        "samples": samples,
+        "timed_samples": timed,
+        "timed_tokens": tokens,
+        "supervised_tokens": count_a,
         "micro_batches": {name: len(b) for name, b in batches.items()},
-        "row_budget": BUDGET, "grouping_world_size": WORLD, "repeats": repeats, "smoke": args.smoke,
+        "row_budget": BUDGET,
+        "grouping_world_size": WORLD,
+        "repeats": repeats,
+        "smoke": args.smoke,
         "model": TINY_729 + ", every module trains",
         "attn_implementation": model.lm.attention,
     }
-    return report("packing", figures, args.out,
-                  f"{packed_fraction:.1%} real tokens (packed rows of {BUDGET} over modality-grouped padded batches: "
-                  f"{padded_fraction:.1%}; training tokens/s packed over padded {figures['tokens_per_s_ratio']:.2f}x, "
-                  f"loss difference {figures['loss_abs_difference']:.1e})")
+    return report(
+        "packing",
+        figures,
+        args.out,
+        f"{packed_fraction:.1%} real tokens (packed rows of {BUDGET} over modality-grouped padded batches: "
+        f"{padded_fraction:.1%}; training tokens/s packed over padded {figures['tokens_per_s_ratio']:.2f}x, "
+        f"loss difference {figures['loss_abs_difference']:.1e})",
+    )
 
 
 if __name__ == "__main__":

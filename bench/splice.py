@@ -11,6 +11,7 @@ Prints `splice: <ratio>x (...)` and writes bench/results/splice.json.
 
     python bench/splice.py [--smoke] [--batches N] [--repeats R] [--out DIR]
 """
+
 from __future__ import annotations
 
 import os
@@ -22,9 +23,9 @@ from unittest import mock
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from bench._common import (  # noqa: E402
+from bench._common import (
     MICRO_BATCH,
     TINY_729,
     llava_mix_shapes,
@@ -34,27 +35,35 @@ from bench._common import (  # noqa: E402
     tiny_vlm_729,
     train_pass,
 )
-from bench._results import report  # noqa: E402
-from mipha_lab.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX  # noqa: E402
-from mipha_lab.data.batching import collate_padded, plan_modality_grouped  # noqa: E402
-from mipha_lab.model import MultimodalModel, vlm  # noqa: E402
-from mipha_lab.model.splice import Spliced, splice  # noqa: E402
+from bench._results import report
+from mipha_lab.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from mipha_lab.data.batching import collate_padded, plan_modality_grouped
+from mipha_lab.model import MultimodalModel, vlm
+from mipha_lab.model.splice import Spliced, splice
 
 LARGE_BATCH = 32  # batched evaluation's size
 
 
-def llava_splice(input_ids: torch.Tensor, attention_mask: torch.Tensor, text_embeds: torch.Tensor,
-                 image_features: torch.Tensor | None, labels: torch.Tensor | None = None, *,
-                 padding_side: str = "right", max_length: int | None = None,
-                 image_token_index: int = IMAGE_TOKEN_INDEX, segment_ids: torch.Tensor | None = None) -> Spliced:
+def llava_splice(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    text_embeds: torch.Tensor,
+    image_features: torch.Tensor | None,
+    labels: torch.Tensor | None = None,
+    *,
+    padding_side: str = "right",
+    max_length: int | None = None,
+    image_token_index: int = IMAGE_TOKEN_INDEX,
+    segment_ids: torch.Tensor | None = None,
+) -> Spliced:
     """The original's splice, one sample at a time (same signature as ours, right padding only)."""
     assert padding_side == "right" and segment_ids is None, "the original splices right-padded rows only"
     given = labels if labels is not None else torch.full_like(input_ids, IGNORE_INDEX)
     rows, row_labels, full = [], [], []
     image = 0
-    for ids, embeds, labs, real in zip(input_ids, text_embeds, given, attention_mask.bool()):
+    for ids, embeds, labs, real in zip(input_ids, text_embeds, given, attention_mask.bool(), strict=True):
         ids, embeds, labs = ids[real], embeds[real], labs[real]
-        cuts = [-1] + torch.where(ids == image_token_index)[0].tolist() + [ids.shape[0]]
+        cuts = [-1, *torch.where(ids == image_token_index)[0].tolist(), ids.shape[0]]
         pieces, piece_labels = [], []
         for i in range(len(cuts) - 1):
             pieces.append(embeds[cuts[i] + 1 : cuts[i + 1]])
@@ -71,15 +80,20 @@ def llava_splice(input_ids: torch.Tensor, attention_mask: torch.Tensor, text_emb
         row_labels.append(row_label[:max_length])
     width = max(row.shape[0] for row in rows)
     padded, padded_labels, masks = [], [], []
-    for row, row_label in zip(rows, row_labels):
+    for row, row_label in zip(rows, row_labels, strict=True):
         pad = width - row.shape[0]
         padded.append(torch.cat([row, row.new_zeros(pad, row.shape[1])]))
         padded_labels.append(torch.cat([row_label, row_label.new_full((pad,), IGNORE_INDEX)]))
         masks.append(torch.cat([torch.ones(row.shape[0], dtype=torch.long), torch.zeros(pad, dtype=torch.long)]))
     mask = torch.stack(masks)
     positions = torch.arange(width)[None].expand_as(mask).masked_fill(mask == 0, 1)
-    return Spliced(torch.stack(padded), mask, positions, torch.stack(padded_labels) if labels is not None else None,
-                   torch.tensor(full) - mask.sum(1))
+    return Spliced(
+        torch.stack(padded),
+        mask,
+        positions,
+        torch.stack(padded_labels) if labels is not None else None,
+        torch.tensor(full) - mask.sum(1),
+    )
 
 
 def splice_inputs(model: MultimodalModel, batch: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
@@ -87,8 +101,13 @@ def splice_inputs(model: MultimodalModel, batch: dict[str, Any]) -> tuple[tuple,
     with torch.no_grad():
         text = model.lm.embeddings(batch["input_ids"].clamp(min=0))
         features = model.encode_images(batch["pixel_values"])
-    args = (batch["input_ids"], batch["attention_mask"], text.requires_grad_(), features.requires_grad_(),
-            batch["labels"])
+    args = (
+        batch["input_ids"],
+        batch["attention_mask"],
+        text.requires_grad_(),
+        features.requires_grad_(),
+        batch["labels"],
+    )
     return args, {"max_length": model.config.max_positions, "padding_side": "right", "segment_ids": None}
 
 
@@ -151,15 +170,24 @@ def main(argv: list[str] | None = None) -> int:
         "splice_only_ratio": {str(size): round(t["loop"] / t["ours"], 2) for size, t in alone.items()},
         "seconds": {name: round(value, 4) for name, value in best.items()},
         "splice_only_seconds": {str(size): {k: round(v, 4) for k, v in t.items()} for size, t in alone.items()},
-        "micro_batches": len(batches), "micro_batch": MICRO_BATCH, "images": sum(s.image for s in trained),
-        "positions": sum(s.length for s in trained), "repeats": repeats, "identical_outputs": True,
-        "smoke": args.smoke, "model": TINY_729 + ", every module trains",
+        "micro_batches": len(batches),
+        "micro_batch": MICRO_BATCH,
+        "images": sum(s.image for s in trained),
+        "positions": sum(s.length for s in trained),
+        "repeats": repeats,
+        "identical_outputs": True,
+        "smoke": args.smoke,
+        "model": TINY_729 + ", every module trains",
     }
     only = figures["splice_only_ratio"]
-    return report("splice", figures, args.out,
-                  f"{ratio:.2f}x (forward+backward time of training micro-batches of {MICRO_BATCH} with the original's "
-                  f"per-sample splice over ours; the splice alone {only[str(MICRO_BATCH)]:.2f}x at batch {MICRO_BATCH}, "
-                  f"{only[str(LARGE_BATCH)]:.2f}x at batch {LARGE_BATCH})")
+    return report(
+        "splice",
+        figures,
+        args.out,
+        f"{ratio:.2f}x (forward+backward time of training micro-batches of {MICRO_BATCH} with the original's "
+        f"per-sample splice over ours; the splice alone {only[str(MICRO_BATCH)]:.2f}x at batch {MICRO_BATCH}, "
+        f"{only[str(LARGE_BATCH)]:.2f}x at batch {LARGE_BATCH})",
+    )
 
 
 if __name__ == "__main__":

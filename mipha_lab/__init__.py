@@ -3,6 +3,7 @@
 Importing the package is light: torch and transformers are imported only by the modules that need
 them, and deepspeed, submitit, wandb, timm, open_clip and peft only where they are used.
 """
+
 from __future__ import annotations
 
 from typing import Any

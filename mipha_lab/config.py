@@ -5,13 +5,14 @@ mappings that all have a `name` (the stages), which merge item by item by name -
 can change one field of one stage in a few lines. Override paths may address a stage by its name
 (`stages.finetune.optimizer.lr=1e-5`) or by index; values are parsed as YAML scalars.
 """
+
 from __future__ import annotations
 
 import copy
 import json
 import re
-from pathlib import Path
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
@@ -121,7 +122,7 @@ class Partial(_Policy):
         blocks = list(layers())
         if self.from_layer >= len(blocks):
             raise ConfigError(f"from_layer {self.from_layer} is outside the module's layers 0..{len(blocks) - 1}")
-        for layer in blocks[self.from_layer:]:
+        for layer in blocks[self.from_layer :]:
             layer.requires_grad_(True)
 
 
@@ -135,7 +136,9 @@ def _policy_shorthand(value: Any) -> Any:
 
 
 # How one module trains in a stage: `frozen`, `full`, `lora` or `partial`, each with its own fields.
-ModulePolicy = Annotated[Frozen | Full | Lora | Partial, Field(discriminator="mode"), BeforeValidator(_policy_shorthand)]
+ModulePolicy = Annotated[
+    Frozen | Full | Lora | Partial, Field(discriminator="mode"), BeforeValidator(_policy_shorthand)
+]
 
 
 class Trainable(StrictModel):
@@ -203,7 +206,7 @@ class StageConfig(StrictModel):
     zero_stage: Literal[0, 1, 2, 3] | None = None  # this stage's ZeRO stage (default: engine.zero_stage)
 
     @model_validator(mode="after")
-    def _check(self) -> "StageConfig":
+    def _check(self) -> StageConfig:
         if self.global_batch % self.micro_batch:
             raise ValueError(f"global_batch {self.global_batch} is not a multiple of micro_batch {self.micro_batch}")
         if self.epochs is None and self.max_steps is None:
@@ -254,7 +257,7 @@ class SweepConfig(StrictModel):
     max_concurrent: int | None = Field(None, ge=1)  # tasks of one job array running at once
 
     @model_validator(mode="after")
-    def _check(self) -> "SweepConfig":
+    def _check(self) -> SweepConfig:
         empty = [key for key, values in {**self.grid, **self.zip}.items() if not values]
         if empty:
             raise ValueError(f"swept keys need at least one value: {empty}")
@@ -315,16 +318,16 @@ def deep_merge(base: Any, child: Any) -> Any:
         return merged
     if _named_list(base) and _named_list(child):
         children = {c["name"]: c for c in child}
-        merged = [deep_merge(b, children[b["name"]]) if b["name"] in children else copy.deepcopy(b) for b in base]
+        items = [deep_merge(b, children[b["name"]]) if b["name"] in children else copy.deepcopy(b) for b in base]
         known = {b["name"] for b in base}
-        return merged + [copy.deepcopy(c) for c in child if c["name"] not in known]
+        return items + [copy.deepcopy(c) for c in child if c["name"] not in known]
     return copy.deepcopy(child)
 
 
 def _resolve_file(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict[str, Any], list[str]]:
     path = path.resolve()
     if path in seen:
-        raise ConfigError(f"{path}: `extends` forms a cycle ({' -> '.join(map(str, seen + (path,)))})")
+        raise ConfigError(f"{path}: `extends` forms a cycle ({' -> '.join(map(str, (*seen, path)))})")
     data = load_yaml(path)
     parent = data.pop("extends", None)
     if parent is None:
@@ -334,8 +337,8 @@ def _resolve_file(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict[str, An
     parent_path = (path.parent / parent) if not Path(parent).is_absolute() else Path(parent)
     if not parent_path.is_file():
         raise ConfigError(f"{path}: extends {parent!r}, but {parent_path} does not exist")
-    base, chain = _resolve_file(parent_path, seen + (path,))
-    return deep_merge(base, data), chain + [str(path)]
+    base, chain = _resolve_file(parent_path, (*seen, path))
+    return deep_merge(base, data), [*chain, str(path)]
 
 
 def apply_override(data: dict[str, Any], override: str, source: str = "command line") -> None:
@@ -396,8 +399,11 @@ def get_path(data: Any, path: str) -> Any:
     node = data
     for key in path.split("."):
         if isinstance(node, list):
-            node = next((i for i in node if isinstance(i, dict) and i.get("name") == key), None) if not key.isdigit() \
+            node = (
+                next((i for i in node if isinstance(i, dict) and i.get("name") == key), None)
+                if not key.isdigit()
                 else (node[int(key)] if int(key) < len(node) else None)
+            )
         elif isinstance(node, dict):
             node = node.get(key)
         else:
@@ -444,19 +450,37 @@ def dump_experiment(experiment: Experiment) -> str:
 
 
 # what a resume after a non-finite stop may change (the advice names these keys)
-AFTER_NONFINITE = re.compile(r"stages\.[^.]+\.(optimizer\.(lr|eps|betas|weight_decay|max_grad_norm)|schedule\.warmup_ratio)(\.\d+)?")
-IGNORED_ON_RESUME = ("eval", "tracking", "resources", "data_workers", "extends_chain", "source", "runs_root",
-                     "data_root")
+AFTER_NONFINITE = re.compile(
+    r"stages\.[^.]+\.(optimizer\.(lr|eps|betas|weight_decay|max_grad_norm)|schedule\.warmup_ratio)(\.\d+)?"
+)
+IGNORED_ON_RESUME = (
+    "eval",
+    "tracking",
+    "resources",
+    "data_workers",
+    "extends_chain",
+    "source",
+    "runs_root",
+    "data_root",
+)
 
 
-def config_differences(stored: Any, current: Any, ignored: tuple[str, ...] = IGNORED_ON_RESUME,
-                       prefix: str = "") -> list[str]:
+def config_differences(
+    stored: Any, current: Any, ignored: tuple[str, ...] = IGNORED_ON_RESUME, prefix: str = ""
+) -> list[str]:
     """Key paths whose values differ between two resolved configs, top-level keys in `ignored` left out
     (by default what a resume may change). Stages are named by their names."""
     if isinstance(stored, dict) and isinstance(current, dict):
-        return [d for key in sorted(set(stored) | set(current)) if not (not prefix and key in ignored)
-                for d in config_differences(stored.get(key), current.get(key), ignored, f"{prefix}{key}.")]
+        return [
+            d
+            for key in sorted(set(stored) | set(current))
+            if not (not prefix and key in ignored)
+            for d in config_differences(stored.get(key), current.get(key), ignored, f"{prefix}{key}.")
+        ]
     if isinstance(stored, list) and isinstance(current, list) and len(stored) == len(current):
-        return [d for i, (a, b) in enumerate(zip(stored, current))
-                for d in config_differences(a, b, ignored, f"{prefix}{a.get('name', i) if isinstance(a, dict) else i}.")]
+        return [
+            d
+            for i, (a, b) in enumerate(zip(stored, current, strict=True))
+            for d in config_differences(a, b, ignored, f"{prefix}{a.get('name', i) if isinstance(a, dict) else i}.")
+        ]
     return [] if stored == current else [prefix.rstrip(".")]

@@ -1,4 +1,5 @@
 """The process group of a run: torchrun / SLURM environment -> ranks, device, collectives."""
+
 from __future__ import annotations
 
 import contextlib
@@ -45,7 +46,9 @@ def init_distributed(process_group: bool = False) -> Distributed:
     `process_group` makes one for a single process too (DeepSpeed needs one)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if process_group and "WORLD_SIZE" not in os.environ:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+        os.environ.update(
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1"
+        )
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
@@ -58,7 +61,7 @@ def init_distributed(process_group: bool = False) -> Distributed:
     return Distributed(rank, world, local, device)
 
 
-def gather_objects(dist: "Distributed", value: Any) -> list[Any]:
+def gather_objects(dist: Distributed, value: Any) -> list[Any]:
     """Every rank's `value`, in rank order, on every rank."""
     if dist.world_size == 1:
         return [value]

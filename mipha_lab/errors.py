@@ -1,9 +1,10 @@
 """Errors users see: each names the file, key or component at fault and what was expected."""
+
 from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 
 class MiphaLabError(Exception):

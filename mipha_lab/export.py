@@ -13,13 +13,14 @@ our prompt) and a `LlavaImageProcessor` with `do_pad` (LLaVA's expand-to-square 
 then the tower's resize), and the generation config stops at the template's end token.
 Weights are read from safetensors; pickle files only with --allow-pickle.
 """
+
 from __future__ import annotations
 
 import argparse
 import copy
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from transformers import GenerationConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
@@ -36,24 +37,33 @@ from mipha_lab.model.vision_backends import TransformersVisionTower
 from mipha_lab.output_folder import check_output, write_folder
 
 # tower model_type -> (Llava's feature strategy for our `patch` selection, extra tokens before the patches)
-LLAVA_TOWERS = {"siglip_vision_model": ("full", 0), "clip_vision_model": ("default", 1)}
+LLAVA_TOWERS: dict[str, tuple[Literal["default", "full"], int]] = {
+    "siglip_vision_model": ("full", 0),
+    "clip_vision_model": ("default", 1),
+}
 
 
-def _checked(model: Any) -> tuple[str, int, Any]:
+def _checked(model: Any) -> tuple[Literal["default", "full"], int, Any]:
     """(feature strategy, additional image tokens, the template) of a model Llava can express, else a refusal."""
 
     tower = model.vision_tower
     kind = getattr(getattr(tower, "backbone", None), "config", None)
     kind = getattr(kind, "model_type", None)
     if not isinstance(tower, TransformersVisionTower) or kind not in LLAVA_TOWERS:
-        raise ConfigError(f"hf-llava export needs a transformers SigLIP or CLIP vision tower; this model has "
-                          f"{model.config.vision.name} ({type(tower).__name__}, {kind})")
+        raise ConfigError(
+            f"hf-llava export needs a transformers SigLIP or CLIP vision tower; this model has "
+            f"{model.config.vision.name} ({type(tower).__name__}, {kind})"
+        )
     if type(model.projector) is not MLP2xGeluProjector:
-        raise ConfigError(f"hf-llava export needs the mlp2x_gelu projector (Llava's own); this model has "
-                          f"{model.config.projector.name}")
+        raise ConfigError(
+            f"hf-llava export needs the mlp2x_gelu projector (Llava's own); this model has "
+            f"{model.config.projector.name}"
+        )
     if tower.image_size != tower.backbone.config.image_size:
-        raise ConfigError(f"hf-llava export needs the tower at its native {tower.backbone.config.image_size} px; this "
-                          f"model interpolates it to {tower.image_size} px, which Llava does not do")
+        raise ConfigError(
+            f"hf-llava export needs the tower at its native {tower.backbone.config.image_size} px; this "
+            f"model interpolates it to {tower.image_size} px, which Llava does not do"
+        )
     template = get_template(model.config.template or "")
     if isinstance(template, PlainTemplate):
         raise ConfigError("hf-llava export needs a chat template; this model uses 'plain' (stage-1 captions only)")
@@ -77,8 +87,10 @@ def fold_head_bias(norm: Any, target: Any, head: Any) -> None:
     zero, so logits W(n*w + b) + c equal W'(n + 1) with W' = W diag(w) + a 1^T, a = (W b + c - W w) / H:
     the norm's weight and bias become ones and the head absorbs the rest (computed in float64)."""
     if not isinstance(norm, torch.nn.LayerNorm):
-        raise ConfigError(f"the LM head has a bias and its final norm is {type(norm).__name__}, not a LayerNorm: "
-                          "Llava (whose head has no bias) cannot express it exactly")
+        raise ConfigError(
+            f"the LM head has a bias and its final norm is {type(norm).__name__}, not a LayerNorm: "
+            "Llava (whose head has no bias) cannot express it exactly"
+        )
     weight, bias = head.weight.double(), head.bias.double()
     scale, shift = norm.weight.double(), norm.bias.double()
     scaled = weight * scale
@@ -122,8 +134,7 @@ def to_llava(model: Any) -> tuple[Any, Any]:
     try:  # transformers 5 names the PIL processor apart; transformers 4's LlavaImageProcessor is the PIL one
         from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
     except ImportError:
-        from transformers import LlavaImageProcessor as LlavaImageProcessorPil
-
+        from transformers import LlavaImageProcessor as LlavaImageProcessorPil  # type: ignore[assignment]  # 4.x: the same class
 
     merge_lora(model)
     strategy, extra, template = _checked(model)
@@ -132,13 +143,20 @@ def to_llava(model: Any) -> tuple[Any, Any]:
         raise ConfigError("hf-llava export needs the model's tokenizer (saved with the model)")
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     if image_id >= lm.config.vocab_size:
-        raise ConfigError(f"the tokenizer's {IMAGE_TOKEN} id {image_id} is outside the LM's {lm.config.vocab_size} "
-                          "embeddings; Llava looks it up there, so this model cannot be exported as is")
+        raise ConfigError(
+            f"the tokenizer's {IMAGE_TOKEN} id {image_id} is outside the LM's {lm.config.vocab_size} "
+            "embeddings; Llava looks it up there, so this model cannot be exported as is"
+        )
     config = LlavaConfig(
-        vision_config=tower.backbone.config.to_dict(), text_config=lm.config.to_dict(),
-        image_token_index=image_id, image_seq_length=model.num_image_tokens, projector_hidden_act="gelu",
-        vision_feature_select_strategy=strategy, vision_feature_layer=tower.feature_layer,
-        multimodal_projector_bias=True, tie_word_embeddings=bool(lm.config.tie_word_embeddings),
+        vision_config=tower.backbone.config.to_dict(),
+        text_config=lm.config.to_dict(),
+        image_token_index=image_id,
+        image_seq_length=model.num_image_tokens,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy=strategy,
+        vision_feature_layer=tower.feature_layer,
+        multimodal_projector_bias=True,
+        tie_word_embeddings=bool(lm.config.tie_word_embeddings),
     )
     end_id = tokenizer.convert_tokens_to_ids(template.end)
     llava = LlavaForConditionalGeneration(config).eval()
@@ -153,14 +171,22 @@ def to_llava(model: Any) -> tuple[Any, Any]:
     else:
         fold_head_bias(final_norm(parts.language_model), llava.lm_head, head)
     fold_feature_scale(model, llava)
-    llava.generation_config = GenerationConfig(eos_token_id=end_id, pad_token_id=end_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id,
-                                               bos_token_id=lm.config.bos_token_id, do_sample=False)
+    llava.generation_config = GenerationConfig(
+        eos_token_id=end_id,
+        pad_token_id=end_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id,
+        bos_token_id=lm.config.bos_token_id,
+        do_sample=False,
+    )
     images = ImageProcessor(tower.image_spec).hf_config()
     images.pop("image_processor_type")
     processor = LlavaProcessor(
-        image_processor=LlavaImageProcessorPil(**images, do_pad=True), tokenizer=llava_tokenizer(tokenizer),
-        patch_size=tower.patch_size, vision_feature_select_strategy=strategy, num_additional_image_tokens=extra,
-        chat_template=template.jinja(), image_token=IMAGE_TOKEN,
+        image_processor=LlavaImageProcessorPil(**images, do_pad=True),
+        tokenizer=llava_tokenizer(tokenizer),
+        patch_size=tower.patch_size,
+        vision_feature_select_strategy=strategy,
+        num_additional_image_tokens=extra,
+        chat_template=template.jinja(),
+        image_token=IMAGE_TOKEN,
     )
     return llava, processor
 
@@ -193,15 +219,22 @@ def export_merged(source: Path, out: Path, allow_pickle: bool = False, overwrite
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m mipha_lab.export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m mipha_lab.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("format", choices=["mipha-lab", "hf-llava", "merged"])
     parser.add_argument("source", type=Path, help="a run folder (its final/), a saved model or a released checkpoint")
     parser.add_argument("out", type=Path, help="the folder to write")
-    parser.add_argument("--allow-pickle", action="store_true",
-                        help="read .bin/.pt weights (torch.load with weights_only=True); refused otherwise")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace OUT_DIR when it is not empty or is the model being read (refused otherwise)")
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="read .bin/.pt weights (torch.load with weights_only=True); refused otherwise",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUT_DIR when it is not empty or is the model being read (refused otherwise)",
+    )
     return parser.parse_args(argv)
 
 
@@ -215,8 +248,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {export_mipha_lab(args.source, args.out, args.allow_pickle, args.overwrite)}: our format")
         elif args.format == "hf-llava":
             out = export_hf_llava(args.source, args.out, args.allow_pickle, args.overwrite)
-            print(f"wrote {out}: LlavaForConditionalGeneration + LlavaProcessor (load with "
-                  f"LlavaForConditionalGeneration.from_pretrained('{out}') and AutoProcessor.from_pretrained('{out}'))")
+            print(
+                f"wrote {out}: LlavaForConditionalGeneration + LlavaProcessor (load with "
+                f"LlavaForConditionalGeneration.from_pretrained('{out}') and AutoProcessor.from_pretrained('{out}'))"
+            )
         else:
             out, merged = export_merged(args.source, args.out, args.allow_pickle, args.overwrite)
             print(f"wrote {out}: {merged} LoRA layer(s) merged into their base weights")

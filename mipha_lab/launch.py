@@ -13,6 +13,7 @@ checkpoint. `--dry-run` prints what the recipe costs (parameters, steps, FLOPs, 
 without training: the model is built on the meta device, offline; `--json` makes stdout that plan
 as one JSON object.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,32 +37,57 @@ from mipha_lab.sweep import expand_all
 def default_experiment() -> Path:
     """The demo, from a source checkout or from the copy shipped inside the package."""
     package = Path(__file__).resolve().parent
-    for candidate in (package / "_experiments" / "demo_shapes.yaml", package.parent / "experiments" / "demo_shapes.yaml"):
+    for candidate in (
+        package / "_experiments" / "demo_shapes.yaml",
+        package.parent / "experiments" / "demo_shapes.yaml",
+    ):
         if candidate.is_file():
             return candidate
     raise MiphaLabError("the embedded demo experiment (demo_shapes.yaml) is missing from this installation")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mipha_lab.launch", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("targets", nargs="*", metavar="EXPERIMENT",
-                        help="experiment files, quoted globs or run folders (default: the embedded demo), then "
-                             "key.sub=value overrides applied to each")
+    parser = argparse.ArgumentParser(
+        prog="python -m mipha_lab.launch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "targets",
+        nargs="*",
+        metavar="EXPERIMENT",
+        help="experiment files, quoted globs or run folders (default: the embedded demo), then "
+        "key.sub=value overrides applied to each",
+    )
     parser.add_argument("--nproc", type=int, default=1, help="processes on this machine (torchrun)")
-    parser.add_argument("--scale", metavar="NAME",
-                        help="run every experiment at another scale: `tiny` (experiments/scales/tiny.yaml) or a file")
-    parser.add_argument("--seeds", type=lambda v: [int(s) for s in v.split(",")], metavar="S,S,...",
-                        help="run every cell with each of these seeds")
-    parser.add_argument("--cluster", metavar="PROFILE",
-                        help="submit as jobs: a profile (slurm/NAME.yaml) or `local` (submitit's local executor)")
+    parser.add_argument(
+        "--scale",
+        metavar="NAME",
+        help="run every experiment at another scale: `tiny` (experiments/scales/tiny.yaml) or a file",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=lambda v: [int(s) for s in v.split(",")],
+        metavar="S,S,...",
+        help="run every cell with each of these seeds",
+    )
+    parser.add_argument(
+        "--cluster",
+        metavar="PROFILE",
+        help="submit as jobs: a profile (slurm/NAME.yaml) or `local` (submitit's local executor)",
+    )
     parser.add_argument("--wait", action="store_true", help="with --cluster: wait for the jobs, then show their status")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and cost; train nothing")
-    parser.add_argument("--allow-changed-data", action="store_true",
-                        help="resume although the annotation files changed since the run started (refused otherwise)")
+    parser.add_argument(
+        "--allow-changed-data",
+        action="store_true",
+        help="resume although the annotation files changed since the run started (refused otherwise)",
+    )
     parser.add_argument("--gpu", default="H100", help="GPU type the plan assumes (peak bf16 rate)")
-    parser.add_argument("--num-gpus", type=int, default=None,
-                        help="GPUs the plan assumes (default: those of the --cluster profile, else 8)")
+    parser.add_argument(
+        "--num-gpus",
+        type=int,
+        default=None,
+        help="GPUs the plan assumes (default: those of the --cluster profile, else 8)",
+    )
     parser.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation the plan assumes")
     parser.add_argument("--json", action="store_true", help="with --dry-run: stdout holds only the plan as JSON")
     args = parser.parse_intermixed_args(argv)
@@ -73,13 +99,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.cluster:
         return exit_status(lambda: submit(args))
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        passed = [*(["--scale", args.scale] if args.scale else []), *(["--allow-changed-data"] if args.allow_changed_data else []),
-                  *(["--seeds", ",".join(map(str, args.seeds))] if args.seeds else [])]
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-                   "-m", "mipha_lab.launch", *args.experiments, *args.overrides, *passed]
+        passed = [
+            *(["--scale", args.scale] if args.scale else []),
+            *(["--allow-changed-data"] if args.allow_changed_data else []),
+            *(["--seeds", ",".join(map(str, args.seeds))] if args.seeds else []),
+        ]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={args.nproc}",
+            "-m",
+            "mipha_lab.launch",
+            *args.experiments,
+            *args.overrides,
+            *passed,
+        ]
         return subprocess.call(command)
-    logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     return exit_status(lambda: train_here(args))
 
 
@@ -110,7 +152,7 @@ def train_here(args: argparse.Namespace) -> int:
             print(f"== cell {number}/{len(cells)}: {cell.run_name}", file=sys.stderr)
         try:
             train_and_evaluate(cell.experiment, allow_changed_data=args.allow_changed_data)
-        except Exception as err:  # noqa: BLE001 - one failed cell must not stop the sweep
+        except Exception as err:
             logging.getLogger(__name__).exception("cell %s failed", cell.run_name)
             failed.append(f"{cell.run_name}: {type(err).__name__}: {err}")
     if main_rank:
@@ -154,17 +196,30 @@ def dry_run(args: argparse.Namespace) -> int:
 
         cells = experiment_cells(args)
         profile = load_profile(args.cluster) if args.cluster else None
-        plans = [plan_experiment(c.experiment, gpu=args.gpu, num_gpus=planned_gpus(args, profile, c.experiment),
-                                 mfu=args.mfu) for c in cells]
+        plans = [
+            plan_experiment(
+                c.experiment, gpu=args.gpu, num_gpus=planned_gpus(args, profile, c.experiment), mfu=args.mfu
+            )
+            for c in cells
+        ]
         if len(cells) == 1 and not cells[0].overrides:
             print(json.dumps(plans[0]) if args.json else format_plan(plans[0]))
             return 0
         total = round(sum(p["total_gpu_hours"] for p in plans), 4)
         if args.json:
-            print(json.dumps({"cells": [{"run_name": c.run_name, "overrides": c.overrides, "plan": p}
-                                        for c, p in zip(cells, plans)], "total_gpu_hours": total}))
+            print(
+                json.dumps(
+                    {
+                        "cells": [
+                            {"run_name": c.run_name, "overrides": c.overrides, "plan": p}
+                            for c, p in zip(cells, plans, strict=True)
+                        ],
+                        "total_gpu_hours": total,
+                    }
+                )
+            )
         else:
-            for cell, plan in zip(cells, plans):
+            for cell, plan in zip(cells, plans, strict=True):
                 print(f"== {cell.run_name}  {cell.overrides}\n{format_plan(plan)}\n")
             print(f"{len(cells)} run(s): {total:.2f} GPU hours in all")
         return 0

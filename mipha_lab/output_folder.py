@@ -4,11 +4,12 @@ A folder that exists and is not empty, or that is a run's own `final/` (or the m
 unless `--overwrite`; a path that is a file is an error. The new folder is written beside the target under a
 `.partial` name and moved into place when complete, so an interrupted write leaves the old folder as it was.
 """
+
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from mipha_lab.errors import ConfigError
 
@@ -18,8 +19,10 @@ def check_output(out: Path, source: Path, overwrite: bool) -> None:
         raise ConfigError(f"{out} is a file; give the path of a folder to write")
     own = {source.resolve(), (source / "final").resolve()}
     if out.resolve() in own and not overwrite:
-        raise ConfigError(f"{out} is the model being read ({source}); writing there replaces it - choose another "
-                          "folder, or pass --overwrite")
+        raise ConfigError(
+            f"{out} is the model being read ({source}); writing there replaces it - choose another "
+            "folder, or pass --overwrite"
+        )
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{out} exists and is not empty; choose another folder, or pass --overwrite to replace it")
 

@@ -1,5 +1,6 @@
 """One experiment end to end, as `launch` runs it here and a cluster job runs it there: train its stages
 (resuming where a run stopped), then evaluate the final model with the experiment's `eval:` block."""
+
 from __future__ import annotations
 
 import os

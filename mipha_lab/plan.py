@@ -10,6 +10,7 @@ two moments) of the trainable parameters, divided across GPUs as the ZeRO stage 
 activations of one micro batch (34 bytes per token, layer and width; 2 under activation
 checkpointing - the usual transformer estimate with fused attention).
 """
+
 from __future__ import annotations
 
 import json
@@ -59,8 +60,10 @@ def stage_data(stage: StageConfig, experiment: Experiment) -> dict[str, float]:
             count = float(len(sample_indices(source.stats.samples, source, experiment.seed)))
             with_image = source.stats.image_fraction
         else:
-            raise ConfigError(f"mixture '{stage.mixture}': {path} is missing and source '{source.name}' declares no "
-                              "stats (samples, text_tokens, supervised_tokens) to plan without it")
+            raise ConfigError(
+                f"mixture '{stage.mixture}': {path} is missing and source '{source.name}' declares no "
+                "stats (samples, text_tokens, supervised_tokens) to plan without it"
+            )
         if source.stats is not None:
             tokens, answers = source.stats.text_tokens, source.stats.supervised_tokens
         else:
@@ -90,8 +93,9 @@ def measured_tokens(stage: StageConfig, experiment: Experiment) -> tuple[float, 
     return text / len(sample), answers / len(sample)
 
 
-def memory_gib(model: MultimodalModel, micro_batch: int, tokens: float, zero_stage: int, gpus: int,
-               checkpointing: bool) -> float:
+def memory_gib(
+    model: MultimodalModel, micro_batch: int, tokens: float, zero_stage: int, gpus: int, checkpointing: bool
+) -> float:
     total = _count(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     weights, grads, optimizer = 2.0 * total, 2.0 * trainable, 12.0 * trainable
@@ -115,28 +119,51 @@ def plan_experiment(experiment: Experiment, gpu: str = "H100", num_gpus: int = 8
     lm = model.language_model
     params = {"vision": _count(model.vision_tower), "projector": _count(model.projector), "llm": _count(lm)}
     params["total"] = sum(params.values())
-    stages = []
+    stages: list[dict[str, Any]] = []
     for stage in experiment.stages:
         model = meta_model(experiment)  # a fresh model per stage: policies (LoRA) must not accumulate
         with torch.device("meta"):
             apply_policy(model, stage, experiment.model.llm, experiment.quirks)
         data = stage_data(stage, experiment)
         per_epoch = math.ceil(data["samples"] / stage.global_batch)  # a last, smaller batch counts as a step
-        steps = stage.max_steps if stage.max_steps is not None else max(1, math.floor((stage.epochs or 1.0) * per_epoch))
-        flops = sample_flops(model, data["text_tokens"], data["images"], data["supervised_tokens"],
-                             stage.activation_checkpointing.model_dump())
+        steps = (
+            stage.max_steps if stage.max_steps is not None else max(1, math.floor((stage.epochs or 1.0) * per_epoch))
+        )
+        flops = sample_flops(
+            model,
+            data["text_tokens"],
+            data["images"],
+            data["supervised_tokens"],
+            stage.activation_checkpointing.model_dump(),
+        )
         per_sample = flops.useful + flops.recompute
         tokens = data["text_tokens"] + data["images"] * model.num_image_tokens
         groups = module_parameters(model)
         trainable = {name: sum(p.numel() for _, p in group if p.requires_grad) for name, group in groups.items()}
         gpu_hours = steps * stage.global_batch * per_sample / (peak * mfu) / 3600
-        stages.append({
-            "name": stage.name, "samples": int(data["samples"]), "steps": steps, "trainable": trainable,
-            "tokens_per_sample": round(tokens, 2), "flops_per_sample": per_sample,
-            "memory_per_gpu_gib": round(memory_gib(model, stage.micro_batch, tokens, experiment.zero_stage(stage),
-                                                   num_gpus, stage.activation_checkpointing.lm), 2),
-            "gpu_hours": round(gpu_hours, 4), "wall_hours": round(gpu_hours / num_gpus, 4),
-        })
+        stages.append(
+            {
+                "name": stage.name,
+                "samples": int(data["samples"]),
+                "steps": steps,
+                "trainable": trainable,
+                "tokens_per_sample": round(tokens, 2),
+                "flops_per_sample": per_sample,
+                "memory_per_gpu_gib": round(
+                    memory_gib(
+                        model,
+                        stage.micro_batch,
+                        tokens,
+                        experiment.zero_stage(stage),
+                        num_gpus,
+                        stage.activation_checkpointing.lm,
+                    ),
+                    2,
+                ),
+                "gpu_hours": round(gpu_hours, 4),
+                "wall_hours": round(gpu_hours / num_gpus, 4),
+            }
+        )
     return {
         "experiment": experiment.source or experiment.run_name,
         "params": params,
@@ -158,9 +185,13 @@ def format_plan(plan: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in plan["stages"]:
-        lines.append(f"| {s['name']} | {s['samples']:,} | {s['steps']:,} | {sum(s['trainable'].values()):,} | "
-                     f"{s['tokens_per_sample']:.0f} | {s['flops_per_sample'] / 1e12:.3f} | {s['memory_per_gpu_gib']:.1f} | "
-                     f"{s['gpu_hours']:.2f} |")
-    lines.append(f"total: {plan['total_gpu_hours']:.2f} GPU hours "
-                 f"({plan['total_gpu_hours'] / a['num_gpus']:.2f} h on {a['num_gpus']} GPUs)")
+        lines.append(
+            f"| {s['name']} | {s['samples']:,} | {s['steps']:,} | {sum(s['trainable'].values()):,} | "
+            f"{s['tokens_per_sample']:.0f} | {s['flops_per_sample'] / 1e12:.3f} | {s['memory_per_gpu_gib']:.1f} | "
+            f"{s['gpu_hours']:.2f} |"
+        )
+    lines.append(
+        f"total: {plan['total_gpu_hours']:.2f} GPU hours "
+        f"({plan['total_gpu_hours'] / a['num_gpus']:.2f} h on {a['num_gpus']} GPUs)"
+    )
     return "\n".join(lines)

@@ -4,6 +4,7 @@ A cell's run name is `<sweep>/<swept values>-<hash>`: the values make it readabl
 resolved config without paths, tracking settings, resources and the run name) makes it the same on
 any machine, so a relaunched sweep finds its finished and half-finished cells again.
 """
+
 from __future__ import annotations
 
 import glob
@@ -44,6 +45,7 @@ def config_hash(experiment: Experiment) -> str:
 
 def _short_keys(keys: list[str]) -> dict[str, str]:
     """For each key path, the fewest trailing components that no other key ends with."""
+
     def suffix(key: str, depth: int) -> str:
         return ".".join(key.split(".")[-depth:])
 
@@ -57,7 +59,13 @@ def _short_keys(keys: list[str]) -> dict[str, str]:
 
 
 def _format(value: Any) -> str:
-    text = f"{value:g}" if isinstance(value, float) else json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    text = (
+        f"{value:g}"
+        if isinstance(value, float)
+        else json.dumps(value)
+        if isinstance(value, (list, dict))
+        else str(value)
+    )
     return re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-") or "empty"
 
 
@@ -71,14 +79,15 @@ def sweep_points(experiment: Experiment) -> list[dict[str, Any]]:
     """Every combination of swept values, in a stable order: grid (row-major), then zip, then seeds."""
     sweep = experiment.sweep
     assert sweep is not None
-    grid = [dict(zip(sweep.grid, values)) for values in itertools.product(*sweep.grid.values())]
-    zipped = [dict(zip(sweep.zip, values)) for values in zip(*sweep.zip.values())] or [{}]
+    grid = [dict(zip(sweep.grid, values, strict=True)) for values in itertools.product(*sweep.grid.values())]
+    zipped = [dict(zip(sweep.zip, values, strict=True)) for values in zip(*sweep.zip.values(), strict=True)] or [{}]
     seeds = [{"seed": seed} for seed in sweep.seeds] or [{}]
     return [{**g, **z, **s} for g in grid for z in zipped for s in seeds]
 
 
-def expand(path: str | Path, overrides: list[str] | None = None, scale: Scale | None = None,
-           seeds: list[int] | None = None) -> list[Cell]:
+def expand(
+    path: str | Path, overrides: list[str] | None = None, scale: Scale | None = None, seeds: list[int] | None = None
+) -> list[Cell]:
     """One experiment file -> its cells (one cell, with its own run name, when it has no sweep).
     `seeds` runs every cell with each seed (a `sweep: {seeds: ...}` added to the file's own)."""
     overrides = list(overrides or [])
@@ -116,6 +125,7 @@ def experiment_files(targets: list[str]) -> list[Path]:
     return files
 
 
-def expand_all(targets: list[str], overrides: list[str] | None = None, scale: Scale | None = None,
-               seeds: list[int] | None = None) -> list[Cell]:
+def expand_all(
+    targets: list[str], overrides: list[str] | None = None, scale: Scale | None = None, seeds: list[int] | None = None
+) -> list[Cell]:
     return [cell for path in experiment_files(targets) for cell in expand(path, overrides, scale, seeds)]

@@ -1,4 +1,5 @@
 """Strict YAML loading and schema validation with messages that name the file and the key."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -52,8 +53,9 @@ def _allowed_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     for part in loc:
         if isinstance(part, int):  # an item of a list[Model]
             continue
-        tagged = [m for m in current if part not in m.model_fields
-                  and any(f.default == part for f in m.model_fields.values())]
+        tagged = [
+            m for m in current if part not in m.model_fields and any(f.default == part for f in m.model_fields.values())
+        ]
         if tagged:
             current = tagged
             continue

@@ -1,4 +1,5 @@
 """Test settings: offline hub, caches in a scratch folder, and small shared helpers."""
+
 from __future__ import annotations
 
 import os

@@ -1,6 +1,7 @@
 """Helpers of the interoperability tests: write a tiny checkpoint in the released Mipha / LLaVA-Phi layout
 (mipha-reference.md section 7) from one of our models - tensor names, nested vision_config and quirks,
 written independently of the loader - and compare our logits and tokens with plain transformers'."""
+
 from __future__ import annotations
 
 import json
@@ -16,26 +17,44 @@ from mipha_lab.model.image_processing import ImageProcessor
 from mipha_lab.model.language import LLM
 from mipha_lab.serve.cli import EXAMPLE_IMAGE
 
-VISION_HUB = {"siglip_vision_model": "google/siglip-so400m-patch14-384", "clip_vision_model": "openai/clip-vit-large-patch14-336"}
-LM_FIELDS_DROPPED = ("model_type", "architectures", "transformers_version", "dtype", "torch_dtype", "tie_word_embeddings",
-                     "_name_or_path", "output_hidden_states", "return_dict", "chunk_size_feed_forward",
-                     "is_encoder_decoder", "id2label", "label2id", "problem_type")
+VISION_HUB = {
+    "siglip_vision_model": "google/siglip-so400m-patch14-384",
+    "clip_vision_model": "openai/clip-vit-large-patch14-336",
+}
+LM_FIELDS_DROPPED = (
+    "model_type",
+    "architectures",
+    "transformers_version",
+    "dtype",
+    "torch_dtype",
+    "tie_word_embeddings",
+    "_name_or_path",
+    "output_hidden_states",
+    "return_dict",
+    "chunk_size_feed_forward",
+    "is_encoder_decoder",
+    "id2label",
+    "label2id",
+    "problem_type",
+)
 
 
 def gelu_gemma():
     """tiny Gemma as Mipha-2.4B ran it: `hidden_act: gelu`, the exact (erf) GELU."""
     card = LLM.get("tiny-gemma-2b")
-    return card.model_copy(update={"architecture": {**card.architecture, "hidden_act": "gelu"}}).named("tiny-gemma-gelu")
+    return card.model_copy(update={"architecture": {**card.architecture, "hidden_act": "gelu"}}).named(
+        "tiny-gemma-gelu"
+    )
 
 
 def released_name(ours: str) -> str:
     """Our tensor name -> the released one (transformers 5 drops SigLIP/CLIP's `vision_model.` level)."""
     if ours.startswith("vision_tower.backbone."):
-        rest = ours[len("vision_tower.backbone."):]
+        rest = ours[len("vision_tower.backbone.") :]
         return "model.vision_tower.vision_model." + rest.removeprefix("vision_model.")
     if ours.startswith("projector."):
-        return "model.mm_projector." + ours[len("projector."):]
-    return ours[len("language_model."):]
+        return "model.mm_projector." + ours[len("projector.") :]
+    return ours[len("language_model.") :]
 
 
 def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
@@ -68,13 +87,27 @@ def write_released(model, folder: Path, model_type: str, *, fused_qkv: bool = Fa
     lm_fields = {k: v for k, v in lm_config.to_dict().items() if k not in LM_FIELDS_DROPPED}
     config = {
         "model_type": model_type,
-        "architectures": [{"mipha_phi": "MiphaPhiForCausalLM", "mipha_gemma": "MiphaGemmaForCausalLM",
-                           "llava_phi": "LlavaPhiForCausalLM"}[model_type]],
+        "architectures": [
+            {
+                "mipha_phi": "MiphaPhiForCausalLM",
+                "mipha_gemma": "MiphaGemmaForCausalLM",
+                "llava_phi": "LlavaPhiForCausalLM",
+            }[model_type]
+        ],
         **lm_fields,
-        "vision_config": {"vision_tower": vision_tower, "mm_projector": {
-            "mm_projector_type": "mlp2x_gelu", "mm_hidden_size": tower["hidden_size"], "hidden_size": lm_config.hidden_size}},
-        "image_aspect_ratio": "pad", "freeze_vision_tower": True, "tune_mm_mlp_adapter": False,
-        "tokenizer_model_max_length": 2048, "tokenizer_padding_side": "right",
+        "vision_config": {
+            "vision_tower": vision_tower,
+            "mm_projector": {
+                "mm_projector_type": "mlp2x_gelu",
+                "mm_hidden_size": tower["hidden_size"],
+                "hidden_size": lm_config.hidden_size,
+            },
+        },
+        "image_aspect_ratio": "pad",
+        "freeze_vision_tower": True,
+        "tune_mm_mlp_adapter": False,
+        "tokenizer_model_max_length": 2048,
+        "tokenizer_padding_side": "right",
     }
     if gemma:
         config["hidden_act"] = "gelu"  # what Mipha-2.4B's config says (exact GELU in its transformers)
@@ -113,5 +146,5 @@ def hf_llava_outputs(folder: Path, backend: str | None):
     batch = processor(images=Image.open(EXAMPLE_IMAGE).convert("RGB"), text=prompt, return_tensors="pt")
     with torch.no_grad():
         out = hf(**batch).logits
-    tokens = hf.generate(**batch, max_new_tokens=8, do_sample=False)[0, batch["input_ids"].shape[1]:]
+    tokens = hf.generate(**batch, max_new_tokens=8, do_sample=False)[0, batch["input_ids"].shape[1] :]
     return prompt, out, tokens.tolist()

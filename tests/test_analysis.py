@@ -2,6 +2,7 @@
 (LLaVA-1.5-13B's released predictions in ../shared/fixtures, scored by the official tools' numbers;
 hand-made VQA cases by the official rule), the aggregate in points, seeds and one-seed cells, and a
 seeded simulation that checks the intervals' coverage and false verdicts."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,8 +21,9 @@ from mipha_lab.eval.scoring.scienceqa import score_scienceqa
 from mipha_lab.eval.scoring.vqa import score_textvqa, score_vqav2
 
 LLAVA = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "llava-v1.5-13b"
-needs_fixtures = pytest.mark.skipif(not LLAVA.is_dir(), reason=f"golden fixtures not found at {LLAVA}; "
-                                    "the analysis's golden-figure tests are skipped")
+needs_fixtures = pytest.mark.skipif(
+    not LLAVA.is_dir(), reason=f"golden fixtures not found at {LLAVA}; the analysis's golden-figure tests are skipped"
+)
 
 
 def figure(benchmark: str, records: list[dict]) -> float:
@@ -53,21 +55,36 @@ def test_each_benchmark_figure_is_the_official_headline():
 
 
 def test_vqa_figures_use_the_soft_score():
-    annotations = {"annotations": [
-        {"question_id": 1, "answer_type": "yes/no", "question_type": "is the", "answers": [{"answer": "yes"}] * 10},
-        {"question_id": 2, "answer_type": "number", "question_type": "how many",
-         "answers": [{"answer": a} for a in ["2"] * 2 + ["3"] * 8]}]}
+    annotations = {
+        "annotations": [
+            {"question_id": 1, "answer_type": "yes/no", "question_type": "is the", "answers": [{"answer": "yes"}] * 10},
+            {
+                "question_id": 2,
+                "answer_type": "number",
+                "question_type": "how many",
+                "answers": [{"answer": a} for a in ["2"] * 2 + ["3"] * 8],
+            },
+        ]
+    }
     records: list[dict] = []
-    official = score_vqav2(annotations, {"questions": [{"question_id": 1}, {"question_id": 2}]},
-                           [{"question_id": 1, "answer": "yes"}, {"question_id": 2, "answer": "two"}], records)
+    official = score_vqav2(
+        annotations,
+        {"questions": [{"question_id": 1}, {"question_id": 2}]},
+        [{"question_id": 1, "answer": "yes"}, {"question_id": 2, "answer": "two"}],
+        records,
+    )
     assert official["overall"] == 80.0 and figure("vqav2", records) == pytest.approx(80.0)  # 1.0 and 0.6
     suffix = "Answer the question using a single word or phrase."
-    data = [{"image_id": "img1", "question": "What brand?", "answers": ["acme"] + ["other"] * 9},  # 0.3
-            {"image_id": "img1", "question": "What year?", "answers": ["1999"] * 2 + ["2000"] * 8},  # 0.6
-            {"image_id": "img2", "question": "What word?", "answers": ["stop"] * 4 + ["go"] * 6}]  # 1.0
-    answers = [{"question_id": "img1", "prompt": f"What brand?\n{suffix}", "text": "acme"},
-               {"question_id": "img1", "prompt": f"What year?\n{suffix}", "text": "1999"},
-               {"question_id": "img2", "prompt": f"What word?\n{suffix}", "text": "stop"}]
+    data = [
+        {"image_id": "img1", "question": "What brand?", "answers": ["acme"] + ["other"] * 9},  # 0.3
+        {"image_id": "img1", "question": "What year?", "answers": ["1999"] * 2 + ["2000"] * 8},  # 0.6
+        {"image_id": "img2", "question": "What word?", "answers": ["stop"] * 4 + ["go"] * 6},
+    ]  # 1.0
+    answers = [
+        {"question_id": "img1", "prompt": f"What brand?\n{suffix}", "text": "acme"},
+        {"question_id": "img1", "prompt": f"What year?\n{suffix}", "text": "1999"},
+        {"question_id": "img2", "prompt": f"What word?\n{suffix}", "text": "stop"},
+    ]
     records = []
     assert score_textvqa({"data": data}, answers, records) == {"accuracy": 63.33}
     assert figure("textvqa", records) == pytest.approx(100 * 1.9 / 3)  # two questions of img1 both kept
@@ -75,17 +92,35 @@ def test_vqa_figures_use_the_soft_score():
 
 def test_pope_figure_equals_the_official_mean_f1_on_any_records():
     rng = np.random.default_rng(1)
-    rows = [{"question_id": f"{split}-{i}", "split": split, "label": rng.choice(["yes", "no"]),
-             "prediction": rng.choice(["yes", "no"])} for split in ("adversarial", "popular", "random") for i in range(60)]
-    official = np.mean([split_metrics([r["prediction"] for r in rows if r["split"] == s],
-                                      [r["label"] for r in rows if r["split"] == s])["f1"]
-                        for s in ("adversarial", "popular", "random")])
+    rows = [
+        {
+            "question_id": f"{split}-{i}",
+            "split": split,
+            "label": rng.choice(["yes", "no"]),
+            "prediction": rng.choice(["yes", "no"]),
+        }
+        for split in ("adversarial", "popular", "random")
+        for i in range(60)
+    ]
+    official = np.mean(
+        [
+            split_metrics(
+                [r["prediction"] for r in rows if r["split"] == s], [r["label"] for r in rows if r["split"] == s]
+            )["f1"]
+            for s in ("adversarial", "popular", "random")
+        ]
+    )
     assert figure("pope", rows) == pytest.approx(100 * official)
 
 
 def fake_run(source: str, chain: list[str], seed: int, records: dict[str, list[dict]]) -> study.Run:
-    config = {"source": source, "extends_chain": chain, "seed": seed, "run_name": Path(source).stem,
-              "model": {"vision": "v", "llm": Path(source).stem}}
+    config = {
+        "source": source,
+        "extends_chain": chain,
+        "seed": seed,
+        "run_name": Path(source).stem,
+        "model": {"vision": "v", "llm": Path(source).stem},
+    }
     scores = {b: figure(b, rows) for b, rows in records.items()}
     return study.Run(Path(f"{source}-{seed}"), config, [], scores, records)
 
@@ -97,15 +132,21 @@ def shapes(correct: np.ndarray) -> list[dict]:
 @needs_fixtures
 def test_mme_enters_the_aggregate_in_points_with_both_questions():
     answers = read_jsonl(LLAVA / "mme" / "llava-v1.5-13b.jsonl")
-    worse = [dict(a, text="no" if a["text"].lower().startswith("yes") else "yes") if i % 5 == 0 and
-             a["question_id"].split("/")[0] in ("existence", "color", "OCR") else a for i, a in enumerate(answers)]
+    worse = [
+        dict(a, text="no" if a["text"].lower().startswith("yes") else "yes")
+        if i % 5 == 0 and a["question_id"].split("/")[0] in ("existence", "color", "OCR")
+        else a
+        for i, a in enumerate(answers)
+    ]
     (base, base_scores), (drop, drop_scores) = mme_records(answers), mme_records(worse)
     official = drop_scores["perception"] - base_scores["perception"]
     assert official < -50  # a real drop, in MME's 0-2000 units
     same = shapes(np.arange(300) % 3 == 0)
     runs = [fake_run("/s/base.yaml", ["/s/base.yaml"], s, {"mme": base, "shapes-vqa": same}) for s in (0, 1)]
-    runs += [fake_run("/s/x/worse.yaml", ["/s/base.yaml", "/s/x/worse.yaml"], s, {"mme": drop, "shapes-vqa": same})
-             for s in (0, 1)]
+    runs += [
+        fake_run("/s/x/worse.yaml", ["/s/base.yaml", "/s/x/worse.yaml"], s, {"mme": drop, "shapes-vqa": same})
+        for s in (0, 1)
+    ]
     cells = study.assign_axes(study.group_cells(runs))
     mme = compare.delta(cells[1], cells[0], "mme", draws=200)
     assert mme.delta == pytest.approx(official, abs=0.02)  # every question of every image counted
@@ -119,8 +160,10 @@ def test_seeds_one_seed_cells_and_question_only_intervals():
     base = [rng.random(400) < 0.5 for _ in range(3)]
     better = [b | (rng.random(400) < 0.3) for b in base]  # right wherever the baseline is, and more
     runs = [fake_run("/s/base.yaml", ["/s/base.yaml"], s, {"shapes-vqa": shapes(c)}) for s, c in enumerate(base)]
-    runs += [fake_run("/s/llm/big.yaml", ["/s/base.yaml", "/s/llm/big.yaml"], s, {"shapes-vqa": shapes(c)})
-             for s, c in enumerate(better)]
+    runs += [
+        fake_run("/s/llm/big.yaml", ["/s/base.yaml", "/s/llm/big.yaml"], s, {"shapes-vqa": shapes(c)})
+        for s, c in enumerate(better)
+    ]
     runs += [fake_run("/s/llm/one.yaml", ["/s/base.yaml", "/s/llm/one.yaml"], 0, {"shapes-vqa": shapes(better[0])})]
     cells = study.assign_axes(study.group_cells(runs))
     assert [len(c.runs) for c in cells] == [3, 3, 1]  # seeds grouped
@@ -144,9 +187,16 @@ def test_seeds_one_seed_cells_and_question_only_intervals():
 def test_claims_state_seeds_questions_and_detectable_effect():
     rng = np.random.default_rng(3)
     answers = {name: [rng.random(300) < p for _ in range(2)] for name, p in (("base", 0.6), ("frozen", 0.4))}
-    runs = [fake_run(f"/s/{'' if n == 'base' else 'vision_tuning/'}{n}.yaml",
-                     ["/s/base.yaml"] + ([] if n == "base" else [f"/s/vision_tuning/{n}.yaml"]), s,
-                     {"shapes-vqa": shapes(c)}) for n, seeds in answers.items() for s, c in enumerate(seeds)]
+    runs = [
+        fake_run(
+            f"/s/{'' if n == 'base' else 'vision_tuning/'}{n}.yaml",
+            ["/s/base.yaml"] + ([] if n == "base" else [f"/s/vision_tuning/{n}.yaml"]),
+            s,
+            {"shapes-vqa": shapes(c)},
+        )
+        for n, seeds in answers.items()
+        for s, c in enumerate(seeds)
+    ]
     cells = study.assign_axes(study.group_cells(runs))
     rows = {r["axis"]: r for r in verdicts.claims_table(cells, draws=300)}
     crucial = rows["vision_tuning"]
@@ -167,23 +217,35 @@ def test_records_that_cannot_give_the_figure_are_named():
         unit_table("gqa", [("runs/a", [{"question_id": 1, "correct": True}, {"question_id": 1, "correct": False}])])
     with pytest.raises(RecordsError, match="neither 'score' nor 'correct'"):
         unit_table("gqa", [("runs/a", [{"question_id": 1, "prediction": "cat"}])])
-    with pytest.raises(RecordsError, match="image color/1.jpg has 1 records"):
-        unit_table("mme", [("runs/a", [{"question_id": "color/1.jpg", "prompt": "Is it red?", "subtask": "color",
-                                        "correct": True}])])
+    with pytest.raises(RecordsError, match=r"image color/1.jpg has 1 records"):
+        unit_table(
+            "mme",
+            [("runs/a", [{"question_id": "color/1.jpg", "prompt": "Is it red?", "subtask": "color", "correct": True}])],
+        )
     with pytest.raises(RecordsError, match="share no question"):
-        unit_table("gqa", [("runs/a", [{"question_id": 1, "correct": True}]),
-                           ("runs/b", [{"question_id": 2, "correct": True}])])
+        unit_table(
+            "gqa",
+            [("runs/a", [{"question_id": 1, "correct": True}]), ("runs/b", [{"question_id": 2, "correct": True}])],
+        )
 
 
-REGIMES = [simulate.Regime(3, 0.0, 1, 500), simulate.Regime(3, 0.05, 3, 300),
-           simulate.Regime(5, 0.02, 1, 500), simulate.Regime(5, 0.2, 3, 300)]
+REGIMES = [
+    simulate.Regime(3, 0.0, 1, 500),
+    simulate.Regime(3, 0.05, 3, 300),
+    simulate.Regime(5, 0.02, 1, 500),
+    simulate.Regime(5, 0.2, 3, 300),
+]
 
 
 @pytest.mark.parametrize("regime", REGIMES, ids=lambda r: f"{r.seeds}seeds-sd{r.seed_sd:g}-{r.benchmarks}bench")
 def test_simulated_coverage_and_false_verdicts(regime):
     planted = simulate.check(regime, replicates=300, draws=200, seed=11)
-    null = simulate.check(simulate.Regime(regime.seeds, regime.seed_sd, regime.benchmarks, regime.questions, 0.0),
-                          replicates=300, draws=200, seed=12)
+    null = simulate.check(
+        simulate.Regime(regime.seeds, regime.seed_sd, regime.benchmarks, regime.questions, 0.0),
+        replicates=300,
+        draws=200,
+        seed=12,
+    )
     assert 0.925 <= planted.coverage <= 0.98, planted  # 93-97% asked; 300 replicates leave about 1% of noise
     assert null.excludes_zero <= 0.065, null  # at most 6% asked
 

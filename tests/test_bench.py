@@ -1,6 +1,7 @@
 """`python -m bench --smoke` runs every benchmark once (what CI runs); the tests check the figures each one
 reports. Speed ratios are machine-dependent and only checked to be measured; what must hold on any
 machine is asserted: equal outputs and losses, FLOP counts, real-token fractions."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,13 @@ NAMES = ["dataloader", "eval_throughput", "flops", "packing", "splice"]
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     out = tmp_path_factory.mktemp("bench")
-    done = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--out", str(out)], cwd=REPO,
-                          capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     return done, out
 
 
@@ -70,7 +76,11 @@ def test_analytic_flops_agree_with_torch_within_five_percent(smoke):
     flops = result(smoke, "flops")
     plain = [c for c in flops["cases"] if not c["lm_checkpointing"]]
     assert sorted((c["model"], c["stage"]) for c in plain) == [
-        ("mid", "stage 1"), ("mid", "stage 2"), ("tiny", "stage 1"), ("tiny", "stage 2")]
+        ("mid", "stage 1"),
+        ("mid", "stage 2"),
+        ("tiny", "stage 1"),
+        ("tiny", "stage 2"),
+    ]
     assert all(c["ratio"] == pytest.approx(1.0, abs=0.05) for c in plain)
     assert flops["ratio"] == max((c["ratio"] for c in plain), key=lambda r: abs(r - 1))
     # checkpointing recomputes at most one forward of the LM: our count is an upper bound

@@ -3,6 +3,7 @@ a sweep as one job array, skipped when launched again; a 2-task DeepSpeed job wi
 dependent job; a requeued job and a signalled job resume to the weights of an uninterrupted run.
 Where Slurm cannot be started these tests fail with the reason: they are never skipped (the `slurm`
 fixture is in conftest.py)."""
+
 from __future__ import annotations
 
 import json
@@ -27,13 +28,23 @@ pytestmark = pytest.mark.slow
 
 def launch(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "mipha_lab.launch", *args, "--cluster", str(PROFILE)],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "mipha_lab.launch", *args, "--cluster", str(PROFILE)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def status(root: Path, *options: str) -> list[dict]:
-    out = subprocess.run([sys.executable, "-m", "mipha_lab.runs", "status", str(root), "--json", *options],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "mipha_lab.runs", "status", str(root), "--json", *options],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 
@@ -75,9 +86,19 @@ def test_sweep_runs_as_one_job_array_and_relaunch_skips_it(slurm, data_root, tmp
 
 
 def test_two_task_deepspeed_job_and_dependent_evaluation(slurm, data_root, tmp_path):
-    out = launch(tmp_path, str(MICRO), f"runs_root={tmp_path / 'runs'}", f"data_root={data_root}", "run_name=ds",
-                 "resources.tasks_per_node=2", "engine.kind=deepspeed", "engine.zero_stage=2",
-                 "eval.separate_job=true", "checkpoint.every_steps=4", "--wait")
+    out = launch(
+        tmp_path,
+        str(MICRO),
+        f"runs_root={tmp_path / 'runs'}",
+        f"data_root={data_root}",
+        "run_name=ds",
+        "resources.tasks_per_node=2",
+        "engine.kind=deepspeed",
+        "engine.zero_stage=2",
+        "eval.separate_job=true",
+        "checkpoint.every_steps=4",
+        "--wait",
+    )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     run = tmp_path / "runs" / "ds"
     manifest = json.loads((run / "manifest.json").read_text())
@@ -100,8 +121,14 @@ def test_requeued_and_signalled_jobs_resume_to_the_same_weights(slurm, data_root
     """`scontrol requeue` kills the job and puts it back in the queue (it resumes from the last periodic
     checkpoint); `scancel --signal=USR2` is the warning Slurm sends before a time limit or a preemption
     (the job saves a checkpoint at the next step and requeues itself through submitit)."""
-    common = [str(MICRO), f"runs_root={tmp_path / 'runs'}", f"data_root={data_root}", "eval.benchmarks=[]",
-              "stages.instruct.max_steps=80", "checkpoint.every_steps=5"]
+    common = [
+        str(MICRO),
+        f"runs_root={tmp_path / 'runs'}",
+        f"data_root={data_root}",
+        "eval.benchmarks=[]",
+        "stages.instruct.max_steps=80",
+        "checkpoint.every_steps=5",
+    ]
     for name in ("reference", "requeued", "signalled"):
         out = launch(tmp_path, *common, f"run_name={name}")
         assert out.returncode == 0, out.stderr[-3000:]
@@ -112,12 +139,16 @@ def test_requeued_and_signalled_jobs_resume_to_the_same_weights(slurm, data_root
         return len(metrics.read_text().splitlines()) if metrics.is_file() else 0
 
     for name, action in (("requeued", ["scontrol", "requeue"]), ("signalled", ["scancel", "--signal=USR2"])):
-        wait_until(lambda: steps(name) >= 12, f"{name} to reach step 12")
+        wait_until(lambda name=name: steps(name) >= 12, f"{name} to reach step 12")
         assert steps(name) < 85, f"{name} finished before it could be interrupted"
         slurm.run(*action, job_id(runs / name))
-        wait_until(lambda: (json.loads((runs / name / "status.json").read_text())["state"] == "preempted"
-                            or job_states([job_id(runs / name)]).get(job_id(runs / name)) != "RUNNING"),
-                   f"{name} to stop")
+        wait_until(
+            lambda name=name: (
+                json.loads((runs / name / "status.json").read_text())["state"] == "preempted"
+                or job_states([job_id(runs / name)]).get(job_id(runs / name)) != "RUNNING"
+            ),
+            f"{name} to stop",
+        )
     ids = [job_id(runs / name) for name in ("reference", "requeued", "signalled")]
     wait_until(lambda: set(job_states(ids).values()) == {"COMPLETED"}, "all three jobs to complete")
 
@@ -131,4 +162,8 @@ def test_requeued_and_signalled_jobs_resume_to_the_same_weights(slurm, data_root
         assert [r["step"] for r in rows] == list(range(1, 86))  # every step once, none lost, none doubled
     job = json.loads((runs / "signalled" / "job.json").read_text())
     log = Path(job["stderr"]).read_text() + Path(job["stdout"]).read_text()  # both incarnations: logs are appended
-    assert "resuming" in log and "a checkpoint will be saved after the current optimizer step" in log and "Requeued job" in log
+    assert (
+        "resuming" in log
+        and "a checkpoint will be saved after the current optimizer step" in log
+        and "Requeued job" in log
+    )

@@ -1,4 +1,5 @@
 """Vision towers, projectors and language models built from the tiny cards."""
+
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -14,8 +15,11 @@ from mipha_lab.model.vision import VISION
 from mipha_lab.model.vision_backends import build_vision_tower
 
 TINY_TOWERS = [
-    "tiny-siglip-so400m-384", "tiny-clip-vit-l-336", "tiny-dinov2-large",
-    "tiny-timm-siglip-so400m-384", "tiny-openclip-vit-b-16-laion2b",
+    "tiny-siglip-so400m-384",
+    "tiny-clip-vit-l-336",
+    "tiny-dinov2-large",
+    "tiny-timm-siglip-so400m-384",
+    "tiny-openclip-vit-b-16-laion2b",
 ]
 
 
@@ -108,7 +112,8 @@ def test_mlp2x_gelu_keeps_llava_layout_and_math():
     x = torch.randn(3, 8)
     expected = torch.nn.functional.linear(
         torch.nn.functional.gelu(torch.nn.functional.linear(x, projector[0].weight, projector[0].bias)),
-        projector[2].weight, projector[2].bias,
+        projector[2].weight,
+        projector[2].bias,
     )
     torch.testing.assert_close(projector(x), expected)
 
@@ -184,7 +189,9 @@ def test_tiny_tokenizer_merges_the_space_into_the_next_word():
     assert again.get_vocab() == tokenizer.get_vocab()
 
 
-@pytest.mark.parametrize("name", ["tiny-siglip-so400m-384", "tiny-timm-siglip-so400m-384", "tiny-openclip-vit-b-16-laion2b"])
+@pytest.mark.parametrize(
+    "name", ["tiny-siglip-so400m-384", "tiny-timm-siglip-so400m-384", "tiny-openclip-vit-b-16-laion2b"]
+)
 def test_vision_activation_checkpointing_recomputes_with_equal_gradients(name):
     from mipha_lab.config import CheckpointingConfig
     from mipha_lab.train.stage import enable_checkpointing
@@ -203,5 +210,5 @@ def test_vision_activation_checkpointing_recomputes_with_equal_gradients(name):
         tower(x).square().sum().backward()
         grads.append([p.grad.clone() for p in tower.parameters() if p.grad is not None])
         assert len(calls) == (2 if checkpointing else 1)  # the block's forward runs again in backward
-    for a, b in zip(*grads):
+    for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b)

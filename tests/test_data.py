@@ -1,4 +1,5 @@
 """LLaVA-format datasets, bad data, mixtures, batching plans, packing and the synthetic generator."""
+
 from __future__ import annotations
 
 import hashlib
@@ -47,8 +48,13 @@ def model():
 
 def dataset(model, records, policy="skip", max_length=2048, strategy="pad"):
     return LlavaDataset(
-        records, get_template("phi"), model.tokenizer, ImageProcessor(model.vision_tower.image_spec, strategy),
-        max_length=max_length, image_tokens=model.num_image_tokens, policy=policy,
+        records,
+        get_template("phi"),
+        model.tokenizer,
+        ImageProcessor(model.vision_tower.image_spec, strategy),
+        max_length=max_length,
+        image_tokens=model.num_image_tokens,
+        policy=policy,
     )
 
 
@@ -66,29 +72,46 @@ def test_synthetic_layout_and_determinism(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     counts = generate(a, n_train=30, n_eval=6, seed=3, progress=False)
     generate(b, n_train=30, n_eval=6, seed=3, progress=False)
-    files = ["captions.json", "instruct.json", "eval/shapes-vqa/questions.jsonl", "eval/shapes-vqa/answers.jsonl",
-             "eval/shapes-pope/questions.jsonl", "eval/shapes-pope/annotations/shapes_pope_adversarial.json",
-             "images/train/000029.png", "images/eval/000005.png"]
+    files = [
+        "captions.json",
+        "instruct.json",
+        "eval/shapes-vqa/questions.jsonl",
+        "eval/shapes-vqa/answers.jsonl",
+        "eval/shapes-pope/questions.jsonl",
+        "eval/shapes-pope/annotations/shapes_pope_adversarial.json",
+        "images/train/000029.png",
+        "images/eval/000005.png",
+    ]
     digest = lambda root, f: hashlib.sha256((root / f).read_bytes()).hexdigest()  # noqa: E731
     assert all(digest(a, f) == digest(b, f) for f in files)
     assert counts == {"train": 30, "eval_images": 6, "vqa_questions": 30, "pope_questions": 36}
     question = json.loads((a / "eval/shapes-vqa/questions.jsonl").read_text().splitlines()[0])
-    assert set(question) == {"question_id", "image", "text", "category"} and (a / "images" / question["image"]).is_file()
-    pope = [json.loads(l) for l in (a / "eval/shapes-pope/annotations/shapes_pope_random.json").read_text().splitlines()]
+    assert (
+        set(question) == {"question_id", "image", "text", "category"} and (a / "images" / question["image"]).is_file()
+    )
+    pope = [
+        json.loads(line)
+        for line in (a / "eval/shapes-pope/annotations/shapes_pope_random.json").read_text().splitlines()
+    ]
     assert {p["label"] for p in pope} == {"yes", "no"}
     sizes = {Image.open(p).size for p in (a / "images/train").glob("*.png")}
     assert len({w / h for w, h in sizes}) > 5  # varied aspect ratios
 
 
 def test_synthetic_cli(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "mipha_lab.data.synthetic", "--out", str(tmp_path), "--n-train", "12",
-                          "--n-eval", "3"], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "mipha_lab.data.synthetic", "--out", str(tmp_path), "--n-train", "12", "--n-eval", "3"],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     assert len(json.loads((tmp_path / "instruct.json").read_text())) == 12
 
 
 def test_image_tag_moves_to_the_start_of_its_turn(tmp_path, model):
-    path = write(tmp_path, "a.json", [{"id": "x", "image": "i.png", "conversations": conv("What is it?\n<image>", "A cat")}])
+    path = write(
+        tmp_path, "a.json", [{"id": "x", "image": "i.png", "conversations": conv("What is it?\n<image>", "A cat")}]
+    )
     records, _ = read_records(path, tmp_path)
     assert records[0].messages[0]["content"] == "<image>\nWhat is it?"
 
@@ -106,8 +129,14 @@ def test_text_only_and_multi_image_samples(tmp_path, model):
     assert text["pixel_values"] is None and IMAGE_TOKEN_INDEX not in text["input_ids"].tolist()
     assert two["pixel_values"].shape == (2, 3, 32, 32) and two["input_ids"].tolist().count(IMAGE_TOKEN_INDEX) == 2
     batch = collate_padded([text, two])
-    out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"],
-                image_counts=batch["image_counts"], sample_ids=batch["ids"])
+    out = model(
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["pixel_values"],
+        batch["labels"],
+        image_counts=batch["image_counts"],
+        sample_ids=batch["ids"],
+    )
     assert out.loss is not None and torch.isfinite(out.loss)
     assert data.lengths[0] < 0 < data.lengths[1]
 
@@ -131,7 +160,11 @@ def test_bad_samples_are_skipped_counted_and_reported(tmp_path, model):
         {"id": "long", "conversations": conv("word " * 400, "a")},
     ]
     path = tmp_path / "a.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:3]) + "{not json\n" + "".join(json.dumps(r) + "\n" for r in rows[3:]))
+    path.write_text(
+        "".join(json.dumps(r) + "\n" for r in rows[:3])
+        + "{not json\n"
+        + "".join(json.dumps(r) + "\n" for r in rows[3:])
+    )
     records, skipped = read_records(path, tmp_path)
     data = dataset(model, records, max_length=64)
     items = [data[i] for i in range(len(data))]
@@ -139,8 +172,14 @@ def test_bad_samples_are_skipped_counted_and_reported(tmp_path, model):
     report = SkipReport()
     report.add(skipped + batch["skipped"])
     assert batch["ids"] == ["good"]
-    assert dict(report.counts) == {"bad_json": 1, "image_tag_mismatch": 1, "empty_conversation": 1,
-                                   "missing_image": 1, "unreadable_image": 1, "too_long": 1}
+    assert dict(report.counts) == {
+        "bad_json": 1,
+        "image_tag_mismatch": 1,
+        "empty_conversation": 1,
+        "missing_image": 1,
+        "unreadable_image": 1,
+        "too_long": 1,
+    }
     assert report.examples["bad_json"] == ["a.jsonl:4 (Expecting property name enclosed in double quotes)"]
     assert "skipped 6 sample(s)" in report.summary()
     report.write(tmp_path / "skipped.json")
@@ -156,9 +195,14 @@ def test_error_policy_names_the_file_line_and_sample(tmp_path, model):
     records, _ = read_records(write(tmp_path, "b.json", rows), tmp_path, policy="error")
     with pytest.raises(SampleError, match=r"sample m1: missing_image: .*nope\.png"):
         dataset(model, records, policy="error")[0]
-    with pytest.raises(SampleError, match=r"sample t: image_tag_mismatch: 2 <image> tag\(s\) for 1 image\(s\) \(in .*c\.json\)"):
-        read_records(write(tmp_path, "c.json", [{"id": "t", "image": "x.png", "conversations": conv("<image><image>", "a")}]),
-                     tmp_path, policy="error")
+    with pytest.raises(
+        SampleError, match=r"sample t: image_tag_mismatch: 2 <image> tag\(s\) for 1 image\(s\) \(in .*c\.json\)"
+    ):
+        read_records(
+            write(tmp_path, "c.json", [{"id": "t", "image": "x.png", "conversations": conv("<image><image>", "a")}]),
+            tmp_path,
+            policy="error",
+        )
 
 
 def test_broken_json_file_names_file_and_line(tmp_path):
@@ -193,8 +237,11 @@ def test_synthetic_mixture_is_generated_on_first_use(tmp_path, monkeypatch):
 
     calls = []
     monkeypatch.setattr(synthetic, "generate", calls.append)
-    card = MixtureCard(description="x", generate="shapes",
-                       sources=[{"name": "c", "annotations": "shapes/captions.json", "images": "shapes/images"}])
+    card = MixtureCard(
+        description="x",
+        generate="shapes",
+        sources=[{"name": "c", "annotations": "shapes/captions.json", "images": "shapes/images"}],
+    )
     with pytest.raises(ConfigError):  # the stub wrote nothing, so the file is still missing
         load_mixture(card, tmp_path)
     assert calls == [tmp_path / "shapes"]
@@ -204,7 +251,7 @@ def test_sample_order_does_not_depend_on_process_count():
     plan = plan_padded(40, 4, seed=5, epoch=0)
     one = [i for b in RankBatchSampler(plan, 0, 1) for i in b]
     two = [RankBatchSampler(plan, r, 2).batches for r in range(2)]
-    interleaved = [i for pair in zip(*two) for batch in pair for i in batch]
+    interleaved = [i for pair in zip(*two, strict=True) for batch in pair for i in batch]
     assert one == interleaved and sorted(one) == list(range(40))
     assert plan != plan_padded(40, 4, seed=5, epoch=1)
 
@@ -228,10 +275,17 @@ def test_packed_plan_respects_the_budget_and_wastes_little():
     assert sum(lengths) / (1024 * len(plan)) > 0.9
 
 
-@pytest.mark.parametrize("llm,attention,checkpointing", [
-    ("tiny-phi-2", "sdpa", False), ("tiny-phi-2", "sdpa", True), ("tiny-phi-2", "eager", False),
-    ("tiny-gemma-2b", "sdpa", False), ("tiny-qwen2.5-0.5b", "sdpa", False), ("tiny-smollm2-1.7b", "sdpa", False),
-])
+@pytest.mark.parametrize(
+    "llm,attention,checkpointing",
+    [
+        ("tiny-phi-2", "sdpa", False),
+        ("tiny-phi-2", "sdpa", True),
+        ("tiny-phi-2", "eager", False),
+        ("tiny-gemma-2b", "sdpa", False),
+        ("tiny-qwen2.5-0.5b", "sdpa", False),
+        ("tiny-smollm2-1.7b", "sdpa", False),
+    ],
+)
 def test_packed_batch_has_the_loss_and_gradients_of_the_padded_batch(shapes, llm, attention, checkpointing):
     """Per-sample SDPA (`sdpa_packed`, also when checkpointed blocks recompute it) and the block-causal
     mask (eager) both keep samples apart."""
@@ -249,8 +303,14 @@ def test_packed_batch_has_the_loss_and_gradients_of_the_padded_batch(shapes, llm
     results = []
     for batch in (padded, packed):
         model.zero_grad()
-        out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"],
-                    segment_ids=batch["segment_ids"], return_logits=False)
+        out = model(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["pixel_values"],
+            batch["labels"],
+            segment_ids=batch["segment_ids"],
+            return_logits=False,
+        )
         out.loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results.append((out.loss.detach(), int(out.num_supervised), grads))
@@ -267,8 +327,13 @@ def test_packed_positions_restart_per_sample(shapes, model):
     records, _ = load_mixture("shapes-captions", shapes, seed=0)
     items = [dataset(model, records)[i] for i in range(3)]
     batch = collate_packed(items)
-    spliced = model.embed(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"],
-                          segment_ids=batch["segment_ids"])
+    spliced = model.embed(
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["pixel_values"],
+        batch["labels"],
+        segment_ids=batch["segment_ids"],
+    )
     starts = (spliced.position_ids[0] == 0).nonzero().flatten().tolist()
     lengths = [item["length"] for item in items]
     assert starts == [0, lengths[0], lengths[0] + lengths[1]]

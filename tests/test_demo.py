@@ -1,4 +1,5 @@
 """The product's smoke test: the README's first command (the embedded demo) end to end, once."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,9 @@ from mipha_lab.eval.shapes import CHANCE
 def test_demo_trains_and_beats_the_thresholds(tmp_path):
     env = {**os.environ, "WANDB_MODE": "offline"}
     start = time.time()
-    out = subprocess.run([sys.executable, "-m", "mipha_lab.launch"], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=2300, env=env)
+    out = subprocess.run(
+        [sys.executable, "-m", "mipha_lab.launch"], cwd=tmp_path, capture_output=True, text=True, timeout=2300, env=env
+    )
     minutes = (time.time() - start) / 60
     assert out.returncode == 0, out.stderr[-4000:]
     run = tmp_path / "runs" / "demo_shapes"
@@ -33,17 +35,36 @@ def test_demo_trains_and_beats_the_thresholds(tmp_path):
 
     # the README's chat command on the demo model and the bundled example image
     start = time.time()
-    chat = subprocess.run([sys.executable, "-m", "mipha_lab.serve.cli", "--model-path", str(run), "--prompt",
-                           "What color is the circle?", "--temperature", "0"], capture_output=True, text=True,
-                          timeout=300, env=env)
+    chat = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mipha_lab.serve.cli",
+            "--model-path",
+            str(run),
+            "--prompt",
+            "What color is the circle?",
+            "--temperature",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     print(f"chat: {time.time() - start:.1f} s, reply {chat.stdout.strip()!r}")
     assert chat.returncode == 0, chat.stderr[-2000:]
     assert chat.stdout.strip() and not chat.stdout.startswith(("INFO", "WARNING"))  # stdout holds the reply alone
 
     # the demo model exports to transformers' Llava: same logits, same greedy tokens
     llava = tmp_path / "demo-llava"
-    export = subprocess.run([sys.executable, "-m", "mipha_lab.export", "hf-llava", str(run), str(llava)],
-                            capture_output=True, text=True, timeout=300, env=env)
+    export = subprocess.run(
+        [sys.executable, "-m", "mipha_lab.export", "hf-llava", str(run), str(llava)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert export.returncode == 0, export.stderr[-2000:]
     from mipha_lab.model import load_model
     from tests.interop_helpers import hf_llava_outputs, inputs, logits

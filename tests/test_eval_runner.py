@@ -1,5 +1,6 @@
 """`python -m mipha_lab.eval run`: batched answers equal batch-1 answers, a restart skips answered
 questions, missing benchmark data is named, the summary follows the paper's column order."""
+
 from __future__ import annotations
 
 import json
@@ -22,16 +23,27 @@ MICRO = Path(__file__).resolve().parents[1] / "experiments" / "micro.yaml"
 def trained(tmp_path_factory) -> Path:
     """A run folder of the micro experiment (its data root holds the synthetic benchmarks)."""
     cwd = tmp_path_factory.mktemp("eval-run")
-    out = subprocess.run([sys.executable, "-m", "mipha_lab.launch", str(MICRO), "eval.benchmarks=[]"], cwd=cwd,
-                         capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"})
+    out = subprocess.run(
+        [sys.executable, "-m", "mipha_lab.launch", str(MICRO), "eval.benchmarks=[]"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return cwd
 
 
 def eval_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mipha_lab.eval", "run", "runs/micro", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return subprocess.run(
+        [sys.executable, "-m", "mipha_lab.eval", "run", "runs/micro", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
 
 
 def test_batched_answers_equal_batch_one_answers(trained, tmp_path):
@@ -51,7 +63,9 @@ def test_cli_run_scores_and_summarises_in_the_run_folder(trained):
     vqa = json.loads((folder / "shapes-vqa" / "scores.json").read_text())
     pope = json.loads((folder / "shapes-pope" / "scores.json").read_text())
     assert set(pope) == {"adversarial", "popular", "random", "mean_f1"}
-    assert 0 <= vqa["accuracy"] <= 100 and len((folder / "shapes-vqa" / "answers.jsonl").read_text().splitlines()) == 1000
+    assert (
+        0 <= vqa["accuracy"] <= 100 and len((folder / "shapes-vqa" / "answers.jsonl").read_text().splitlines()) == 1000
+    )
     records = [json.loads(line) for line in (folder / "shapes-vqa" / "records.jsonl").read_text().splitlines()]
     assert len(records) == 1000 and round(100 * sum(r["correct"] for r in records) / 1000, 2) == vqa["accuracy"]
     summary = (folder / "summary.md").read_text().splitlines()
@@ -74,7 +88,9 @@ def test_a_restarted_run_skips_answered_questions(trained, tmp_path):
 
 
 def test_missing_benchmark_data_names_the_path(tmp_path):
-    with pytest.raises(ConfigError, match=r"eval/pope/llava_pope_test.jsonl does not exist .*LLaVA's evaluation bundle"):
+    with pytest.raises(
+        ConfigError, match=r"eval/pope/llava_pope_test.jsonl does not exist .*LLaVA's evaluation bundle"
+    ):
         BENCHMARKS.get("pope").paths(tmp_path)
 
 
@@ -84,7 +100,13 @@ def test_two_processes_give_the_answers_of_one(trained, tmp_path):
     one = eval_cli(trained, *common, "--out", str(tmp_path / "one"))
     two = eval_cli(trained, *common, "--out", str(tmp_path / "two"), "--nproc", "2")
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-3000:]
-    read = lambda d: [(a["question_id"], a["text"]) for a in map(json.loads, (d / "shapes-vqa" / "answers.jsonl").read_text().splitlines())]  # noqa: E731
+
+    def read(d: Path) -> list[tuple]:
+        return [
+            (a["question_id"], a["text"])
+            for a in map(json.loads, (d / "shapes-vqa" / "answers.jsonl").read_text().splitlines())
+        ]
+
     assert read(tmp_path / "two") == read(tmp_path / "one") and len(read(tmp_path / "one")) == 60
     assert not list((tmp_path / "two" / "shapes-vqa").glob("answers.partial*"))
 
@@ -96,8 +118,21 @@ def test_batch_invariance_check_and_an_unreadable_image(trained, tmp_path):
     from mipha_lab.eval.benchmarks import Question
     from mipha_lab.eval.generate import answer_questions
 
-    out = eval_cli(trained, "--benchmarks", "shapes-vqa", "--data-root", "data", "--batch-size", "16", "--limit", "48",
-                   "--check-batch-invariance", "24", "--out", str(tmp_path / "inv"))
+    out = eval_cli(
+        trained,
+        "--benchmarks",
+        "shapes-vqa",
+        "--data-root",
+        "data",
+        "--batch-size",
+        "16",
+        "--limit",
+        "48",
+        "--check-batch-invariance",
+        "24",
+        "--out",
+        str(tmp_path / "inv"),
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads((tmp_path / "inv" / "shapes-vqa" / "batch_invariance.json").read_text())
     assert report == {"questions": 24, "agreement": 1.0, "different": []}
@@ -109,8 +144,10 @@ def test_batch_invariance_check_and_an_unreadable_image(trained, tmp_path):
     shutil.copy(good, tmp_path / "good.png")
     from PIL import Image
 
-    questions = [Question(i, "How many shapes are there?", (lambda p=p: Image.open(p).convert("RGB")))
-                 for i, p in enumerate([tmp_path / "good.png", bad, tmp_path / "good.png"])]
+    questions = [
+        Question(i, "How many shapes are there?", (lambda p=p: Image.open(p).convert("RGB")))
+        for i, p in enumerate([tmp_path / "good.png", bad, tmp_path / "good.png"])
+    ]
     answers = answer_questions(model, get_template("phi"), questions, batch_size=3, max_new_tokens=4)
     assert answers[1]["text"] == "" and answers[1]["metadata"] == {"error": "unreadable image"}
     # the readable ones keep their own image: the answer batch 1 gives (whatever a micro model says)

@@ -1,6 +1,7 @@
 """bench/gpu.py keeps working: its CPU smoke run measures every configuration, and it runs where deepspeed,
 wandb, submitit, timm and open_clip are missing (the lent GPU machine). Figures are checked for presence
 and sense, never for speed: these machines are noisy."""
+
 from __future__ import annotations
 
 import json
@@ -120,7 +121,15 @@ def test_the_benchmark_times_the_trainers_step():
     expected = float(sum(o.loss_sum for o in outs) / sum(o.num_supervised for o in outs))
     per_micro_mean = float(sum(o.loss for o in outs) / len(outs))  # what a loss / accumulation loop reports
     assert abs(expected - per_micro_mean) > 1e-4  # the batch tells the two apart
-    figures = gpu.train(model, experiment, stage, param_groups, micro, 3, settings.__class__(
-        **{**settings.__dict__, "warmup_steps": 0, "steps": 1}), {"measured": 1.0, "datasheet": None},
-        torch.device("cpu"))
+    figures = gpu.train(
+        model,
+        experiment,
+        stage,
+        param_groups,
+        micro,
+        3,
+        settings.__class__(**{**settings.__dict__, "warmup_steps": 0, "steps": 1}),
+        {"measured": 1.0, "datasheet": None},
+        torch.device("cpu"),
+    )
     assert figures["loss_first"] == pytest.approx(expected, rel=1e-6)

@@ -1,4 +1,5 @@
 """Our PIL pipelines equal the transformers PIL processors built from the same card values."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -9,8 +10,15 @@ from PIL import Image
 from mipha_lab.model.image_processing import ImageProcessor
 from mipha_lab.model.vision import VISION
 
-CARDS = ["siglip-so400m-384", "siglip-base-224", "clip-vit-l-336", "dinov2-large", "openclip-vit-b-16-laion2b",
-         "tiny-siglip-so400m-384", "tiny-dinov2-large"]
+CARDS = [
+    "siglip-so400m-384",
+    "siglip-base-224",
+    "clip-vit-l-336",
+    "dinov2-large",
+    "openclip-vit-b-16-laion2b",
+    "tiny-siglip-so400m-384",
+    "tiny-dinov2-large",
+]
 
 
 def images() -> list[Image.Image]:
@@ -19,12 +27,12 @@ def images() -> list[Image.Image]:
     gradient = np.stack([x % 256, y % 256, (x + y) % 256], -1).astype(np.uint8)
     noise = rng.integers(0, 256, (300, 200, 3), dtype=np.uint8)
     return [
-        Image.fromarray(gradient),                                  # landscape
-        Image.fromarray(noise),                                     # portrait
-        Image.fromarray(noise[:, :, 0]),                            # grayscale
+        Image.fromarray(gradient),  # landscape
+        Image.fromarray(noise),  # portrait
+        Image.fromarray(noise[:, :, 0]),  # grayscale
         Image.fromarray(np.dstack([noise, noise[:, :, :1]]), "RGBA"),
-        Image.fromarray(gradient).convert("P"),                     # palette
-        Image.fromarray(noise[:64, :64]),                           # square, small
+        Image.fromarray(gradient).convert("P"),  # palette
+        Image.fromarray(noise[:64, :64]),  # square, small
     ]
 
 
@@ -42,7 +50,12 @@ def hf_processor(card_name: str):
     SiglipImageProcessorPil, CLIPImageProcessorPil = pil_processors()
 
     spec = VISION.get(card_name).image
-    common = dict(image_mean=list(spec.mean), image_std=list(spec.std), resample=3, rescale_factor=spec.rescale_factor)
+    common = {
+        "image_mean": list(spec.mean),
+        "image_std": list(spec.std),
+        "resample": 3,
+        "rescale_factor": spec.rescale_factor,
+    }
     if spec.resize == "square":
         return SiglipImageProcessorPil(size={"height": spec.size, "width": spec.size}, **common)
     return CLIPImageProcessorPil(
@@ -115,9 +128,11 @@ def test_resize_strategies_equal_the_pil_processors(card_name):
     SiglipImageProcessorPil, CLIPImageProcessorPil = pil_processors()
 
     spec = VISION.get(card_name).image
-    common = dict(image_mean=list(spec.mean), image_std=list(spec.std), resample=3)
+    common = {"image_mean": list(spec.mean), "image_std": list(spec.std), "resample": 3}
     naive = SiglipImageProcessorPil(size={"height": spec.size, "width": spec.size}, **common)
-    crop = CLIPImageProcessorPil(size={"shortest_edge": spec.size}, crop_size={"height": spec.size, "width": spec.size}, **common)
+    crop = CLIPImageProcessorPil(
+        size={"shortest_edge": spec.size}, crop_size={"height": spec.size, "width": spec.size}, **common
+    )
     for strategy, theirs in [("resize-naive", naive), ("resize-crop", crop)]:
         ours = ImageProcessor(spec, strategy)
         for image in images():

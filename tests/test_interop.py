@@ -1,6 +1,7 @@
 """Interoperability: the released checkpoints' layouts load with every tensor in place and the same logits;
 `export mipha-lab` writes our format; `export hf-llava` gives plain transformers the same logits and greedy tokens;
 LoRA runs load unmerged and export merged with identical outputs; pickle files are refused unless allowed."""
+
 from __future__ import annotations
 
 import json
@@ -74,21 +75,31 @@ def test_export_to_our_format_writes_it_and_refuses_pickle_unless_allowed(tmp_pa
     stored = write_released(ref, tmp_path / "released", "mipha_phi")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     run = [sys.executable, "-m", "mipha_lab.export", "mipha-lab"]
-    out = subprocess.run([*run, str(tmp_path / "released"), str(tmp_path / "ours")], capture_output=True, text=True,
-                         env=env, timeout=300)
+    out = subprocess.run(
+        [*run, str(tmp_path / "released"), str(tmp_path / "ours")], capture_output=True, text=True, env=env, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads((tmp_path / "ours/config.json").read_text())["format"] == "mipha-lab"
-    torch.testing.assert_close(logits(MultimodalModel.from_pretrained(tmp_path / "ours")), logits(ref), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        logits(MultimodalModel.from_pretrained(tmp_path / "ours")), logits(ref), atol=1e-5, rtol=0
+    )
 
     pickled = tmp_path / "pickled"
     write_released(ref, pickled, "mipha_phi")
     (pickled / "model.safetensors").unlink()
     torch.save(stored, pickled / "pytorch_model.bin")
-    refused = subprocess.run([*run, str(pickled), str(tmp_path / "p")], capture_output=True, text=True, env=env, timeout=300)
+    refused = subprocess.run(
+        [*run, str(pickled), str(tmp_path / "p")], capture_output=True, text=True, env=env, timeout=300
+    )
     assert refused.returncode == 2 and "pytorch_model.bin" in refused.stderr and "--allow-pickle" in refused.stderr
     assert not (tmp_path / "p").exists()
-    allowed = subprocess.run([*run, str(pickled), str(tmp_path / "p"), "--allow-pickle"], capture_output=True, text=True,
-                             env=env, timeout=300)
+    allowed = subprocess.run(
+        [*run, str(pickled), str(tmp_path / "p"), "--allow-pickle"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert allowed.returncode == 0, allowed.stderr[-2000:]
     torch.testing.assert_close(logits(MultimodalModel.from_pretrained(tmp_path / "p")), logits(ref), atol=1e-5, rtol=0)
 
@@ -103,14 +114,16 @@ def test_unknown_formats_and_misplaced_tensors_are_named(tmp_path):
     from safetensors.torch import save_file
 
     save_file({**stored, "model.mm_projector.4.weight": torch.zeros(2, 2)}, str(tmp_path / "extra/model.safetensors"))
-    with pytest.raises(ConfigError, match="projector.4.weight"):
+    with pytest.raises(ConfigError, match=r"projector.4.weight"):
         MultimodalModel.from_pretrained(tmp_path / "extra")
 
 
 # ------------------------------------------------------------------ export to transformers' Llava
-EXPORTS = {"siglip + phi-2": ("tiny-siglip-so400m-384", "tiny-phi-2", "phi", "<|endoftext|>"),
-           "clip + phi-2": ("tiny-clip-vit-l-336", "tiny-phi-2", "phi", "<|endoftext|>"),
-           "siglip + gemma (features scaled)": ("tiny-siglip-so400m-384", gelu_gemma, "gemma", "<eos>")}
+EXPORTS = {
+    "siglip + phi-2": ("tiny-siglip-so400m-384", "tiny-phi-2", "phi", "<|endoftext|>"),
+    "clip + phi-2": ("tiny-clip-vit-l-336", "tiny-phi-2", "phi", "<|endoftext|>"),
+    "siglip + gemma (features scaled)": ("tiny-siglip-so400m-384", gelu_gemma, "gemma", "<eos>"),
+}
 
 
 @pytest.mark.parametrize("case", list(EXPORTS))
@@ -118,8 +131,13 @@ def test_export_hf_llava_gives_plain_transformers_the_same_logits_and_tokens(cas
     vision, llm, template, end = EXPORTS[case]
     ref = reference(vision, llm)
     ref.save_pretrained(tmp_path / "ours")
-    out = subprocess.run([sys.executable, "-m", "mipha_lab.export", "hf-llava", str(tmp_path / "ours"), str(tmp_path / "hf")],
-                         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "mipha_lab.export", "hf-llava", str(tmp_path / "ours"), str(tmp_path / "hf")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     prompt, hf_logits, hf_tokens = hf_llava_outputs(tmp_path / "hf", backend="pil")
     assert prompt == get_template(template).prompt([{"role": "user", "content": "<image>\n" + QUESTION}])
@@ -148,9 +166,22 @@ def test_lora_run_loads_unmerged_and_exports_merged_with_identical_outputs(tmp_p
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     repo = Path(__file__).resolve().parents[1]
     lora = "stages.instruct.trainable.lm_body={mode: lora, r: 4, alpha: 8, dropout: 0.0}"
-    launch = subprocess.run([sys.executable, "-m", "mipha_lab.launch", str(repo / "experiments/micro.yaml"), lora,
-                             "eval.benchmarks=[]", f"runs_root={tmp_path}/runs", f"data_root={data_root}"],
-                            capture_output=True, text=True, env=env, timeout=600)
+    launch = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mipha_lab.launch",
+            str(repo / "experiments/micro.yaml"),
+            lora,
+            "eval.benchmarks=[]",
+            f"runs_root={tmp_path}/runs",
+            f"data_root={data_root}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert launch.returncode == 0, launch.stderr[-3000:]
     run = tmp_path / "runs" / "micro"
     adapters = json.loads((run / "final/config.json").read_text())["adapters"]
@@ -161,8 +192,13 @@ def test_lora_run_loads_unmerged_and_exports_merged_with_identical_outputs(tmp_p
     assert any(isinstance(m, LoraLayer) for m in unmerged.modules())
     lora_b = [p for n, p in unmerged.named_parameters() if "lora_B" in n]
     assert lora_b and any(p.abs().max() > 0 for p in lora_b)  # the adapters trained: merging changes weights
-    out = subprocess.run([sys.executable, "-m", "mipha_lab.export", "merged", str(run), str(tmp_path / "merged")],
-                         capture_output=True, text=True, env=env, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "mipha_lab.export", "merged", str(run), str(tmp_path / "merged")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     merged = MultimodalModel.from_pretrained(tmp_path / "merged")
     assert not any(isinstance(m, LoraLayer) for m in merged.modules())

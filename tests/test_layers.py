@@ -1,5 +1,6 @@
 """The package's imports, parsed (ast, every import, also those inside functions): no circle, and no module
 importing one of a higher layer. The layers are the README's (Layout); a module not listed fails too."""
+
 from __future__ import annotations
 
 import ast
@@ -16,8 +17,22 @@ LAYERS = [
     ("run folders", ["runs.folder", "runs.lock", "runs.setup", "runs"]),
     ("training engine", ["train"]),
     ("evaluation", ["eval"]),
-    ("entry points", ["pipeline", "plan", "sweep", "cluster", "runs.status", "runs.__main__", "serve", "export",
-                      "launch", "registry.__main__", "eval.__main__"]),
+    (
+        "entry points",
+        [
+            "pipeline",
+            "plan",
+            "sweep",
+            "cluster",
+            "runs.status",
+            "runs.__main__",
+            "serve",
+            "export",
+            "launch",
+            "registry.__main__",
+            "eval.__main__",
+        ],
+    ),
     ("analysis", ["analysis"]),
 ]
 
@@ -40,8 +55,9 @@ def imports() -> dict[str, set[str]]:
                     full = f"{base}.{alias.name}".lstrip(".")
                     targets.add(full if full in modules else base)
             elif isinstance(node, ast.Import):
-                targets |= {a.name.removeprefix("mipha_lab").lstrip(".") for a in node.names
-                            if a.name.startswith("mipha_lab")}
+                targets |= {
+                    a.name.removeprefix("mipha_lab").lstrip(".") for a in node.names if a.name.startswith("mipha_lab")
+                }
         found[name] = {t for t in targets if t and t != name}
     return found
 
@@ -57,8 +73,12 @@ def layer_of(module: str) -> int:
 
 
 def upward(graph: dict[str, set[str]]) -> list[str]:
-    return [f"{m} ({LAYERS[layer_of(m)][0]}) imports {t} ({LAYERS[layer_of(t)][0]})"
-            for m, targets in graph.items() for t in targets if layer_of(t) > layer_of(m)]
+    return [
+        f"{m} ({LAYERS[layer_of(m)][0]}) imports {t} ({LAYERS[layer_of(t)][0]})"
+        for m, targets in graph.items()
+        for t in targets
+        if layer_of(t) > layer_of(m)
+    ]
 
 
 def circles(graph: dict[str, set[str]]) -> list[str]:
@@ -69,7 +89,7 @@ def circles(graph: dict[str, set[str]]) -> list[str]:
         state[node] = 1
         for target in sorted(graph.get(node, ())):
             if state.get(target) == 1:
-                found.append(" -> ".join([*path[path.index(target):], target]))
+                found.append(" -> ".join([*path[path.index(target) :], target]))
             elif target not in state:
                 visit(target, [*path, target])
         state[node] = 2
@@ -97,6 +117,7 @@ def test_the_checks_see_a_circle_and_an_arrow_up():
     graph = imports()
     graph["model.vlm"] = graph["model.vlm"] | {"train.trainer"}
     graph["train.trainer"] = graph["train.trainer"] | {"model.vlm"}
-    assert upward({"model.vlm": graph["model.vlm"]}) == ["model.vlm (components and the model) imports "
-                                                         "train.trainer (training engine)"]
+    assert upward({"model.vlm": graph["model.vlm"]}) == [
+        "model.vlm (components and the model) imports train.trainer (training engine)"
+    ]
     assert any("model.vlm" in c and "train.trainer" in c for c in circles(graph))

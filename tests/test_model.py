@@ -1,4 +1,5 @@
 """The assembled model: loss, batch invariance, generation, save/load, bad input."""
+
 from __future__ import annotations
 
 import json
@@ -63,9 +64,7 @@ def test_loss_equals_transformers_loss_on_reference_splice(phi_model):
     out = phi_model(ids, mask, pixels, labels)
     text = phi_model.language_model.get_input_embeddings()(ids.clamp(min=0))
     ref = splice_reference(ids, mask, text, phi_model.encode_images(pixels), labels)
-    hf = phi_model.language_model(
-        inputs_embeds=ref.inputs_embeds, attention_mask=ref.attention_mask, labels=ref.labels
-    )
+    hf = phi_model.language_model(inputs_embeds=ref.inputs_embeds, attention_mask=ref.attention_mask, labels=ref.labels)
     torch.testing.assert_close(out.loss, hf.loss, rtol=1e-6, atol=1e-6)
     real = ref.attention_mask.bool()
     torch.testing.assert_close(out.logits[real], hf.logits.float()[real], rtol=1e-5, atol=1e-5)
@@ -150,10 +149,10 @@ def test_save_and_load_give_identical_logits(tmp_path, vision, llm):
 
 
 def test_loading_refuses_folders_that_are_not_ours(tmp_path):
-    with pytest.raises(ConfigError, match="has no config.json"):
+    with pytest.raises(ConfigError, match=r"has no config.json"):
         MultimodalModel.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava_llama"}))
-    with pytest.raises(ConfigError, match="model_type='llava_llama'.*mipha_phi"):
+    with pytest.raises(ConfigError, match=r"model_type='llava_llama'.*mipha_phi"):
         MultimodalModel.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mipha_phi"}))  # released layout, no weights
     with pytest.raises(ConfigError, match=r"no weights - expected model.safetensors.index.json"):
@@ -202,8 +201,9 @@ def test_truncation_after_splicing_is_counted_and_reported(caplog):
 
 
 def test_frozen_tower_dtype_and_projector_args_reach_the_model():
-    model = build_vlm("tiny-siglip-so400m-384", "tiny-qwen2.5-0.5b", projector="avgpool",
-                      projector_args={"tokens_per_side": 3})
+    model = build_vlm(
+        "tiny-siglip-so400m-384", "tiny-qwen2.5-0.5b", projector="avgpool", projector_args={"tokens_per_side": 3}
+    )
     assert model.num_image_tokens == 9
     ids, mask, pixels, labels = batch(model, (1,), seed=10)
     assert model(ids, mask, pixels, labels).spliced.inputs_embeds.shape[1] == ids.shape[1] - 1 + 9

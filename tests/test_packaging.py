@@ -1,4 +1,5 @@
 """Heavy optional dependencies are imported where they are used, not at package import."""
+
 from __future__ import annotations
 
 import subprocess

@@ -1,4 +1,5 @@
 """Per-sample attention in packed rows: the spans, and the GPU's varlen kernel against the SDPA loop."""
+
 from __future__ import annotations
 
 import pytest
@@ -44,5 +45,5 @@ def test_varlen_kernel_equals_the_loop_forward_and_backward(kv_heads):
         out = attention(q, k, v, segments, 0.25, *extra)
         out.float().square().sum().backward()
         results.append([out.float(), q.grad.float(), k.grad.float(), v.grad.float()])
-    for got, want in zip(*results):
+    for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)

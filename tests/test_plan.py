@@ -1,5 +1,6 @@
 """`launch --dry-run`: the released recipes plan offline, stdout holds only JSON, and the analytic
 FLOPs per sample agree with torch's FLOP counter on a tiny model."""
+
 from __future__ import annotations
 
 import json
@@ -23,13 +24,15 @@ RELEASED = ["siglip_phi2_fullft", "mipha_1.6b_phi15", "mipha_2.4b_gemma2b", "lla
 
 def launch(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    return subprocess.run([sys.executable, "-m", "mipha_lab.launch", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "mipha_lab.launch", *args], cwd=cwd, capture_output=True, text=True, timeout=600, env=env
+    )
 
 
 def plan(name: str, tmp_path: Path, *extra: str) -> dict:
-    out = launch(str(EXPERIMENTS / f"{name}.yaml"), "--dry-run", "--json", f"data_root={tmp_path / 'none'}", *extra,
-                 cwd=tmp_path)
+    out = launch(
+        str(EXPERIMENTS / f"{name}.yaml"), "--dry-run", "--json", f"data_root={tmp_path / 'none'}", *extra, cwd=tmp_path
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout)  # the whole of stdout is the one JSON object
 
@@ -101,15 +104,29 @@ def measured_training_flops(model, stage: StageConfig, text: int, images: int) -
     return float(counter.get_total_flops()), sample_flops(model, text, images, supervised).useful
 
 
-@pytest.mark.parametrize("trainable,text,images", [
-    ({"vision": "full", "projector": "full", "lm_body": "full", "lm_embeddings": "full", "lm_head": "full"}, 200, 1),
-    ({"projector": "full"}, 120, 1),
-    ({"projector": "full", "lm_body": "full", "lm_head": "full"}, 300, 0),
-])
+@pytest.mark.parametrize(
+    "trainable,text,images",
+    [
+        (
+            {"vision": "full", "projector": "full", "lm_body": "full", "lm_embeddings": "full", "lm_head": "full"},
+            200,
+            1,
+        ),
+        ({"projector": "full"}, 120, 1),
+        ({"projector": "full", "lm_body": "full", "lm_head": "full"}, 300, 0),
+    ],
+)
 def test_analytic_flops_match_the_flop_counter(trainable, text, images):
     torch.manual_seed(0)
     model = build_vlm("tiny-siglip-so400m-384", "tiny-phi-2", attn_implementation="eager")
-    stage = StageConfig(name="s", mixture="shapes-instruct", template="phi", global_batch=1, micro_batch=1,
-                        optimizer={"lr": 1e-3}, trainable=trainable)
+    stage = StageConfig(
+        name="s",
+        mixture="shapes-instruct",
+        template="phi",
+        global_batch=1,
+        micro_batch=1,
+        optimizer={"lr": 1e-3},
+        trainable=trainable,
+    )
     measured, ours = measured_training_flops(model, stage, text, images)
     assert ours == pytest.approx(measured, rel=0.05)

@@ -1,4 +1,5 @@
 """Trainability policies: frozen stays, trainable moves, LoRA trains adapters and merges, per-module lr."""
+
 from __future__ import annotations
 
 import pytest
@@ -14,8 +15,17 @@ from mipha_lab.train.policy import apply_policy, module_parameters
 
 
 def stage(**trainable) -> StageConfig:
-    return StageConfig(name="s", mixture="shapes-instruct", template="phi", global_batch=2, micro_batch=2, max_steps=1,
-                       optimizer={"lr": 1e-2}, schedule={"kind": "constant", "warmup_ratio": 0.0}, trainable=trainable)
+    return StageConfig(
+        name="s",
+        mixture="shapes-instruct",
+        template="phi",
+        global_batch=2,
+        micro_batch=2,
+        max_steps=1,
+        optimizer={"lr": 1e-2},
+        schedule={"kind": "constant", "warmup_ratio": 0.0},
+        trainable=trainable,
+    )
 
 
 def batch(model):
@@ -38,15 +48,20 @@ def snapshot(model):
 
 
 def changed(before, after) -> dict[str, bool]:
-    return {m: any(not torch.equal(a, b) for a, b in zip(before[m], after[m])) for m in before}
+    return {m: any(not torch.equal(a, b) for a, b in zip(before[m], after[m], strict=True)) for m in before}
 
 
 def test_frozen_modules_stay_and_trainable_ones_move():
     model = build_vlm("tiny-siglip-so400m-384", "tiny-phi-2")
     before = snapshot(model)
     train_step(model, stage(projector="full", lm_head="full"))
-    assert changed(before, snapshot(model)) == {"vision": False, "projector": True, "lm_body": False,
-                                                "lm_embeddings": False, "lm_head": True}
+    assert changed(before, snapshot(model)) == {
+        "vision": False,
+        "projector": True,
+        "lm_body": False,
+        "lm_embeddings": False,
+        "lm_head": True,
+    }
 
 
 def test_per_module_learning_rates_reach_the_optimizer():
@@ -66,7 +81,9 @@ def test_partial_trains_layers_from_k():
     assert not any(p.requires_grad for p in layers[0].parameters())
     assert all(p.requires_grad for p in layers[1].parameters())
     with pytest.raises(ConfigError, match=r"trainable.lm_body: from_layer 5 is outside the module.s layers 0..1"):
-        apply_policy(build_vlm("tiny-siglip-so400m-384", "tiny-phi-2"), stage(lm_body={"mode": "partial", "from_layer": 5}))
+        apply_policy(
+            build_vlm("tiny-siglip-so400m-384", "tiny-phi-2"), stage(lm_body={"mode": "partial", "from_layer": 5})
+        )
 
 
 def test_lora_trains_only_adapters_and_merges_to_the_same_outputs():
@@ -92,7 +109,7 @@ def test_tied_head_must_share_the_embedding_policy():
     model = build_vlm("tiny-siglip-so400m-384", "tiny-gemma-2b")
     with pytest.raises(ConfigError, match="'tiny-gemma-2b' ties lm_head to lm_embeddings"):
         apply_policy(model, stage(lm_head="full"), "tiny-gemma-2b")
-    groups, rows = apply_policy(model, stage(lm_head="full", lm_embeddings="full"), "tiny-gemma-2b")
+    _groups, rows = apply_policy(model, stage(lm_head="full", lm_embeddings="full"), "tiny-gemma-2b")
     assert {r.module: r.total for r in rows}["lm_head"] == 0  # counted once, under lm_embeddings
 
 

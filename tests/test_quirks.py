@@ -1,4 +1,5 @@
 """The `quirks:` block reproduces the original's behaviours 1, 2 and 3 (5 is tested with the templates)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,8 +13,15 @@ from mipha_lab.model.loader import NO_TRUNCATION, build_model
 from mipha_lab.train.policy import apply_policy
 
 MICRO = Path(__file__).resolve().parents[1] / "experiments" / "micro.yaml"
-STAGE1 = dict(name="align", mixture="shapes-captions", template="plain", global_batch=8, micro_batch=8,
-              optimizer={"lr": 1e-3}, trainable={"projector": {"mode": "full", "lr": 5e-4}})
+STAGE1 = {
+    "name": "align",
+    "mixture": "shapes-captions",
+    "template": "plain",
+    "global_batch": 8,
+    "micro_batch": 8,
+    "optimizer": {"lr": 1e-3},
+    "trainable": {"projector": {"mode": "full", "lr": 5e-4}},
+}
 
 
 def trainable(model, module: str) -> int:
@@ -49,6 +57,6 @@ def test_quirk_3_no_truncation_after_splicing():
     quirky = load_experiment(MICRO, ["model.max_positions=20", "quirks.no_truncation_after_splice=true"])
     model = build_model(quirky)
     assert model.config.max_positions == NO_TRUNCATION
-    ids = torch.tensor([[-200] + list(range(1, 30))])
+    ids = torch.tensor([[-200, *list(range(1, 30))]])
     out = model(ids, torch.ones_like(ids), torch.randn(1, 3, 32, 32), labels=ids.clamp(min=0))
     assert out.logits.shape[1] == 29 + model.num_image_tokens  # 45 positions, nothing cut

@@ -1,4 +1,5 @@
 """The README's Python API example runs as written."""
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,14 @@ def user_module(tmp_path_factory) -> Path:
 
 def test_python_api_example_runs(user_module):
     env = {**os.environ, "PYTHONPATH": str(user_module), "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-c", blocks("python")[1]], capture_output=True, text=True, timeout=300,
-                         env=env, cwd=user_module)
+    out = subprocess.run(
+        [sys.executable, "-c", blocks("python")[1]],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=user_module,
+    )
     assert out.returncode == 0, out.stderr
     shape, loss = out.stdout.split(") ")
     assert shape == "torch.Size([1, 19, 1024]" and 5.0 < float(loss) < 9.0  # ~ln(1024) at random init
@@ -47,15 +54,21 @@ def test_experiment_with_imports_trains_evaluates_and_chats(user_module, data_ro
     for command, extra in ((launch, [f"data_root={data_root}", "tracking.wandb_mode=disabled"]), (chat, [])):
         words = shlex.split(command, comments=True)
         assert words[:2] == ["PYTHONPATH=.", "python"], command
-        out = subprocess.run([sys.executable, *words[2:], *extra], capture_output=True, text=True, timeout=600,
-                             env=env, cwd=user_module)
+        out = subprocess.run(
+            [sys.executable, *words[2:], *extra], capture_output=True, text=True, timeout=600, env=env, cwd=user_module
+        )
         assert out.returncode == 0, (command, out.stderr[-3000:])
     run = user_module / "runs" / "my_experiment"
     config = json.loads((run / "final" / "config.json").read_text())
     assert config["vision"]["name"] == "patchify-16" and config["imports"] == ["my_components"]
     assert (run / "eval" / "shapes-vqa" / "scores.json").is_file() and out.stdout.strip()  # evaluated, then a reply
-    unknown = subprocess.run([sys.executable, "-m", "mipha_lab.serve.cli", "--model-path", str(run), "--prompt", "hi"],
-                             capture_output=True, text=True, timeout=300, env={**env, "PYTHONPATH": ""})
+    unknown = subprocess.run(
+        [sys.executable, "-m", "mipha_lab.serve.cli", "--model-path", str(run), "--prompt", "hi"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**env, "PYTHONPATH": ""},
+    )
     assert unknown.returncode == 2 and "--import MODULE" in unknown.stderr  # without the module: said how to fix it
 
 

@@ -1,4 +1,5 @@
 """The real architectures, instantiated on the meta device from the cards alone (no network)."""
+
 from __future__ import annotations
 
 import pytest

@@ -10,6 +10,7 @@ Whether the installed transformers scales Gemma's embeddings at lookup or in the
 transformers itself (is `lm(input_ids)` equal to `lm(inputs_embeds=rows)`?), so the reference holds
 under any version and a model that scales features twice, or not at all, fails.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,11 +30,14 @@ TOWER, PROJECTOR = "model.vision_tower.", "model.mm_projector."
 TOWER_EXTRAS = ("mm_vision_select_feature", "mm_vision_select_layer", "vision_model_name_or_path")
 
 
-
-
 CASES = {
     "phi-2 + siglip": ("mipha_phi", "tiny-siglip-so400m-384", "tiny-phi-2", {}),
-    "gemma (tied head not stored, exact gelu) + siglip": ("mipha_gemma", "tiny-siglip-so400m-384", gelu_gemma, {"gemma": True}),
+    "gemma (tied head not stored, exact gelu) + siglip": (
+        "mipha_gemma",
+        "tiny-siglip-so400m-384",
+        gelu_gemma,
+        {"gemma": True},
+    ),
     "phi-2 + clip (llava-phi)": ("llava_phi", "tiny-clip-vit-l-336", "tiny-phi-2", {}),
 }
 
@@ -43,14 +47,16 @@ def reference_tower(config: dict, state: dict[str, torch.Tensor]) -> tuple[torch
 
     fields = {k: v for k, v in config["vision_config"]["vision_tower"].items() if k not in TOWER_EXTRAS}
     is_clip = fields.pop("model_type") == "clip_vision_model"
-    config_class, model_class = (CLIPVisionConfig, CLIPVisionModel) if is_clip else (SiglipVisionConfig, SiglipVisionModel)
+    config_class, model_class = (
+        (CLIPVisionConfig, CLIPVisionModel) if is_clip else (SiglipVisionConfig, SiglipVisionModel)
+    )
     for key in ("architectures", "transformers_version", "dtype", "torch_dtype", "_name_or_path"):
         fields.pop(key, None)
     tower = model_class(config_class(**fields)).eval()
-    weights = {k[len(TOWER):]: v for k, v in state.items() if k.startswith(TOWER)}
+    weights = {k[len(TOWER) :]: v for k, v in state.items() if k.startswith(TOWER)}
     if not any(k.startswith("vision_model.") for k in tower.state_dict()):  # transformers 5 keeps no such level
         weights = {k.removeprefix("vision_model."): v for k, v in weights.items()}
-    missing, unexpected = tower.load_state_dict(weights, strict=False)
+    missing, unexpected = tower.load_state_dict(weights, strict=True)
     assert not unexpected and all("position_ids" in k for k in missing), (missing, unexpected)
     return tower, is_clip
 
@@ -58,14 +64,18 @@ def reference_tower(config: dict, state: dict[str, torch.Tensor]) -> tuple[torch
 def reference_lm(config: dict, state: dict[str, torch.Tensor], gemma: bool) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    fields = {k: v for k, v in config.items() if k not in ("vision_config", "model_type", "architectures")
-              and not k.startswith(("image_", "freeze_", "tune_", "tokenizer_"))}
+    fields = {
+        k: v
+        for k, v in config.items()
+        if k not in ("vision_config", "model_type", "architectures")
+        and not k.startswith(("image_", "freeze_", "tune_", "tokenizer_"))
+    }
     lm_config = AutoConfig.for_model("gemma" if gemma else "phi", **fields)
     if gemma:  # the exact GELU Mipha-2.4B ran (transformers 5 would read "gelu" as the tanh approximation)
         lm_config.hidden_act = lm_config.hidden_activation = "gelu"
     lm = AutoModelForCausalLM.from_config(lm_config, attn_implementation="eager").eval()
     weights = {k: v for k, v in state.items() if not k.startswith((TOWER, PROJECTOR))}
-    missing, unexpected = lm.load_state_dict(weights, strict=False)
+    missing, unexpected = lm.load_state_dict(weights, strict=True)
     assert not unexpected and missing == (["lm_head.weight"] if gemma else []), (missing, unexpected)
     if gemma:
         assert lm.lm_head.weight is lm.model.embed_tokens.weight  # tied, as the original (head not stored)
@@ -86,7 +96,7 @@ def reference_logits(folder: Path, ids: torch.Tensor, pixels: torch.Tensor, gemm
     rows = lm.get_input_embeddings().weight  # the raw table, never the (version-dependent) module call
     ids = ids[0]
     at = int((ids == IMAGE_TOKEN_INDEX).nonzero()[0, 0])
-    sequence = torch.cat([rows[ids[:at]], features[0], rows[ids[at + 1:]]])[None]
+    sequence = torch.cat([rows[ids[:at]], features[0], rows[ids[at + 1 :]]])[None]
     text = ids[ids != IMAGE_TOKEN_INDEX][None]
     forward_scales = torch.allclose(lm(input_ids=text).logits, lm(inputs_embeds=rows[text]).logits, atol=1e-6)
     if gemma and not forward_scales:  # the installed Gemma scales at lookup: feed the original's scaled sequence

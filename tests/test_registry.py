@@ -1,4 +1,5 @@
 """The generic registry, card validation and discovery, and the `registry list` command."""
+
 from __future__ import annotations
 
 import subprocess
@@ -16,8 +17,13 @@ from mipha_lab.registry.__main__ import list_entries, main
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED_VISION = [
-    "siglip-so400m-384", "siglip-base-224", "clip-vit-l-336", "clip-vit-l-224", "dinov2-large",
-    "timm-siglip-so400m-384", "openclip-vit-b-16-laion2b",
+    "siglip-so400m-384",
+    "siglip-base-224",
+    "clip-vit-l-336",
+    "clip-vit-l-224",
+    "dinov2-large",
+    "timm-siglip-so400m-384",
+    "openclip-vit-b-16-laion2b",
 ]
 REQUIRED_LLM = ["phi-1.5", "phi-2", "gemma-2b", "qwen2.5-1.5b", "qwen2.5-0.5b", "smollm2-1.7b"]
 
@@ -110,7 +116,7 @@ def test_card_with_unknown_field_names_path_and_field(tmp_path):
 
 
 def test_card_with_missing_field_names_path_and_field(tmp_path):
-    text = "\n".join(l for l in _card_text().splitlines() if not l.startswith("hub_id"))
+    text = "\n".join(line for line in _card_text().splitlines() if not line.startswith("hub_id"))
     path = _write_card(tmp_path, "vision", "bad", text)
     with pytest.raises(ConfigError, match=r"bad\.yaml: missing required key 'hub_id'"):
         read_card(path, "vision")
@@ -124,10 +130,7 @@ def test_card_with_wrong_nested_value(tmp_path):
 
 def test_user_card_folder_from_environment(tmp_path):
     _write_card(tmp_path, "vision", "my-encoder", _card_text().replace("tiny random-init", "my own"))
-    code = (
-        "from mipha_lab.model.vision import VISION; c = VISION.get('my-encoder'); "
-        "print(c.description, c.source)"
-    )
+    code = "from mipha_lab.model.vision import VISION; c = VISION.get('my-encoder'); print(c.description, c.source)"
     env = {**__import__("os").environ, "MIPHA_LAB_CARDS": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd="/")
     assert out.stdout.startswith("my own") and str(tmp_path) in out.stdout
@@ -143,8 +146,20 @@ def test_wheel_ships_the_cards(tmp_path):
     """A non-editable install finds the cards inside the package, from any working directory."""
     pytest.importorskip("hatchling")
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(REPO)],
-        check=True, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(REPO),
+        ],
+        check=True,
+        capture_output=True,
     )
     (wheel,) = tmp_path.glob("mipha_lab-*.whl")
     site = tmp_path / "site"
@@ -156,7 +171,10 @@ def test_wheel_ships_the_cards(tmp_path):
     env = {"PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
     out = subprocess.run(
         [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(site)!r}); {code}"],
-        env=env, capture_output=True, text=True, cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(site / "mipha_lab/_cards/vision/siglip-so400m-384.yaml")

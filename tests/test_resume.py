@@ -1,5 +1,6 @@
 """Crash safety with `experiments/micro.yaml`: SIGKILL mid-stage and mid-checkpoint-write, then resume to
 the same weights bit for bit; the run lock; a non-finite loss stops the stage and keeps the last checkpoint."""
+
 from __future__ import annotations
 
 import json
@@ -19,13 +20,25 @@ MICRO = Path(__file__).resolve().parents[1] / "experiments" / "micro.yaml"
 LORA = ["stages.instruct.trainable.lm_body={mode: lora, r: 4, alpha: 8, dropout: 0.1}"]
 
 
-def launch(cwd: Path, data_root: Path, *overrides: str, kill_at: str | None = None, nproc: int = 1) -> subprocess.CompletedProcess:
+def launch(
+    cwd: Path, data_root: Path, *overrides: str, kill_at: str | None = None, nproc: int = 1
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     env.pop(KILL_AT, None)
     if kill_at:
         env[KILL_AT] = kill_at
-    command = [sys.executable, "-m", "mipha_lab.launch", str(MICRO), f"data_root={data_root}", "eval.benchmarks=[]",
-               "checkpoint.every_steps=4", *overrides, "--nproc", str(nproc)]
+    command = [
+        sys.executable,
+        "-m",
+        "mipha_lab.launch",
+        str(MICRO),
+        f"data_root={data_root}",
+        "eval.benchmarks=[]",
+        "checkpoint.every_steps=4",
+        *overrides,
+        "--nproc",
+        str(nproc),
+    ]
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
 
 
@@ -107,7 +120,9 @@ def test_two_process_deepspeed_run_resumes_to_the_same_weights(tmp_path, data_ro
     killed = launch(tmp_path / "b", data_root, *overrides, kill_at="step:14", nproc=2)
     assert killed.returncode != 0
     run = tmp_path / "b" / "runs" / "micro"
-    assert {"rng-rank0.pt", "rng-rank1.pt", "deepspeed"} <= {p.name for p in (run / "checkpoints" / "step-00000012").iterdir()}
+    assert {"rng-rank0.pt", "rng-rank1.pt", "deepspeed"} <= {
+        p.name for p in (run / "checkpoints" / "step-00000012").iterdir()
+    }
     resumed = launch(tmp_path / "b", data_root, *overrides, nproc=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_bitwise_equal(weights(run), weights(tmp_path / "a" / "runs" / "micro"))
@@ -149,7 +164,9 @@ def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, da
     record = json.loads((run / "nonfinite.json").read_text())
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "failed" and "NonFiniteLoss" in status["reason"]
-    assert len(record["sample_ids"]) == 8 and all(i.startswith("ins-") or i.startswith("cap-") for i in record["sample_ids"])
+    assert len(record["sample_ids"]) == 8 and all(
+        i.startswith("ins-") or i.startswith("cap-") for i in record["sample_ids"]
+    )
     steps = sorted(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*"))
     assert steps and steps[-1] == record["step"] - 1  # nothing written after the last good step
     last = load_file(str(run / "checkpoints" / f"step-{steps[-1]:08d}" / "model.safetensors"))

@@ -1,5 +1,6 @@
 """The scorers against the golden numbers of the official tools (LLaVA-1.5-13B's released predictions in
 ../shared/fixtures, read in place), hand-made VQA/GQA/TextVQA cases, and refused bad inputs."""
+
 from __future__ import annotations
 
 import json
@@ -27,13 +28,20 @@ from mipha_lab.eval.scoring.vqa import (
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 LLAVA = FIXTURES / "llava-v1.5-13b"
-needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"golden fixtures not found at {FIXTURES} "
-                                    "(CI has ../shared beside the clone); golden scorer tests skipped")
+needs_fixtures = pytest.mark.skipif(
+    not FIXTURES.is_dir(),
+    reason=f"golden fixtures not found at {FIXTURES} (CI has ../shared beside the clone); golden scorer tests skipped",
+)
 
 
 def score_cli(*args: str) -> dict:
-    out = subprocess.run([sys.executable, "-m", "mipha_lab.eval", "score", *map(str, args), "--json"],
-                         capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    out = subprocess.run(
+        [sys.executable, "-m", "mipha_lab.eval", "score", *map(str, args), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)  # stdout is only the JSON object
 
@@ -41,8 +49,15 @@ def score_cli(*args: str) -> dict:
 @needs_fixtures
 def test_pope_golden():
     d = LLAVA / "pope"
-    scores = score_cli("pope", "--questions", d / "llava_pope_test.jsonl", "--answers", d / "llava-v1.5-13b.jsonl",
-                       "--annotations", d / "coco")
+    scores = score_cli(
+        "pope",
+        "--questions",
+        d / "llava_pope_test.jsonl",
+        "--answers",
+        d / "llava-v1.5-13b.jsonl",
+        "--annotations",
+        d / "coco",
+    )
     assert [scores[s]["f1"] for s in ("adversarial", "popular", "random")] == [84.46, 86.25, 87.14]
     assert [scores[s]["accuracy"] for s in ("adversarial", "popular", "random")] == [85.50, 87.43, 88.01]
     assert [scores[s]["precision"] for s in ("adversarial", "popular", "random")] == [90.99, 95.25, 97.44]
@@ -57,7 +72,9 @@ def test_per_question_records_add_up_to_the_scores():
 
     d = LLAVA / "pope"
     records: list[dict] = []
-    scores = score_pope(read_jsonl(d / "llava_pope_test.jsonl"), read_jsonl(d / "llava-v1.5-13b.jsonl"), d / "coco", records)
+    scores = score_pope(
+        read_jsonl(d / "llava_pope_test.jsonl"), read_jsonl(d / "llava-v1.5-13b.jsonl"), d / "coco", records
+    )
     assert len(records) == 8910
     for split in ("adversarial", "popular", "random"):
         mine = [r["correct"] for r in records if r["split"] == split]
@@ -71,20 +88,40 @@ def test_per_question_records_add_up_to_the_scores():
 @needs_fixtures
 def test_mme_golden():
     d = LLAVA / "mme"
-    scores = score_cli("mme", "--questions", d / "llava_mme.jsonl", "--answers", d / "llava-v1.5-13b.jsonl",
-                       "--ground-truth", d / "ground_truth")
+    scores = score_cli(
+        "mme",
+        "--questions",
+        d / "llava_mme.jsonl",
+        "--answers",
+        d / "llava-v1.5-13b.jsonl",
+        "--ground-truth",
+        d / "ground_truth",
+    )
     assert (scores["perception"], scores["cognition"]) == (1531.32, 295.36)
     assert scores["subtasks"] == {
-        "existence": 185.00, "count": 155.00, "position": 133.33, "color": 170.00, "posters": 160.54,
-        "celebrity": 152.94, "scene": 161.25, "landmark": 170.50, "artwork": 117.75, "OCR": 125.00,
-        "commonsense_reasoning": 127.86, "numerical_calculation": 42.50, "text_translation": 77.50,
-        "code_reasoning": 47.50}
+        "existence": 185.00,
+        "count": 155.00,
+        "position": 133.33,
+        "color": 170.00,
+        "posters": 160.54,
+        "celebrity": 152.94,
+        "scene": 161.25,
+        "landmark": 170.50,
+        "artwork": 117.75,
+        "OCR": 125.00,
+        "commonsense_reasoning": 127.86,
+        "numerical_calculation": 42.50,
+        "text_translation": 77.50,
+        "code_reasoning": 47.50,
+    }
 
 
 @needs_fixtures
 def test_scienceqa_golden():
     d = LLAVA / "scienceqa"
-    scores = score_cli("scienceqa-img", "--questions", d / "llava_test_CQM-A.json", "--answers", d / "llava-v1.5-13b.jsonl")
+    scores = score_cli(
+        "scienceqa-img", "--questions", d / "llava_test_CQM-A.json", "--answers", d / "llava-v1.5-13b.jsonl"
+    )
     assert scores == {"img_accuracy": 71.64, "accuracy": 74.39}
 
 
@@ -93,8 +130,12 @@ def test_mmbench_golden_from_the_table_and_from_answers():
     d = LLAVA / "mmbench"
     expected = {"circular": 67.69, "all_rows": 76.45, "original_rows": 75.43}
     assert score_mmbench_table(d / "llava-v1.5-13b_dev_20230712.tsv") == expected  # the server's table
-    assert score_cli("mmbench", "--questions", d / "llava-v1.5-13b_dev_20230712.tsv",
-                     "--answers", d / "llava-v1.5-13b.jsonl") == expected
+    assert (
+        score_cli(
+            "mmbench", "--questions", d / "llava-v1.5-13b_dev_20230712.tsv", "--answers", d / "llava-v1.5-13b.jsonl"
+        )
+        == expected
+    )
 
 
 @needs_fixtures
@@ -121,15 +162,26 @@ def test_vqa_accuracy_by_position():
 
 
 def test_vqav2_scores_with_answer_and_question_types():
-    annotations = {"annotations": [
-        {"question_id": 1, "answer_type": "yes/no", "question_type": "is the", "answers": [{"answer": "yes"}] * 10},
-        {"question_id": 2, "answer_type": "number", "question_type": "how many",
-         "answers": [{"answer": a} for a in ["2"] * 2 + ["3"] * 8]},
-    ]}
+    annotations = {
+        "annotations": [
+            {"question_id": 1, "answer_type": "yes/no", "question_type": "is the", "answers": [{"answer": "yes"}] * 10},
+            {
+                "question_id": 2,
+                "answer_type": "number",
+                "question_type": "how many",
+                "answers": [{"answer": a} for a in ["2"] * 2 + ["3"] * 8],
+            },
+        ]
+    }
     questions = {"questions": [{"question_id": 1}, {"question_id": 2}]}
-    scores = score_vqav2(annotations, questions, [{"question_id": 1, "answer": "yes"}, {"question_id": 2, "answer": "two"}])
-    assert scores == {"overall": 80.0, "per_answer_type": {"number": 60.0, "yes/no": 100.0},
-                      "per_question_type": {"how many": 60.0, "is the": 100.0}}
+    scores = score_vqav2(
+        annotations, questions, [{"question_id": 1, "answer": "yes"}, {"question_id": 2, "answer": "two"}]
+    )
+    assert scores == {
+        "overall": 80.0,
+        "per_answer_type": {"number": 60.0, "yes/no": 100.0},
+        "per_question_type": {"how many": 60.0, "is the": 100.0},
+    }
     with pytest.raises(ScoreInputError, match="no answer for 2"):
         score_vqav2(annotations, questions, [{"question_id": 1, "answer": "yes"}])
 
@@ -150,18 +202,39 @@ def test_gqa_exact_match_after_trailing_periods_and_case():
         "q2": {"answer": "yes", "types": {"structural": "verify"}, "isBalanced": True},
         "q3": {"answer": "no", "types": {"structural": "logical"}, "isBalanced": True},
     }
-    answers = [{"question_id": "q1", "text": "Left."}, {"question_id": "q2", "text": "Yes"},
-               {"question_id": "q3", "text": "no, it is not"}]
+    answers = [
+        {"question_id": "q1", "text": "Left."},
+        {"question_id": "q2", "text": "Yes"},
+        {"question_id": "q3", "text": "no, it is not"},
+    ]
     assert score_gqa(questions, answers) == {"accuracy": 66.67, "binary": 50.0, "open": 100.0}
 
 
 def test_parsing_rules():
-    assert [pope_prediction(t) for t in ("No", "no.", "Yes, there is", "NO", "Nope", "", "There is not.")] == \
-        ["no", "no", "yes", "yes", "yes", "yes", "no"]
-    assert [mme_prediction(t) for t in ("Yes", "no", "Yes, it is", "Not really", "maybe")] == \
-        ["yes", "no", "yes", "no", "other"]
-    assert [parse_letter(t) for t in ("B", "B. apostrophe", "b", "(B)", "The answer is C.", "B.")] == \
-        ["B", "B", "FAILED", "FAILED", "C", "FAILED"]
+    assert [pope_prediction(t) for t in ("No", "no.", "Yes, there is", "NO", "Nope", "", "There is not.")] == [
+        "no",
+        "no",
+        "yes",
+        "yes",
+        "yes",
+        "yes",
+        "no",
+    ]
+    assert [mme_prediction(t) for t in ("Yes", "no", "Yes, it is", "Not really", "maybe")] == [
+        "yes",
+        "no",
+        "yes",
+        "no",
+        "other",
+    ]
+    assert [parse_letter(t) for t in ("B", "B. apostrophe", "b", "(B)", "The answer is C.", "B.")] == [
+        "B",
+        "B",
+        "FAILED",
+        "FAILED",
+        "C",
+        "FAILED",
+    ]
 
 
 def test_pope_refuses_misordered_or_missing_answers(tmp_path):
@@ -179,13 +252,35 @@ def test_pope_refuses_misordered_or_missing_answers(tmp_path):
 
 
 def test_cli_refuses_with_the_ids_and_exit_status_2(tmp_path):
-    (tmp_path / "q.jsonl").write_text(json.dumps({"id": "1", "conversations": [{"value": "A. x\nB. y"}, {"value": "A"}]}))
-    (tmp_path / "q.json").write_text(json.dumps([{"id": "1", "conversations": [{"value": "A. x\nB. y"}, {"value": "A"}]},
-                                                 {"id": "2", "conversations": [{"value": "A. x\nB. y"}, {"value": "B"}]}]))
+    (tmp_path / "q.jsonl").write_text(
+        json.dumps({"id": "1", "conversations": [{"value": "A. x\nB. y"}, {"value": "A"}]})
+    )
+    (tmp_path / "q.json").write_text(
+        json.dumps(
+            [
+                {"id": "1", "conversations": [{"value": "A. x\nB. y"}, {"value": "A"}]},
+                {"id": "2", "conversations": [{"value": "A. x\nB. y"}, {"value": "B"}]},
+            ]
+        )
+    )
     (tmp_path / "a.jsonl").write_text(json.dumps({"question_id": "1", "text": "A"}) + "\n")
-    out = subprocess.run([sys.executable, "-m", "mipha_lab.eval", "score", "scienceqa-img", "--questions",
-                          str(tmp_path / "q.json"), "--answers", str(tmp_path / "a.jsonl"), "--json"],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mipha_lab.eval",
+            "score",
+            "scienceqa-img",
+            "--questions",
+            str(tmp_path / "q.json"),
+            "--answers",
+            str(tmp_path / "a.jsonl"),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 2 and out.stdout == ""
     assert "no answer for 2" in out.stderr
 
@@ -195,10 +290,14 @@ def test_submission_files(tmp_path):
 
     split = tmp_path / "test2015.jsonl"
     split.write_text("".join(json.dumps({"question_id": i, "text": "?"}) + "\n" for i in (1, 2, 3)))
-    upload = vqav2_upload({"test_split": split}, [{"question_id": 1, "text": "Two dogs."}, {"question_id": 3, "text": "Yes"}],
-                          tmp_path)
-    assert json.loads(upload.read_text()) == [{"question_id": 1, "answer": "2 dogs"}, {"question_id": 2, "answer": ""},
-                                              {"question_id": 3, "answer": "yes"}]
+    upload = vqav2_upload(
+        {"test_split": split}, [{"question_id": 1, "text": "Two dogs."}, {"question_id": 3, "text": "Yes"}], tmp_path
+    )
+    assert json.loads(upload.read_text()) == [
+        {"question_id": 1, "answer": "2 dogs"},
+        {"question_id": 2, "answer": ""},
+        {"question_id": 3, "answer": "yes"},
+    ]
     gqa = gqa_predictions({}, [{"question_id": "q1", "text": "Left."}], tmp_path)
     assert json.loads(gqa.read_text()) == [{"questionId": "q1", "prediction": "left"}]
     table = tmp_path / "mmb.tsv"
@@ -210,10 +309,13 @@ def test_submission_files(tmp_path):
 
 
 @needs_fixtures
-@pytest.mark.parametrize("name,folder,answers", [
-    ("scienceqa-img", "scienceqa", "llava-v1.5-13b.jsonl"),
-    ("mmbench", "mmbench", "llava-v1.5-13b.jsonl"),
-])
+@pytest.mark.parametrize(
+    "name,folder,answers",
+    [
+        ("scienceqa-img", "scienceqa", "llava-v1.5-13b.jsonl"),
+        ("mmbench", "mmbench", "llava-v1.5-13b.jsonl"),
+    ],
+)
 def test_prompts_are_the_ones_llava_asked(name, folder, answers):
     """Our prompt construction reproduces the `prompt` field of LLaVA's released answer files (for MMBench
     LLaVA records the prompt before it appends the letter suffix, and the fixture table has no hint
@@ -228,27 +330,57 @@ def test_prompts_are_the_ones_llava_asked(name, folder, answers):
     asked = {str(a["question_id"]): a["prompt"].replace("<image>\n", "") for a in read_jsonl(d / answers)}
     ours = {str(q.question_id): q.text.removesuffix("\n" + LETTER) if name == "mmbench" else q.text for q in questions}
     assert ours.keys() == asked.keys()
-    different = [k for k in ours if ours[k] != asked[k] and not (name == "mmbench" and asked[k].endswith("\n" + ours[k]))]
+    different = [
+        k for k in ours if ours[k] != asked[k] and not (name == "mmbench" and asked[k].endswith("\n" + ours[k]))
+    ]
     assert not different, (len(different), ours[different[0]][-300:], asked[different[0]][-300:])
 
 
 def test_score_flags_come_from_each_benchmarks_files(tmp_path):
     """`eval score NAME` asks for the files NAME's scorer reads (its declared roles), then the answers."""
-    annotations = {"annotations": [
-        {"question_id": 1, "answer_type": "yes/no", "question_type": "is the", "answers": [{"answer": "yes"}] * 10},
-        {"question_id": 2, "answer_type": "number", "question_type": "how many",
-         "answers": [{"answer": a} for a in ["2"] * 2 + ["3"] * 8]}]}
+    annotations = {
+        "annotations": [
+            {"question_id": 1, "answer_type": "yes/no", "question_type": "is the", "answers": [{"answer": "yes"}] * 10},
+            {
+                "question_id": 2,
+                "answer_type": "number",
+                "question_type": "how many",
+                "answers": [{"answer": a} for a in ["2"] * 2 + ["3"] * 8],
+            },
+        ]
+    }
     (tmp_path / "ann.json").write_text(json.dumps(annotations))
-    (tmp_path / "q.json").write_text(json.dumps({"questions": [{"question_id": 1, "image_id": 7, "question": "Is it?"},
-                                                               {"question_id": 2, "image_id": 7, "question": "How many?"}]}))
-    (tmp_path / "a.jsonl").write_text("".join(json.dumps(a) + "\n" for a in [{"question_id": 1, "text": "yes"},
-                                                                              {"question_id": 2, "text": "two"}]))
-    scores = score_cli("vqav2-val", "--questions", tmp_path / "q.json", "--annotations", tmp_path / "ann.json",
-                       "--answers", tmp_path / "a.jsonl")
+    (tmp_path / "q.json").write_text(
+        json.dumps(
+            {
+                "questions": [
+                    {"question_id": 1, "image_id": 7, "question": "Is it?"},
+                    {"question_id": 2, "image_id": 7, "question": "How many?"},
+                ]
+            }
+        )
+    )
+    (tmp_path / "a.jsonl").write_text(
+        "".join(json.dumps(a) + "\n" for a in [{"question_id": 1, "text": "yes"}, {"question_id": 2, "text": "two"}])
+    )
+    scores = score_cli(
+        "vqav2-val",
+        "--questions",
+        tmp_path / "q.json",
+        "--annotations",
+        tmp_path / "ann.json",
+        "--answers",
+        tmp_path / "a.jsonl",
+    )
     assert scores["overall"] == 80.0  # 1.0 and 0.6 by the official rule
-    help_text = subprocess.run([sys.executable, "-m", "mipha_lab.eval", "score", "mme", "--help"],
-                               capture_output=True, text=True, timeout=120).stdout
+    help_text = subprocess.run(
+        [sys.executable, "-m", "mipha_lab.eval", "score", "mme", "--help"], capture_output=True, text=True, timeout=120
+    ).stdout
     assert "--questions" in help_text and "--ground-truth" in help_text and "--answers" in help_text
-    missing = subprocess.run([sys.executable, "-m", "mipha_lab.eval", "score", "gqa", "--answers", str(tmp_path / "a.jsonl")],
-                             capture_output=True, text=True, timeout=120)
+    missing = subprocess.run(
+        [sys.executable, "-m", "mipha_lab.eval", "score", "gqa", "--answers", str(tmp_path / "a.jsonl")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert missing.returncode == 2 and "--annotations" in missing.stderr

@@ -1,5 +1,6 @@
 """The command-line chat: one-shot and interactive answers equal the evaluation path's greedy answers,
 streaming shows exactly the final reply, sampling options are honoured, bad input is refused clearly."""
+
 from __future__ import annotations
 
 import os
@@ -28,8 +29,14 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mipha_lab.serve.cli", *args], input=stdin, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return subprocess.run(
+        [sys.executable, "-m", "mipha_lab.serve.cli", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
 
 
 def eval_path_answer(model_dir: Path, text: str, max_new_tokens: int) -> str:
@@ -40,8 +47,9 @@ def eval_path_answer(model_dir: Path, text: str, max_new_tokens: int) -> str:
 
     model = load_model(model_dir)
     question = Question(question_id=0, text=text, image=lambda: open_image(str(EXAMPLE_IMAGE)))
-    answers = answer_questions(model, get_template(model.config.template), [question], max_new_tokens=max_new_tokens,
-                               progress=False)
+    answers = answer_questions(
+        model, get_template(model.config.template), [question], max_new_tokens=max_new_tokens, progress=False
+    )
     return answers[0]["text"]
 
 
@@ -103,11 +111,14 @@ def test_streamer_never_shows_a_stop_string():
     assert "".join(shown) == streamer.text() == "The circle is red."
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--model-path", "/nonexistent/model"], "no such file or folder"),
-    (["--load-8bit"], "need a CUDA GPU"),
-    (["--image-file", "/nonexistent.png"], "cannot read the image /nonexistent.png"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model-path", "/nonexistent/model"], "no such file or folder"),
+        (["--load-8bit"], "need a CUDA GPU"),
+        (["--image-file", "/nonexistent.png"], "cannot read the image /nonexistent.png"),
+    ],
+)
 def test_bad_input_is_refused_clearly(model_dir, args, message):
     base = ["--model-path", str(model_dir), "--prompt", "hi", "--device", "cpu"]
     out = cli(*base, *args)
@@ -121,8 +132,18 @@ def test_a_folder_that_is_not_a_model_is_named(tmp_path):
 
 
 def test_conv_mode_override_warns(model_dir):
-    out = cli("--model-path", str(model_dir), "--prompt", "hi", "--conv-mode", "chatml", "--max-new-tokens", "2",
-              "--temperature", "0")
+    out = cli(
+        "--model-path",
+        str(model_dir),
+        "--prompt",
+        "hi",
+        "--conv-mode",
+        "chatml",
+        "--max-new-tokens",
+        "2",
+        "--temperature",
+        "0",
+    )
     assert out.returncode == 0 and "differs from the template the model was trained with (phi)" in out.stderr
 
 
@@ -138,7 +159,11 @@ def test_pickle_weights_are_refused_unless_allowed(model_dir, tmp_path):
     (pickled / "model.safetensors").unlink()
     args = ("--prompt", QUESTION, "--temperature", "0", "--max-new-tokens", "6")
     refused = cli("--model-path", str(pickled), *args)
-    assert refused.returncode == 2 and "pickle files (pytorch_model.bin)" in refused.stderr and "--allow-pickle" in refused.stderr
+    assert (
+        refused.returncode == 2
+        and "pickle files (pytorch_model.bin)" in refused.stderr
+        and "--allow-pickle" in refused.stderr
+    )
     allowed = cli("--model-path", str(pickled), "--allow-pickle", *args)
     assert allowed.returncode == 0, allowed.stderr
     assert allowed.stdout == cli("--model-path", str(model_dir), *args).stdout  # the same weights, the same reply

@@ -1,4 +1,5 @@
 """Vectorized splicing against the original's per-sample loop."""
+
 from __future__ import annotations
 
 import pytest

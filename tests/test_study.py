@@ -1,5 +1,6 @@
-"""The Mipha study: every experiment file plans offline (full and tiny scale); a tiny-scale subset of the study through the test Slurm cluster, then the notebooks
-executed headless on its runs."""
+"""The Mipha study: every experiment file plans offline (full and tiny scale); a tiny-scale subset of the
+study through the test Slurm cluster, then the notebooks executed headless on its runs."""
+
 from __future__ import annotations
 
 import json
@@ -23,12 +24,18 @@ FILES = sorted(STUDY.rglob("*.yaml"))
 
 def test_study_has_a_file_per_cell_of_every_axis():
     names = {str(p.relative_to(STUDY)) for p in FILES}
-    for axis, cells in {"backbone": ["clip-vit-l-336", "dinov2-large", "siglip-base-224"],
-                        "resolution": ["224", "336", "448"], "vision_tuning": ["frozen"],
-                        "llm": ["phi-1.5", "gemma-2b", "qwen2.5-1.5b"], "lm_instruct": ["phi-2-sft"],
-                        "finetuning": ["lora", "lora-vision-full"], "projector": ["linear", "ldp-v2", "avgpool"],
-                        "epochs": ["1-epoch"], "quirks": ["corrected"],
-                        "released": ["mipha-3b", "mipha-1.6b", "mipha-2.4b", "llava-phi"]}.items():
+    for axis, cells in {
+        "backbone": ["clip-vit-l-336", "dinov2-large", "siglip-base-224"],
+        "resolution": ["224", "336", "448"],
+        "vision_tuning": ["frozen"],
+        "llm": ["phi-1.5", "gemma-2b", "qwen2.5-1.5b"],
+        "lm_instruct": ["phi-2-sft"],
+        "finetuning": ["lora", "lora-vision-full"],
+        "projector": ["linear", "ldp-v2", "avgpool"],
+        "epochs": ["1-epoch"],
+        "quirks": ["corrected"],
+        "released": ["mipha-3b", "mipha-1.6b", "mipha-2.4b", "llava-phi"],
+    }.items():
         for cell in cells:
             assert f"{axis}/{cell}.yaml" in names
     cells = expand_all([str(STUDY)])
@@ -44,8 +51,13 @@ def test_study_has_a_file_per_cell_of_every_axis():
 @pytest.mark.parametrize("scale", [None, "tiny"])
 def test_every_study_file_passes_dry_run_offline(scale, tmp_path):
     command = [sys.executable, "-m", "mipha_lab.launch", str(STUDY), "--dry-run", "--json", f"data_root={tmp_path}"]
-    out = subprocess.run(command + (["--scale", scale] if scale else []), capture_output=True, text=True,
-                         timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    out = subprocess.run(
+        command + (["--scale", scale] if scale else []),
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     plans = {c["run_name"]: c["plan"] for c in json.loads(out.stdout)["cells"]}
     assert len(plans) == len(FILES)
@@ -73,8 +85,17 @@ def test_tiny_scale_keeps_each_cell_identity():
     assert cells["overhaul/base"].stage("finetune").trainable.vision.mode == "full"
 
 
-SUBSET = ["backbone/siglip-base-224", "resolution/224", "resolution/448", "llm/phi-1.5", "lm_instruct/phi-2-sft",
-          "finetuning/lora-vision-full", "projector/linear", "epochs/1-epoch", "quirks/corrected"]
+SUBSET = [
+    "backbone/siglip-base-224",
+    "resolution/224",
+    "resolution/448",
+    "llm/phi-1.5",
+    "lm_instruct/phi-2-sft",
+    "finetuning/lora-vision-full",
+    "projector/linear",
+    "epochs/1-epoch",
+    "quirks/corrected",
+]
 SEEDED = ["base", "vision_tuning/frozen"]  # the baseline and one axis with 2 seeds
 NOTEBOOKS = ("overhaul_tables", "claims", "training_curves")
 
@@ -84,12 +105,27 @@ def test_tiny_study_through_slurm_then_the_notebooks(slurm, data_root, tmp_path)
     from mipha_lab.cluster.slurm_state import ACTIVE, RUN_STATE, job_states
 
     runs = tmp_path / "runs"
-    common = [f"runs_root={runs}", f"data_root={data_root}", "tracking.wandb_mode=disabled", "--scale", "tiny",
-              "--cluster", str(REPO / "slurm" / "test-node.yaml")]
-    launches = [[str(STUDY / f"{c}.yaml") for c in SEEDED] + ["--seeds", "0,1"], [str(STUDY / f"{c}.yaml") for c in SUBSET]]
+    common = [
+        f"runs_root={runs}",
+        f"data_root={data_root}",
+        "tracking.wandb_mode=disabled",
+        "--scale",
+        "tiny",
+        "--cluster",
+        str(REPO / "slurm" / "test-node.yaml"),
+    ]
+    launches = [
+        [str(STUDY / f"{c}.yaml") for c in SEEDED] + ["--seeds", "0,1"],
+        [str(STUDY / f"{c}.yaml") for c in SUBSET],
+    ]
     for files in launches:
-        out = subprocess.run([sys.executable, "-m", "mipha_lab.launch", *files, *common], capture_output=True,
-                             text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        out = subprocess.run(
+            [sys.executable, "-m", "mipha_lab.launch", *files, *common],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
         assert out.returncode == 0, out.stderr[-3000:]
     jobs = [json.loads(p.read_text())["job_id"] for p in runs.rglob("job.json")]
     assert len(jobs) == 2 * len(SEEDED) + len(SUBSET)
@@ -97,8 +133,12 @@ def test_tiny_study_through_slurm_then_the_notebooks(slurm, data_root, tmp_path)
     while any(RUN_STATE.get(s) in ACTIVE for s in job_states(jobs).values()):
         assert time.time() < deadline, "the tiny study did not finish in 10 minutes"
         time.sleep(2)
-    status = subprocess.run([sys.executable, "-m", "mipha_lab.runs", "status", str(runs), "--json"],
-                            capture_output=True, text=True, timeout=120)
+    status = subprocess.run(
+        [sys.executable, "-m", "mipha_lab.runs", "status", str(runs), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     rows = json.loads(status.stdout)
     assert len(rows) == len(jobs) and all(r["state"] == "done" for r in rows), [(r["run"], r["error"]) for r in rows]
 
@@ -112,9 +152,24 @@ def test_tiny_study_through_slurm_then_the_notebooks(slurm, data_root, tmp_path)
     out_dir = tmp_path / "output"
     env = {**os.environ, "RUNS_ROOT": str(runs), "OUT": str(out_dir), "DRAWS": "200", "MPLBACKEND": "Agg"}
     for name in NOTEBOOKS:
-        done = subprocess.run([sys.executable, "-m", "jupytext", "--to", "ipynb", "--execute", "--output",
-                               str(tmp_path / f"{name}.ipynb"), str(REPO / "analysis" / f"{name}.py")],
-                              capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "jupytext",
+                "--to",
+                "ipynb",
+                "--execute",
+                "--output",
+                str(tmp_path / f"{name}.ipynb"),
+                str(REPO / "analysis" / f"{name}.py"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=env,
+            cwd=tmp_path,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
     tables = (out_dir / "overhaul_tables.md").read_text()
     for cell in [c.split("/")[-1] for c in SUBSET] + ["frozen", "base"]:
@@ -128,8 +183,9 @@ def test_tiny_study_through_slurm_then_the_notebooks(slurm, data_root, tmp_path)
     assert seeded["comparisons"][0]["seeds"] == [2, 2] and seeded["comparisons"][0]["detectable"] > 0
     one_seed = [c for c in claims if c["axis"] in ("resolution", "llm", "lm_instruct", "finetuning")]
     assert one_seed and all(c["verdict"] == f"no verdict ({ONE_SEED})" for c in one_seed)
-    interval = compare.delta(table["resolution"][1], table["resolution"][0], "shapes-vqa", draws=200,
-                             question_only=True)
+    interval = compare.delta(
+        table["resolution"][1], table["resolution"][0], "shapes-vqa", draws=200, question_only=True
+    )
     assert interval.low < interval.high and QUESTION_ONLY in interval.text()
     for png in ("overhaul_aggregate.png", "claims.png", "training_curves_loss.png", "training_curves_tokens_per_s.png"):
         assert (out_dir / png).stat().st_size > 5000

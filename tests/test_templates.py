@@ -1,4 +1,5 @@
 """Golden strings and golden label masks for every chat template."""
+
 from __future__ import annotations
 
 import pytest
@@ -21,10 +22,10 @@ GOLDEN_PROMPTS = {  # the inference prompt for the first three messages (mipha-r
     "phi": f"{SYSTEM} USER: <image>\nWhat is shown? ASSISTANT: A cat<|endoftext|>USER: Color? ASSISTANT:",
     "gemma": f"<bos>{SYSTEM} USER: <image>\nWhat is shown? ASSISTANT: A cat<eos>USER: Color? ASSISTANT:",
     "phi-3": "<|system|>You are a helpful AI assistant.<|end|><|user|><image>\nWhat is shown?<|end|>"
-             "<|assistant|>A cat<|end|><|user|>Color?<|end|><|assistant|>",
+    "<|assistant|>A cat<|end|><|user|>Color?<|end|><|assistant|>",
     "chatml": "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>\nWhat is shown?"
-              "<|im_end|>\n<|im_start|>assistant\nA cat<|im_end|>\n<|im_start|>user\nColor?<|im_end|>\n"
-              "<|im_start|>assistant\n",
+    "<|im_end|>\n<|im_start|>assistant\nA cat<|im_end|>\n<|im_start|>user\nColor?<|im_end|>\n"
+    "<|im_start|>assistant\n",
 }
 # Golden masks with the tiny byte-level BPE (Ġ = a space merged into the next word): the supervised
 # tokens of the whole four-message sample, in order.
@@ -51,10 +52,10 @@ def test_golden_label_masks(name):
     tokenizer = load_tokenizer(LLM.get(LM_FOR[name]))
     encoded = encode(get_template(name), tokenizer, CONVERSATION)
     toks = tokens(tokenizer, encoded.input_ids)
-    supervised = [t for t, label in zip(toks, encoded.labels) if label != IGNORE_INDEX]
+    supervised = [t for t, label in zip(toks, encoded.labels, strict=True) if label != IGNORE_INDEX]
     assert supervised == GOLDEN_SUPERVISED[name]
     # labels equal the ids where supervised; the image is masked and marked with the sentinel
-    assert all(label in (IGNORE_INDEX, i) for i, label in zip(encoded.input_ids, encoded.labels))
+    assert all(label in (IGNORE_INDEX, i) for i, label in zip(encoded.input_ids, encoded.labels, strict=True))
     assert encoded.input_ids.count(IMAGE_TOKEN_INDEX) == 1
     assert encoded.labels[encoded.input_ids.index(IMAGE_TOKEN_INDEX)] == IGNORE_INDEX
 
@@ -64,7 +65,7 @@ def test_phi_mask_token_by_token_shows_the_boundary_rule():
     tokenizer = load_tokenizer(LLM.get("tiny-phi-2"))
     encoded = encode(get_template("phi"), tokenizer, CONVERSATION[2:])
     toks = tokens(tokenizer, encoded.input_ids)
-    tail = list(zip(toks, [label != IGNORE_INDEX for label in encoded.labels]))[-5:]
+    tail = list(zip(toks, [label != IGNORE_INDEX for label in encoded.labels], strict=True))[-5:]
     assert tail == [("?", False), ("ĠASSISTANT", False), (":", False), ("Ġred", True), ("<|endoftext|>", True)]
 
 
@@ -74,14 +75,22 @@ def test_a_separate_space_token_before_the_answer_is_learnt():
     tokenizer = load_tokenizer(LLM.get("tiny-phi-2"))
     messages = [{"role": "user", "content": "Is it red?"}, {"role": "assistant", "content": "Yes"}]
     encoded = encode(get_template("phi"), tokenizer, messages)
-    supervised = [t for t, label in zip(tokens(tokenizer, encoded.input_ids), encoded.labels) if label != IGNORE_INDEX]
+    supervised = [
+        t
+        for t, label in zip(tokens(tokenizer, encoded.input_ids), encoded.labels, strict=True)
+        if label != IGNORE_INDEX
+    ]
     assert supervised == ["Ġ", "Yes", "<|endoftext|>"]
 
 
 def test_quirk_mask_first_answer_token():
     tokenizer = load_tokenizer(LLM.get("tiny-phi-2"))
     encoded = encode(get_template("phi"), tokenizer, CONVERSATION, mask_first_answer_token=True)
-    supervised = [t for t, label in zip(tokens(tokenizer, encoded.input_ids), encoded.labels) if label != IGNORE_INDEX]
+    supervised = [
+        t
+        for t, label in zip(tokens(tokenizer, encoded.input_ids), encoded.labels, strict=True)
+        if label != IGNORE_INDEX
+    ]
     assert supervised == ["Ġcat", "<|endoftext|>", "<|endoftext|>"]
 
 
@@ -111,8 +120,10 @@ def test_in_sequence_end_tokens_are_real_tokens_even_when_pad_equals_eos():
     tokenizer = load_tokenizer(LLM.get("tiny-phi-2"))
     encoded = encode(get_template("phi"), tokenizer, CONVERSATION)
     short = encode(get_template("phi"), tokenizer, CONVERSATION[2:])
-    items = [{"id": str(i), "input_ids": torch.tensor(e.input_ids), "labels": torch.tensor(e.labels),
-              "pixel_values": None} for i, e in enumerate([encoded, short])]
+    items = [
+        {"id": str(i), "input_ids": torch.tensor(e.input_ids), "labels": torch.tensor(e.labels), "pixel_values": None}
+        for i, e in enumerate([encoded, short])
+    ]
     batch = collate_padded(items)
     assert batch["attention_mask"].sum(1).tolist() == [len(encoded.input_ids), len(short.input_ids)]
     eos = tokenizer.eos_token_id
@@ -128,18 +139,36 @@ def test_aliases_and_registry():
 
 def test_a_split_end_token_is_refused():
     tokenizer = load_tokenizer(LLM.get("tiny-phi-2"))
-    custom = Template(name="x", description="", system=None, system_format="", user_format="{content}",
-                      assistant_tag="", generation_tag="", end="<|not-a-token|>")
+    custom = Template(
+        name="x",
+        description="",
+        system=None,
+        system_format="",
+        user_format="{content}",
+        assistant_tag="",
+        generation_tag="",
+        end="<|not-a-token|>",
+    )
     with pytest.raises(MaskError, match=r"splits '<\|not-a-token\|>' into \d+ tokens"):
         check_tokenizer(custom, tokenizer)
 
 
 def test_an_answer_no_token_covers_is_refused():
     tokenizer = load_tokenizer(LLM.get("tiny-phi-2"))
-    custom = Template(name="x", description="", system=None, system_format="", user_format="{content}",
-                      assistant_tag="", generation_tag="", end="")
+    custom = Template(
+        name="x",
+        description="",
+        system=None,
+        system_format="",
+        user_format="{content}",
+        assistant_tag="",
+        generation_tag="",
+        end="",
+    )
     with pytest.raises(MaskError, match="sample s1: no token covers the answer"):
-        encode(custom, tokenizer, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}], sample_id="s1")
+        encode(
+            custom, tokenizer, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}], sample_id="s1"
+        )
 
 
 def test_roles_must_alternate():
@@ -157,11 +186,16 @@ def test_jinja_chat_template_renders_exactly_our_prompt(name):
     template = get_template(name)
     tokenizer = tiny_tokenizer(eos=template.end)
     tokenizer.chat_template = template.jinja()
-    listed = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]},
-              {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
-              {"role": "user", "content": "And the shape?"}]
-    ours = [{"role": "user", "content": "<image>\nWhat colour?"}, {"role": "assistant", "content": "red"},
-            {"role": "user", "content": "And the shape?"}]
+    listed = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+        {"role": "user", "content": "And the shape?"},
+    ]
+    ours = [
+        {"role": "user", "content": "<image>\nWhat colour?"},
+        {"role": "assistant", "content": "red"},
+        {"role": "user", "content": "And the shape?"},
+    ]
     system = [{"role": "system", "content": "Answer briefly."}]
     for a, b in ((listed, ours), (system + listed, system + ours)):
         assert tokenizer.apply_chat_template(a, add_generation_prompt=True, tokenize=False) == template.prompt(b)

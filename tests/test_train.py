@@ -1,4 +1,5 @@
 """Training end to end on the micro experiment: run folder, metrics, engines and process counts agree."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,23 @@ from mipha_lab.model import MultimodalModel
 
 REPO = Path(__file__).resolve().parents[1]
 MICRO = REPO / "experiments" / "micro.yaml"
-METRIC_KEYS = {"stage", "step", "stage_step", "loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s",
-               "images_per_s", "time", "peak_memory_mb", "flops", "recompute_flops", "mfu", "supervised_tokens"}
+METRIC_KEYS = {
+    "stage",
+    "step",
+    "stage_step",
+    "loss",
+    "lr",
+    "grad_norm",
+    "tokens_per_s",
+    "samples_per_s",
+    "images_per_s",
+    "time",
+    "peak_memory_mb",
+    "flops",
+    "recompute_flops",
+    "mfu",
+    "supervised_tokens",
+}
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +42,17 @@ def workspace(tmp_path_factory) -> Path:
 
 def launch(workspace: Path, run_name: str, *overrides: str, nproc: int = 1) -> Path:
     """The real command line, in a subprocess (torchrun for several processes)."""
-    command = [sys.executable, "-m", "mipha_lab.launch", str(MICRO), f"data_root={workspace / 'data'}",
-               f"runs_root={workspace / 'runs'}", f"run_name={run_name}", "tracking.wandb_mode=disabled", *overrides]
+    command = [
+        sys.executable,
+        "-m",
+        "mipha_lab.launch",
+        str(MICRO),
+        f"data_root={workspace / 'data'}",
+        f"runs_root={workspace / 'runs'}",
+        f"run_name={run_name}",
+        "tracking.wandb_mode=disabled",
+        *overrides,
+    ]
     if nproc > 1:
         command.append(f"--nproc={nproc}")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -47,9 +72,22 @@ def reference_run(workspace) -> Path:
 
 def test_run_folder_layout_and_metrics(reference_run):
     run = reference_run
-    for name in ("config.yaml", "manifest.json", "status.json", "metrics.jsonl", "params-align.json", "params-align.md",
-                 "params-instruct.md", "final/config.json", "final/model.safetensors", "stages/align/model.safetensors",
-                 "eval/summary.md", "eval/summary.csv", "eval/shapes-vqa/answers.jsonl", "eval/shapes-vqa/scores.json"):
+    for name in (
+        "config.yaml",
+        "manifest.json",
+        "status.json",
+        "metrics.jsonl",
+        "params-align.json",
+        "params-align.md",
+        "params-instruct.md",
+        "final/config.json",
+        "final/model.safetensors",
+        "stages/align/model.safetensors",
+        "eval/summary.md",
+        "eval/summary.csv",
+        "eval/shapes-vqa/answers.jsonl",
+        "eval/shapes-vqa/scores.json",
+    ):
         assert (run / name).exists(), name
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "done" and status["step"] == 20
@@ -59,7 +97,7 @@ def test_run_folder_layout_and_metrics(reference_run):
     assert all(f["sha256"] and f["bytes"] > 0 for f in manifest["data_files"])
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 21)) and {r["stage"] for r in rows} == {"align", "instruct"}
-    assert METRIC_KEYS <= set(rows[0]) and set(rows[0]["time"]) == {"data", "forward_backward", "optimizer"}
+    assert set(rows[0]) >= METRIC_KEYS and set(rows[0]["time"]) == {"data", "forward_backward", "optimizer"}
     assert set(rows[-1]["lr"]) >= {"vision", "projector", "lm_body", "lm_embeddings", "lm_head"}
     instruct = [r["loss"] for r in rows if r["stage"] == "instruct"]
     assert instruct[-1] < instruct[0] - 1.0  # learning
@@ -67,7 +105,12 @@ def test_run_folder_layout_and_metrics(reference_run):
     assert resolved.stage("instruct").max_steps == 15 and resolved.extends_chain[-1].endswith("micro.yaml")
     params = json.loads((run / "params-align.json").read_text())
     assert {p["module"]: p["trainable"] > 0 for p in params} == {
-        "vision": False, "projector": True, "lm_body": False, "lm_embeddings": False, "lm_head": False}
+        "vision": False,
+        "projector": True,
+        "lm_body": False,
+        "lm_embeddings": False,
+        "lm_head": False,
+    }
 
 
 def test_final_model_loads_and_answers(reference_run):
@@ -91,5 +134,9 @@ def test_two_processes_follow_the_one_process_loss_curve(workspace, reference_ru
     ids = torch.tensor([[-200, 5, 6, 7]])
     pixels = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(two(ids, torch.ones_like(ids), pixels).logits,
-                                   one(ids, torch.ones_like(ids), pixels).logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            two(ids, torch.ones_like(ids), pixels).logits,
+            one(ids, torch.ones_like(ids), pixels).logits,
+            rtol=1e-4,
+            atol=1e-4,
+        )

@@ -1,5 +1,6 @@
 """Two cells compared: on one benchmark, or on the mean over benchmarks in 0-100 points. The same resampled
 units for both cells (paired by question); the run-level figures carry the seeds."""
+
 from __future__ import annotations
 
 import zlib
@@ -31,8 +32,9 @@ def _rng(seed: int, benchmark: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(benchmark.encode())])
 
 
-def delta(a: Cell, b: Cell, benchmark: str, draws: int = 1000, question_only: bool = False,
-          seed: int = 0) -> Interval | None:
+def delta(
+    a: Cell, b: Cell, benchmark: str, draws: int = 1000, question_only: bool = False, seed: int = 0
+) -> Interval | None:
     """a - b on the benchmark's headline scale; None when a side has no per-question records of it."""
     runs_a, runs_b = _runs_with(a, [benchmark]), _runs_with(b, [benchmark])
     if not runs_a or not runs_b:
@@ -42,8 +44,9 @@ def delta(a: Cell, b: Cell, benchmark: str, draws: int = 1000, question_only: bo
     return interval(sample_a, sample_b, table.units, question_only)
 
 
-def aggregate_delta(a: Cell, b: Cell, benchmarks: list[str], draws: int = 1000, question_only: bool = False,
-                    seed: int = 0) -> Interval | None:
+def aggregate_delta(
+    a: Cell, b: Cell, benchmarks: list[str], draws: int = 1000, question_only: bool = False, seed: int = 0
+) -> Interval | None:
     """a - b of the mean over benchmarks, each in 0-100 points (MME's 0-2000 headline divided by 20), on the
     runs that have records of every benchmark both cells share: a run's figures move together across
     benchmarks, so seeds are never resampled apart."""

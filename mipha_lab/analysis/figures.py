@@ -4,11 +4,13 @@ which the headline pairs for accuracy+); for MMBench a circular group (a questio
 Units are resampled within strata (POPE's splits, MME's subtasks), so every resample keeps the official
 structure. On all units each figure equals the official scorer's headline (tests/test_analysis.py checks
 that on LLaVA-1.5-13B's released predictions)."""
+
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Any, Hashable
+from typing import Any
 
 import numpy as np
 
@@ -103,12 +105,14 @@ class MmePerception(Figure):
 
     def values(self, records: list[Record], where: str) -> list[float]:
         if len(records) != 2 or records[0].get("prompt") == records[1].get("prompt"):
-            raise RecordsError(f"{where}: image {records[0]['question_id']} has {len(records)} records; MME asks two "
-                               "different questions per image")
+            raise RecordsError(
+                f"{where}: image {records[0]['question_id']} has {len(records)} records; MME asks two "
+                "different questions per image"
+            )
         return [correctness(r, where) for r in sorted(records, key=lambda r: str(r.get("prompt")))]
 
     def compute(self, values: np.ndarray, strata: np.ndarray) -> np.ndarray:
-        total = 0.0
+        total = np.zeros(values.shape[:-2])
         for stratum in np.unique(strata):
             first, second = values[..., strata == stratum, 0], values[..., strata == stratum, 1]
             total = total + 100 * (first + second).mean(-1) / 2 + 100 * (first * second).mean(-1)
@@ -128,8 +132,14 @@ class CircularAccuracy(Figure):
         return [float(all(correctness(r, where) == 1 for r in records))]
 
 
-FIGURES: dict[str, Figure] = {"scienceqa-img": ImageQuestionAccuracy(), "pope": PopeMeanF1(), "shapes-pope": PopeMeanF1(),
-                              "mme": MmePerception(), "mmbench": CircularAccuracy(), "mmbench-cn": CircularAccuracy()}
+FIGURES: dict[str, Figure] = {
+    "scienceqa-img": ImageQuestionAccuracy(),
+    "pope": PopeMeanF1(),
+    "shapes-pope": PopeMeanF1(),
+    "mme": MmePerception(),
+    "mmbench": CircularAccuracy(),
+    "mmbench-cn": CircularAccuracy(),
+}
 
 
 def figure_of(benchmark: str) -> Figure:
@@ -154,8 +164,13 @@ class UnitTable:
         if resamples is None:
             return self.figure.compute(self.values, self.strata)
         per_chunk = max(1, 4_000_000 // max(1, self.values.size))  # bounded memory on big benchmarks
-        return np.concatenate([self.figure.compute(self.values[:, rows], self.strata)
-                               for rows in np.array_split(resamples, max(1, -(-len(resamples) // per_chunk)))], axis=1)
+        return np.concatenate(
+            [
+                self.figure.compute(self.values[:, rows], self.strata)
+                for rows in np.array_split(resamples, max(1, -(-len(resamples) // per_chunk)))
+            ],
+            axis=1,
+        )
 
     def resample(self, draws: int, rng: np.random.Generator) -> np.ndarray:
         """(draws, units) unit indices drawn with replacement within each stratum."""

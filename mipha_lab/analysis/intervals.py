@@ -1,5 +1,6 @@
 """The interval of a delta between two cells: seed-level means with question-level sampling error, and a
 t-interval on the few seeds (the model is written out in mipha_lab/analysis/__init__.py)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -37,8 +38,10 @@ def mean_of(samples: list[Sample], scales: list[float]) -> Sample:
     """The mean over benchmarks, each divided by its scale (its full scale / 100: 0-100 points), run by run:
     a seed's luck stays shared by all benchmarks of its run. Draw i of different benchmarks are independent
     resamples of different questions, so their mean is a resample of the mean."""
-    return Sample(np.mean([s.figures / c for s, c in zip(samples, scales)], axis=0),
-                  np.mean([s.resampled / c for s, c in zip(samples, scales)], axis=0))
+    return Sample(
+        np.mean([s.figures / c for s, c in zip(samples, scales, strict=True)], axis=0),
+        np.mean([s.resampled / c for s, c in zip(samples, scales, strict=True)], axis=0),
+    )
 
 
 @dataclass
@@ -53,8 +56,12 @@ class Interval:
     units: int
     method: str
 
+    @property
+    def bounds(self) -> tuple[float, float] | None:
+        return None if self.low is None or self.high is None else (self.low, self.high)
+
     def excludes_zero(self) -> bool:
-        return self.low is not None and (self.low > 0 or self.high < 0)
+        return self.bounds is not None and (self.bounds[0] > 0 or self.bounds[1] < 0)
 
     def text(self) -> str:
         if self.low is None:
@@ -88,6 +95,8 @@ def interval(a: Sample, b: Sample, units: int, question_only: bool = False) -> I
     variance = question_part + sum(seed_parts)
     if variance <= 0:
         return Interval(delta, delta, delta, 0.0, seeds, units, SEEDS_AND_QUESTIONS)
-    df = variance ** 2 / (question_part ** 2 / max(units - 1, 1) + sum(p ** 2 / (s.seeds - 1)
-                                                                       for p, s in zip(seed_parts, (a, b))))
+    df = variance**2 / (
+        question_part**2 / max(units - 1, 1)
+        + sum(p**2 / (s.seeds - 1) for p, s in zip(seed_parts, (a, b), strict=True))
+    )
     return _t_interval(delta, variance, df, seeds, units, SEEDS_AND_QUESTIONS)

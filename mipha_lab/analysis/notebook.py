@@ -1,4 +1,5 @@
 """What every notebook in analysis/ starts from, and its figure layout."""
+
 from __future__ import annotations
 
 import math

@@ -10,6 +10,7 @@ expectation, computed on 400,000 draws.
     python -m mipha_lab.analysis.simulate [--seeds 3 5] [--seed-sd 0 0.02 0.05 0.2] [--benchmarks 1 3]
                                           [--questions 1000] [--replicates 400] [--draws 300]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,28 +66,53 @@ class Outcome:
     width: float  # mean width, points
 
 
-def check(regime: Regime, replicates: int = 400, draws: int = 300, seed: int = 0, question_only: bool = False,
-          progress: bool = False) -> Outcome:
+def check(
+    regime: Regime,
+    replicates: int = 400,
+    draws: int = 300,
+    seed: int = 0,
+    question_only: bool = False,
+    progress: bool = False,
+) -> Outcome:
     rng = np.random.default_rng(seed)
     truth = regime.true_delta(rng)
     covered, excluded, widths = 0, 0, []
-    for _ in tqdm(range(replicates), desc=f"{regime.seeds} seeds, SD {regime.seed_sd:g}, {regime.benchmarks} benchmark(s), delta {regime.delta:g}", disable=not progress, leave=False):
+    for _ in tqdm(
+        range(replicates),
+        desc=f"{regime.seeds} seeds, SD {regime.seed_sd:g}, {regime.benchmarks} benchmark(s), delta {regime.delta:g}",
+        disable=not progress,
+        leave=False,
+    ):
         pairs = [paired_samples(table, regime.seeds, draws, rng) for table in regime.tables(rng)]
         scales = [1.0] * len(pairs)
-        found = interval(mean_of([a for a, _ in pairs], scales), mean_of([b for _, b in pairs], scales),
-                         regime.benchmarks * regime.questions, question_only)
-        covered += found.low <= truth <= found.high
+        found = interval(
+            mean_of([a for a, _ in pairs], scales),
+            mean_of([b for _, b in pairs], scales),
+            regime.benchmarks * regime.questions,
+            question_only,
+        )
+        assert found.bounds is not None  # two seeds or more, or question-only: always an interval
+        low, high = found.bounds
+        covered += low <= truth <= high
         excluded += found.excludes_zero()
-        widths.append(found.high - found.low)
+        widths.append(high - low)
     return Outcome(regime, truth, covered / replicates, excluded / replicates, float(np.mean(widths)))
 
 
 def main(argv: list[str] | None = None) -> int:
-    cli = argparse.ArgumentParser(prog="python -m mipha_lab.analysis.simulate", description=__doc__,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli = argparse.ArgumentParser(
+        prog="python -m mipha_lab.analysis.simulate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     cli.add_argument("--seeds", type=int, nargs="+", default=[3, 5], help="seeds per cell")
-    cli.add_argument("--seed-sd", type=float, nargs="+", default=[0.0, 0.02, 0.05, 0.2],
-                     help="SD of a run's accuracy shift (accuracy units)")
+    cli.add_argument(
+        "--seed-sd",
+        type=float,
+        nargs="+",
+        default=[0.0, 0.02, 0.05, 0.2],
+        help="SD of a run's accuracy shift (accuracy units)",
+    )
     cli.add_argument("--benchmarks", type=int, nargs="+", default=[1, 3], help="benchmarks averaged")
     cli.add_argument("--questions", type=int, default=1000, help="questions per benchmark")
     cli.add_argument("--delta", type=float, default=0.05, help="planted difference (accuracy units)")
@@ -102,10 +128,18 @@ def main(argv: list[str] | None = None) -> int:
             for benchmarks in args.benchmarks:
                 planted = Regime(seeds, sd, benchmarks, args.questions, args.delta)
                 found = check(planted, args.replicates, args.draws, seed=1, progress=True)
-                null = check(Regime(seeds, sd, benchmarks, args.questions, 0.0), args.replicates, args.draws, seed=2,
-                             progress=True)
-                print(f"| {seeds} | {sd:g} | {benchmarks} | {found.truth:+.2f} | {found.coverage:.1%} | "
-                      f"{found.width:.2f} | {null.excludes_zero:.1%} |", flush=True)
+                null = check(
+                    Regime(seeds, sd, benchmarks, args.questions, 0.0),
+                    args.replicates,
+                    args.draws,
+                    seed=2,
+                    progress=True,
+                )
+                print(
+                    f"| {seeds} | {sd:g} | {benchmarks} | {found.truth:+.2f} | {found.coverage:.1%} | "
+                    f"{found.width:.2f} | {null.excludes_zero:.1%} |",
+                    flush=True,
+                )
     return 0
 
 

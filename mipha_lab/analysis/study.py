@@ -6,6 +6,7 @@ the baseline run's are what the axis changes. The axis is named by the folder of
 (`mipha_overhaul/backbone/...` -> `backbone`), else by those keys. Runs whose configs differ only in
 the seed form one cell.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,20 @@ from mipha_lab.eval.benchmarks import PAPER_ORDER, headline_scores
 from mipha_lab.eval.scoring.answers import read_jsonl
 from mipha_lab.runs.folder import RunFolder
 
-NOT_COMPARED = ("seed", "run_name", "runs_root", "data_root", "source", "extends_chain", "tracking", "resources",
-                "sweep", "eval", "data_workers", "checkpoint")
+NOT_COMPARED = (
+    "seed",
+    "run_name",
+    "runs_root",
+    "data_root",
+    "source",
+    "extends_chain",
+    "tracking",
+    "resources",
+    "sweep",
+    "eval",
+    "data_workers",
+    "checkpoint",
+)
 
 
 @dataclass
@@ -55,7 +68,7 @@ class Cell:
     runs: list[Run]
     axis: str = ""
     changed: list[str] = field(default_factory=list)
-    baseline: "Cell | None" = None
+    baseline: Cell | None = None
 
     @property
     def name(self) -> str:
@@ -75,14 +88,22 @@ def load_run(path: Path) -> Run:
     records = {}
     for file in sorted((path / "eval").glob("*/records.jsonl")):
         records[file.parent.name] = read_jsonl(file)
-    return Run(path, yaml.safe_load((path / "config.yaml").read_text()), RunFolder(path).metrics(),
-               headline_scores(path / "eval"), records)
+    return Run(
+        path,
+        yaml.safe_load((path / "config.yaml").read_text()),
+        RunFolder(path).metrics(),
+        headline_scores(path / "eval"),
+        records,
+    )
 
 
 def load_runs(root: str | Path) -> list[Run]:
     """Every run folder under `root` (any depth) that holds a resolved config."""
-    folders = sorted(p.parent for p in Path(root).rglob("config.yaml")
-                     if ".jobs" not in p.parts and "checkpoints" not in p.parts and (p.parent / "manifest.json").is_file())
+    folders = sorted(
+        p.parent
+        for p in Path(root).rglob("config.yaml")
+        if ".jobs" not in p.parts and "checkpoints" not in p.parts and (p.parent / "manifest.json").is_file()
+    )
     return [load_run(folder) for folder in folders]
 
 
@@ -90,8 +111,14 @@ def group_cells(runs: list[Run]) -> list[Cell]:
     """Runs of one experiment file whose configs differ only in the seed form one cell."""
     cells: list[Cell] = []
     for run in runs:
-        home = next((c for c in cells if c.runs[0].source == run.source
-                     and not config_differences(c.runs[0].config, run.config, NOT_COMPARED)), None)
+        home = next(
+            (
+                c
+                for c in cells
+                if c.runs[0].source == run.source and not config_differences(c.runs[0].config, run.config, NOT_COMPARED)
+            ),
+            None,
+        )
         if home is None:
             cells.append(Cell([run]))
         else:
@@ -110,7 +137,7 @@ def assign_axes(cells: list[Cell]) -> list[Cell]:
         cell.baseline = base
         cell.changed = config_differences(base.runs[0].config, cell.runs[0].config, NOT_COMPARED)
         folder = Path(cell.runs[0].source or "").parent
-        cell.axis = folder.name if folder != Path(parent).parent else "+".join(cell.changed) or "none"
+        cell.axis = folder.name if folder != Path(parent or "").parent else "+".join(cell.changed) or "none"
     return cells
 
 
@@ -127,8 +154,9 @@ def benchmarks_of(cells: list[Cell]) -> list[str]:
 def axes(cells: list[Cell]) -> dict[str, list[Cell]]:
     """Axis -> [its baseline, then its cells]."""
     table: dict[str, list[Cell]] = {}
-    for cell in sorted((c for c in cells if c.baseline is not None), key=lambda c: (c.axis, c.name)):
-        table.setdefault(cell.axis, [cell.baseline]).append(cell)
+    for cell in sorted(cells, key=lambda c: (c.axis, c.name)):
+        if cell.baseline is not None:
+            table.setdefault(cell.axis, [cell.baseline]).append(cell)
     return table
 
 
@@ -138,8 +166,11 @@ def run_costs(run: Run) -> dict[str, Any]:
     seconds = sum(sum(m.get("time", {}).values()) for m in run.metrics)
     gpus = len(manifest.get("hardware", {}).get("gpus") or [])
     mfu = [m["mfu"] for m in run.metrics if m.get("mfu") is not None]
-    return {"run": run.name, "steps": len(run.metrics),
-            "tokens_per_s": float(np.mean([m["tokens_per_s"] for m in run.metrics])) if run.metrics else math.nan,
-            "mfu": float(np.mean(mfu)) if mfu else None,
-            "gpu_hours": seconds * manifest.get("world_size", 1) / 3600 if gpus else 0.0,
-            "train_seconds": seconds}
+    return {
+        "run": run.name,
+        "steps": len(run.metrics),
+        "tokens_per_s": float(np.mean([m["tokens_per_s"] for m in run.metrics])) if run.metrics else math.nan,
+        "mfu": float(np.mean(mfu)) if mfu else None,
+        "gpu_hours": seconds * manifest.get("world_size", 1) / 3600 if gpus else 0.0,
+        "train_seconds": seconds,
+    }

@@ -2,6 +2,7 @@
 the baseline with their intervals; per claim, supported / contradicted / inconclusive from the interval
 of the mean delta over benchmarks, with the seeds and questions behind it and the smallest effect it
 could have detected."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -43,8 +44,10 @@ def format_axis_table(axis: str, rows: list[dict[str, Any]]) -> str:
     """Markdown: mean (delta [interval]) per benchmark, the mean delta in points, the mean z; a note says
     how intervals were made."""
     names = [k for k in rows[0] if k not in ("cell", "seeds", "baseline", "aggregate", "aggregate_z")]
-    lines = [f"| {axis} | seeds | " + " | ".join(names) + " | mean delta (points) | mean z |",
-             "|---|---|" + "---:|" * (len(names) + 2)]
+    lines = [
+        f"| {axis} | seeds | " + " | ".join(names) + " | mean delta (points) | mean z |",
+        "|---|---|" + "---:|" * (len(names) + 2),
+    ]
     methods = set()
     for r in rows:
         cells = []
@@ -62,11 +65,14 @@ def format_axis_table(axis: str, rows: list[dict[str, Any]]) -> str:
 def interval_note(methods: set[str]) -> str:
     notes = [f"Deltas against the baseline with {LEVEL:.0%} intervals over seeds and questions."]
     if QUESTION_ONLY in methods:
-        notes.append("QUESTION-ONLY intervals (asked for): they leave seed variance out and are too narrow "
-                     "wherever seeds differ.")
+        notes.append(
+            "QUESTION-ONLY intervals (asked for): they leave seed variance out and are too narrow "
+            "wherever seeds differ."
+        )
     if ONE_SEED in methods:
-        notes.append(f"A side with one seed gets no interval ({ONE_SEED}): run more seeds, or ask for "
-                     "question-only intervals.")
+        notes.append(
+            f"A side with one seed gets no interval ({ONE_SEED}): run more seeds, or ask for question-only intervals."
+        )
     return " ".join(notes)
 
 
@@ -87,8 +93,12 @@ class Claim:
 CLAIMS = (
     Claim("backbone", "SigLIP is the best visual backbone", "best"),
     Claim("resolution", "a higher resolution is not always better: 224 px beats 448 px", "beats", "224", "448"),
-    Claim("vision_tuning", "fine-tuning the vision encoder (with the LM) is crucial for small models",
-          "baseline_better", "frozen"),
+    Claim(
+        "vision_tuning",
+        "fine-tuning the vision encoder (with the LM) is crucial for small models",
+        "baseline_better",
+        "frozen",
+    ),
     Claim("llm", "Phi-2 is the best language model of those compared", "best"),
     Claim("lm_instruct", "instruction tuning of the LM is not essential", "similar", "phi-2-sft"),
     Claim("finetuning", "LoRA reaches performance similar to full fine-tuning", "similar", "lora-vision-full"),
@@ -102,27 +112,28 @@ def _comparisons(claim: Claim, members: list[Cell]) -> list[tuple[str, Cell, Cel
         if claim.a not in others or claim.b not in others:
             return None
         return [(f"{claim.a} - {claim.b}", others[claim.a], others[claim.b])]
-    targets = list(others) if claim.kind == "best" else [claim.a]
+    targets = list(others) if claim.kind == "best" else [claim.a or ""]
     if not targets or any(t not in others for t in targets):
         return None
     return [(f"{t} - {baseline.name}", others[t], baseline) for t in targets]
 
 
 def _verdict(claim: Claim, intervals: list[Interval]) -> str:
-    if any(i.low is None for i in intervals):
+    bounds = [i.bounds for i in intervals if i.bounds is not None]
+    if len(bounds) < len(intervals):
         return f"no verdict ({ONE_SEED})"
     if claim.kind == "similar":
-        if all(-claim.margin <= i.low and i.high <= claim.margin for i in intervals):
+        if all(-claim.margin <= low and high <= claim.margin for low, high in bounds):
             verdict = "supported"
-        elif any(i.low > claim.margin or i.high < -claim.margin for i in intervals):
+        elif any(low > claim.margin or high < -claim.margin for low, high in bounds):
             verdict = "contradicted"
         else:
             verdict = "inconclusive"
     else:
         wanted = +1 if claim.kind == "beats" else -1  # else the baseline should be better: deltas below zero
-        if all((i.low > 0) if wanted > 0 else (i.high < 0) for i in intervals):
+        if all((low > 0) if wanted > 0 else (high < 0) for low, high in bounds):
             verdict = "supported"
-        elif any((i.high < 0) if wanted > 0 else (i.low > 0) for i in intervals):
+        elif any((high < 0) if wanted > 0 else (low > 0) for low, high in bounds):
             verdict = "contradicted"
         else:
             verdict = "inconclusive"
@@ -131,20 +142,37 @@ def _verdict(claim: Claim, intervals: list[Interval]) -> str:
 
 def judge(claim: Claim, cells: list[Cell], draws: int = 1000, question_only: bool = False) -> dict[str, Any]:
     """The claim's verdict, its evidence and, per comparison, the seeds, questions and detectable effect."""
-    row: dict[str, Any] = {"axis": claim.axis, "claim": claim.text, "verdict": "not run", "evidence": "",
-                           "comparisons": []}
-    members = axes(cells).get(claim.axis)
+    row: dict[str, Any] = {
+        "axis": claim.axis,
+        "claim": claim.text,
+        "verdict": "not run",
+        "evidence": "",
+        "comparisons": [],
+    }
+    members = axes(cells).get(claim.axis, [])
     pairs = _comparisons(claim, members) if members else None
     if not pairs:
         return row
     names = benchmarks_of(members)
-    found = [(label, aggregate_delta(a, b, names, draws, question_only)) for label, a, b in pairs]
-    if any(i is None for _, i in found):
+    deltas = [(label, aggregate_delta(a, b, names, draws, question_only)) for label, a, b in pairs]
+    found = [(label, i) for label, i in deltas if i is not None]
+    if len(found) < len(deltas):
         return row
     row["verdict"] = _verdict(claim, [i for _, i in found])
     row["evidence"] = "; ".join(f"{label}: {i.text()}" for label, i in found)
-    row["comparisons"] = [{"compared": label, "delta": i.delta, "low": i.low, "high": i.high, "seeds": list(i.seeds),
-                           "questions": i.units, "detectable": i.detectable, "method": i.method} for label, i in found]
+    row["comparisons"] = [
+        {
+            "compared": label,
+            "delta": i.delta,
+            "low": i.low,
+            "high": i.high,
+            "seeds": list(i.seeds),
+            "questions": i.units,
+            "detectable": i.detectable,
+            "method": i.method,
+        }
+        for label, i in found
+    ]
     return row
 
 
@@ -155,13 +183,18 @@ def claims_table(cells: list[Cell], draws: int = 1000, question_only: bool = Fal
 def format_claims(rows: list[dict[str, Any]]) -> str:
     """Markdown: verdict, evidence, and what stands behind each comparison (seeds, questions, the smallest
     mean delta it would find with POWER at LEVEL)."""
-    lines = ["| axis | claim | verdict | evidence (mean delta over benchmarks, points) | seeds | questions | "
-             f"detectable ({POWER:.0%} power) |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| axis | claim | verdict | evidence (mean delta over benchmarks, points) | seeds | questions | "
+        f"detectable ({POWER:.0%} power) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         seeds = ", ".join(f"{c['seeds'][0]} vs {c['seeds'][1]}" for c in r["comparisons"]) or "-"
         questions = ", ".join(f"{c['questions']:,}" for c in r["comparisons"]) or "-"
-        detectable = ", ".join("-" if c["detectable"] is None else f"{c['detectable']:.2f}"
-                               for c in r["comparisons"]) or "-"
-        lines.append(f"| {r['axis']} | {r['claim']} | {r['verdict']} | {r['evidence']} | {seeds} | {questions} | "
-                     f"{detectable} |")
+        detectable = (
+            ", ".join("-" if c["detectable"] is None else f"{c['detectable']:.2f}" for c in r["comparisons"]) or "-"
+        )
+        lines.append(
+            f"| {r['axis']} | {r['claim']} | {r['verdict']} | {r['evidence']} | {seeds} | {questions} | {detectable} |"
+        )
     return "\n".join(lines)

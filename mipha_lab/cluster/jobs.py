@@ -4,13 +4,14 @@ variables, the profile's caches, the preemption signal, then the same code as a 
 The jobs are submitit Checkpointables: on preemption or near the time limit submitit asks them for a
 resubmission, which is the same call again; it finds the run folder and resumes from its checkpoint.
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import submitit
 
@@ -28,8 +29,11 @@ def _enter_job(environment: dict[str, str]) -> submitit.JobEnvironment:
     job = submitit.JobEnvironment()
     # CUDA_VISIBLE_DEVICES stays whole: each task takes GPU `LOCAL_RANK` of its node
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-    logging.basicConfig(level=logging.INFO if job.global_rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s %(levelname)s rank{job.global_rank} %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO if job.global_rank == 0 else logging.WARNING,
+        format=f"%(asctime)s %(levelname)s rank{job.global_rank} %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     logging.getLogger("submitit").propagate = False  # submitit logs to the job's log itself
     preemption.install(job._usr_sig())
     return job

@@ -1,5 +1,6 @@
 """Cluster profiles (`slurm/*.yaml`): where and how jobs run. `local` is built in (submitit's local
 executor, for machines without Slurm). slurm/example-8xgpu.yaml documents every field."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -36,12 +37,17 @@ class ClusterProfile(StrictModel):
     max_concurrent: int | None = Field(None, ge=1)  # tasks of one job array running at once
     name: str = "slurm"
 
-    def shape(self, resources: ResourcesConfig) -> "Shape":
+    def shape(self, resources: ResourcesConfig) -> Shape:
         """The resources of one run: its own `resources:` block over this profile's defaults."""
         gpus = self.gpus_per_node if resources.gpus_per_node is None else resources.gpus_per_node
         tasks = resources.tasks_per_node or self.tasks_per_node or max(gpus, 1)
-        return Shape(nodes=resources.nodes or self.nodes, gpus_per_node=gpus, tasks_per_node=tasks,
-                     time_min=resources.time_min or self.time_min, mem_gb=resources.mem_gb or self.mem_gb)
+        return Shape(
+            nodes=resources.nodes or self.nodes,
+            gpus_per_node=gpus,
+            tasks_per_node=tasks,
+            time_min=resources.time_min or self.time_min,
+            mem_gb=resources.mem_gb or self.mem_gb,
+        )
 
     def job_environment(self) -> dict[str, str]:
         """Variables a job sets before it imports anything heavy."""
@@ -49,7 +55,7 @@ class ClusterProfile(StrictModel):
         if self.scratch_dir:
             env["TMPDIR"] = self.scratch_dir
         if self.cache_dir:
-            for variable, sub in zip(CACHE_VARIABLES, ("hf", "torch_extensions", "triton", "wandb")):
+            for variable, sub in zip(CACHE_VARIABLES, ("hf", "torch_extensions", "triton", "wandb"), strict=True):
                 env.setdefault(variable, str(Path(self.cache_dir) / sub))
         return env
 

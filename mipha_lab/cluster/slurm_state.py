@@ -1,4 +1,5 @@
 """Job states from Slurm itself: `sacct` (accounting) first, `squeue` for jobs it does not know."""
+
 from __future__ import annotations
 
 import shutil
@@ -6,12 +7,25 @@ import subprocess
 
 # Slurm's job states -> the states a run shows (`runs status`)
 RUN_STATE = {
-    "PENDING": "pending", "CONFIGURING": "pending", "REQUEUE_HOLD": "pending", "REQUEUE_FED": "pending",
-    "RUNNING": "running", "COMPLETING": "running", "RESIZING": "running", "SUSPENDED": "running",
-    "REQUEUED": "preempted", "PREEMPTED": "preempted", "STOPPED": "preempted",
+    "PENDING": "pending",
+    "CONFIGURING": "pending",
+    "REQUEUE_HOLD": "pending",
+    "REQUEUE_FED": "pending",
+    "RUNNING": "running",
+    "COMPLETING": "running",
+    "RESIZING": "running",
+    "SUSPENDED": "running",
+    "REQUEUED": "preempted",
+    "PREEMPTED": "preempted",
+    "STOPPED": "preempted",
     "COMPLETED": "done",
-    "FAILED": "failed", "CANCELLED": "failed", "TIMEOUT": "failed", "OUT_OF_MEMORY": "failed",
-    "NODE_FAIL": "failed", "BOOT_FAIL": "failed", "DEADLINE": "failed",
+    "FAILED": "failed",
+    "CANCELLED": "failed",
+    "TIMEOUT": "failed",
+    "OUT_OF_MEMORY": "failed",
+    "NODE_FAIL": "failed",
+    "BOOT_FAIL": "failed",
+    "DEADLINE": "failed",
 }
 ACTIVE = {"pending", "running", "preempted"}
 
@@ -41,7 +55,9 @@ def job_states(job_ids: list[str]) -> dict[str, str]:
                 states[task] = state.split()[0] if state else "UNKNOWN"  # "CANCELLED by 0" -> CANCELLED
     missing = [i for i in ids if i not in states]
     if missing:
-        queue = _query(["squeue", "-h", "-r", "-o", "%i|%T", "-j", ",".join(sorted({i.split("_")[0] for i in missing}))])
+        queue = _query(
+            ["squeue", "-h", "-r", "-o", "%i|%T", "-j", ",".join(sorted({i.split("_")[0] for i in missing}))]
+        )
         for line in (queue or "").splitlines():
             job, _, state = line.partition("|")
             if job in missing:

@@ -1,13 +1,15 @@
 """Cells -> submitit jobs: finished cells skipped, queued ones left alone, the rest grouped by
 resource shape into job arrays; each run folder records its job in `job.json`."""
+
 from __future__ import annotations
 
 import datetime as dt
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import submitit
 from tqdm import tqdm
@@ -27,22 +29,38 @@ class Submission:
     eval_job: Any = None
 
 
-def executor_for(profile: ClusterProfile, shape: Shape, logs: Path, name: str,
-                 max_concurrent: int | None = None) -> submitit.AutoExecutor:
-    executor = submitit.AutoExecutor(folder=logs / "%j", cluster=profile.executor,
-                                     slurm_max_num_timeout=profile.max_requeues)
+def executor_for(
+    profile: ClusterProfile, shape: Shape, logs: Path, name: str, max_concurrent: int | None = None
+) -> submitit.AutoExecutor:
+    executor = submitit.AutoExecutor(
+        folder=logs / "%j", cluster=profile.executor, slurm_max_num_timeout=profile.max_requeues
+    )
     gpus = {"gpus_per_node": shape.gpus_per_node} if shape.gpus_per_node else {}
     executor.update_parameters(
-        name=name, nodes=shape.nodes, tasks_per_node=shape.tasks_per_node, timeout_min=shape.time_min, **gpus,
+        name=name,
+        nodes=shape.nodes,
+        tasks_per_node=shape.tasks_per_node,
+        timeout_min=shape.time_min,
+        **gpus,
         **({"mem_gb": shape.mem_gb} if shape.mem_gb else {}),
         **({"cpus_per_task": profile.cpus_per_task} if profile.cpus_per_task else {}),
     )
     if profile.executor == "slurm":
-        optional = {"partition": profile.partition, "account": profile.account, "qos": profile.qos,
-                    "constraint": profile.constraint, "exclusive": profile.exclusive or None}
+        optional = {
+            "partition": profile.partition,
+            "account": profile.account,
+            "qos": profile.qos,
+            "constraint": profile.constraint,
+            "exclusive": profile.exclusive or None,
+        }
         executor.update_parameters(
-            slurm_setup=profile.setup, slurm_signal_delay_s=profile.signal_delay_s,
-            slurm_additional_parameters={"requeue": True, "open-mode": "append", **profile.sbatch},  # one log across requeues
+            slurm_setup=profile.setup,
+            slurm_signal_delay_s=profile.signal_delay_s,
+            slurm_additional_parameters={
+                "requeue": True,
+                "open-mode": "append",
+                **profile.sbatch,
+            },  # one log across requeues
             slurm_array_parallelism=max_concurrent or profile.max_concurrent or 256,
             **{f"slurm_{k}": v for k, v in optional.items() if v is not None},
         )
@@ -58,13 +76,20 @@ def queued_jobs(cells: list[Cell]) -> dict[str, str]:
 
 
 def record_job(cell: Cell, job: Any, profile: ClusterProfile, shape: Shape, eval_job: Any = None) -> None:
-    RunFolder(cell.run_path).write_json("job.json", {
-        "job_id": str(job.job_id), "executor": profile.executor, "profile": profile.name,
-        "submitted": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "shape": shape.model_dump(), "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr),
-        "result": str(job.paths.result_pickle),
-        "eval_job_id": str(eval_job.job_id) if eval_job is not None else None,
-    })
+    RunFolder(cell.run_path).write_json(
+        "job.json",
+        {
+            "job_id": str(job.job_id),
+            "executor": profile.executor,
+            "profile": profile.name,
+            "submitted": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "shape": shape.model_dump(),
+            "stdout": str(job.paths.stdout),
+            "stderr": str(job.paths.stderr),
+            "result": str(job.paths.result_pickle),
+            "eval_job_id": str(eval_job.job_id) if eval_job is not None else None,
+        },
+    )
 
 
 def submit_cells(cells: list[Cell], profile: ClusterProfile, out: Callable[[str], None] = print) -> list[Submission]:
@@ -85,19 +110,24 @@ def submit_cells(cells: list[Cell], profile: ClusterProfile, out: Callable[[str]
         logs = Path(group[0].experiment.runs_root) / ".jobs"
         limit = next((c.experiment.sweep.max_concurrent for c in group if c.experiment.sweep), None)
         executor = executor_for(profile, shape, logs, _job_name(group), limit)
-        separate = [profile.executor == "slurm" and c.experiment.eval.separate_job and bool(c.experiment.eval.benchmarks)
-                    for c in group]
+        separate = [
+            profile.executor == "slurm" and c.experiment.eval.separate_job and bool(c.experiment.eval.benchmarks)
+            for c in group
+        ]
         environment = profile.job_environment()
         with executor.batch():
-            jobs = [executor.submit(TrainJob(c.experiment, environment, evaluate=not s)) for c, s in zip(group, separate)]
-        for cell, job, separate_eval in zip(group, jobs, separate):
+            jobs = [
+                executor.submit(TrainJob(c.experiment, environment, evaluate=not s))
+                for c, s in zip(group, separate, strict=True)
+            ]
+        for cell, job, separate_eval in zip(group, jobs, separate, strict=True):
             eval_job = submit_evaluation(cell, job, profile, logs) if separate_eval else None
             record_job(cell, job, profile, shape, eval_job)
             submissions.append(Submission(cell, job, eval_job))
         as_array = len(jobs) > 1 and profile.executor == "slurm"
         what = f"job array {jobs[0].job_id.split('_')[0]}" if as_array else f"{len(jobs)} job(s)"
         out(f"submitted {len(jobs)} run(s) as {what} ({profile.executor}, {shape.describe()}):")
-        for cell, job in zip(group, jobs):
+        for cell, job in zip(group, jobs, strict=True):
             out(f"  {job.job_id}  {cell.run_path}")
     return submissions
 
@@ -108,15 +138,21 @@ def _job_name(cells: list[Cell]) -> str:
 
 def submit_evaluation(cell: Cell, train_job: Any, profile: ClusterProfile, logs: Path) -> Any:
     """`eval.separate_job`: evaluate final/ in a job that starts once training has succeeded."""
-    shape = Shape(nodes=1, gpus_per_node=min(profile.gpus_per_node, 1), tasks_per_node=1,
-                  time_min=profile.time_min, mem_gb=profile.mem_gb)
+    shape = Shape(
+        nodes=1,
+        gpus_per_node=min(profile.gpus_per_node, 1),
+        tasks_per_node=1,
+        time_min=profile.time_min,
+        mem_gb=profile.mem_gb,
+    )
     executor = executor_for(profile, shape, logs, f"eval-{_job_name([cell])}")
     executor.update_parameters(slurm_dependency=f"afterok:{train_job.job_id}")
     return executor.submit(EvaluateRunJob(str(cell.run_path.resolve()), profile.job_environment()))
 
 
-def submit_command(main: Callable[[list[str]], int], argv: list[str], profile: ClusterProfile, logs: Path,
-                   name: str, tasks: int = 1) -> Any:
+def submit_command(
+    main: Callable[[list[str]], int], argv: list[str], profile: ClusterProfile, logs: Path, name: str, tasks: int = 1
+) -> Any:
     """One command-line call (the evaluation CLI) as a job; returns the submitit job."""
     shape = profile.shape(ResourcesConfig(tasks_per_node=tasks))
     executor = executor_for(profile, shape, logs, name)

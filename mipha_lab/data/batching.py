@@ -4,10 +4,12 @@ An epoch plan is a list of micro-batches (lists of sample indices) in global ord
 goes to rank i % world_size. Plans depend on the seed and epoch only (and, for grouping, on the
 world size, as in the original), never on worker timing.
 """
+
 from __future__ import annotations
 
 import random
-from typing import Any, Literal, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import torch
 
@@ -155,8 +157,14 @@ def collate_padded(items: Sequence[dict | Skipped]) -> dict[str, Any]:
         input_ids[row, :n], labels[row, :n], mask[row, :n] = item["input_ids"], item["labels"], 1
     pixels, counts = _images(good)
     return {
-        "input_ids": input_ids, "attention_mask": mask, "labels": labels, "pixel_values": pixels,
-        "image_counts": counts, "ids": [item["id"] for item in good], "skipped": skipped, "segment_ids": None,
+        "input_ids": input_ids,
+        "attention_mask": mask,
+        "labels": labels,
+        "pixel_values": pixels,
+        "image_counts": counts,
+        "ids": [item["id"] for item in good],
+        "skipped": skipped,
+        "segment_ids": None,
     }
 
 
@@ -164,16 +172,26 @@ def collate_packed(items: Sequence[dict | Skipped]) -> dict[str, Any]:
     """All samples of the micro-batch in one row; `segment_ids` keep them apart in attention."""
     good, skipped = _split_skipped(items)
     pixels, counts = _images(good)
-    cat = lambda key: torch.cat([item[key] for item in good]).unsqueeze(0) if good else torch.zeros(1, 0, dtype=torch.long)  # noqa: E731
-    segments = torch.cat([torch.full((len(item["input_ids"]),), i) for i, item in enumerate(good)]) if good else torch.zeros(0)
+
+    def cat(key: str) -> torch.Tensor:
+        return torch.cat([item[key] for item in good]).unsqueeze(0) if good else torch.zeros(1, 0, dtype=torch.long)
+
+    segments = (
+        torch.cat([torch.full((len(item["input_ids"]),), i) for i, item in enumerate(good)]) if good else torch.zeros(0)
+    )
     input_ids, labels = cat("input_ids"), cat("labels")
     starts = torch.tensor([0] + [len(item["input_ids"]) for item in good[:-1]]).cumsum(0) if good else None
     if starts is not None:
         labels[0, starts] = IGNORE_INDEX  # a sample's first token is never predicted from the previous sample
     return {
-        "input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels,
-        "pixel_values": pixels, "image_counts": counts.sum().reshape(1), "ids": [item["id"] for item in good],
-        "skipped": skipped, "segment_ids": segments.long().unsqueeze(0),
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "labels": labels,
+        "pixel_values": pixels,
+        "image_counts": counts.sum().reshape(1),
+        "ids": [item["id"] for item in good],
+        "skipped": skipped,
+        "segment_ids": segments.long().unsqueeze(0),
     }
 
 

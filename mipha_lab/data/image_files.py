@@ -8,6 +8,7 @@ there. Palette, CMYK and images with alpha convert as LLaVA does (alpha dropped,
 Images with more pixels than a limit (PIL's decompression-bomb guard, 89,478,485 by default) are refused
 before they are decoded; the limit is the experiment's `max_image_pixels`.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -39,10 +40,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if mode == "I":
         values = np.asarray(image, dtype=np.float64)
         top = values.max(initial=0.0)
-        return _grey_to_rgb(values if top <= 255 else values / 257.0 if top <= 65535 else values / ((2**32 - 1) / 255.0))
+        return _grey_to_rgb(
+            values if top <= 255 else values / 257.0 if top <= 65535 else values / ((2**32 - 1) / 255.0)
+        )
     if mode == "F":
         values = np.asarray(image, dtype=np.float64)
-        return _grey_to_rgb(values * 255.0 if values.size and 0.0 <= values.min() and values.max() <= 1.0 else values)
+        return _grey_to_rgb(values * 255.0 if values.size and values.min() >= 0.0 and values.max() <= 1.0 else values)
     return image.convert("RGB")
 
 
@@ -55,7 +58,9 @@ def open_rgb(source: str | Path | IO[bytes], max_pixels: int | None = MAX_IMAGE_
             with Image.open(source) as image:
                 width, height = image.size
                 if max_pixels is not None and width * height > max_pixels:
-                    raise ImageTooLarge(f"{width} x {height} = {width * height:,} pixels > max_image_pixels {max_pixels:,}")
+                    raise ImageTooLarge(
+                        f"{width} x {height} = {width * height:,} pixels > max_image_pixels {max_pixels:,}"
+                    )
                 image.load()
                 return to_rgb(image)
         finally:

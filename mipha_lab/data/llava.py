@@ -5,12 +5,14 @@ A record is `{"id", "image": str | [str, ...] | absent, "conversations": [{"from
 original's behaviour); with several, the tags stay where they are (interleaved). Tag and image counts
 must agree. Bad samples follow the run's policy (`skip`: counted and reported; `error`: raised).
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -52,9 +54,12 @@ def _read_jsonl(path: Path, policy: BadSamplePolicy) -> tuple[list[Any], list[Sk
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
                 if policy == "error":
-                    raise ConfigError(f"{path}:{number}: not UTF-8 (byte {raw[err.start]:#04x} at column "
-                                      f"{err.start + 1})") from None
-                skipped.append(Skipped(f"{path.name}:{number}", "bad_encoding", f"byte {raw[err.start]:#04x} is not UTF-8"))
+                    raise ConfigError(
+                        f"{path}:{number}: not UTF-8 (byte {raw[err.start]:#04x} at column {err.start + 1})"
+                    ) from None
+                skipped.append(
+                    Skipped(f"{path.name}:{number}", "bad_encoding", f"byte {raw[err.start]:#04x} is not UTF-8")
+                )
                 continue
             if not line.strip():
                 continue
@@ -76,10 +81,16 @@ def _decode_json_list(path: Path, policy: BadSamplePolicy) -> tuple[str, list[Sk
     except UnicodeDecodeError as err:
         if policy == "error":
             raise ConfigError(f"{path}:{_bad_line(data, err)}: not UTF-8 (byte {data[err.start]:#04x})") from None
-    bad_lines = sorted({number for number, line in enumerate(data.split(b"\n"), 1)
-                        if line.decode("utf-8", errors="replace") != line.decode("utf-8", errors="ignore")})
-    return data.decode("utf-8", errors="replace"), [Skipped(f"{path.name}:{n}", "bad_encoding", "bytes that are not UTF-8")
-                                                    for n in bad_lines]
+    bad_lines = sorted(
+        {
+            number
+            for number, line in enumerate(data.split(b"\n"), 1)
+            if line.decode("utf-8", errors="replace") != line.decode("utf-8", errors="ignore")
+        }
+    )
+    return data.decode("utf-8", errors="replace"), [
+        Skipped(f"{path.name}:{n}", "bad_encoding", "bytes that are not UTF-8") for n in bad_lines
+    ]
 
 
 def read_annotations(path: str | Path, policy: BadSamplePolicy = "skip") -> tuple[list[Any], list[Skipped]]:
@@ -113,10 +124,14 @@ def normalize(raw: Any, index: int, source: str = "", root: str = "") -> Record:
     messages = []
     for turn in turns:
         if not isinstance(turn, dict) or turn.get("from") not in ROLES or not isinstance(turn.get("value"), str):
-            raise SampleError(sample_id, "bad_conversation", f"bad turn {str(turn)[:80]!r} (expected from: human/gpt, value: str)")
+            raise SampleError(
+                sample_id, "bad_conversation", f"bad turn {str(turn)[:80]!r} (expected from: human/gpt, value: str)"
+            )
         messages.append({"role": ROLES[turn["from"]], "content": turn["value"]})
     if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
-        raise SampleError(sample_id, "nothing_to_learn", "no assistant turn with text: the sample carries no answer to train on")
+        raise SampleError(
+            sample_id, "nothing_to_learn", "no assistant turn with text: the sample carries no answer to train on"
+        )
     image = raw.get("image")
     images = tuple([image] if isinstance(image, str) else image or [])
     tags = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
@@ -178,9 +193,7 @@ class LlavaDataset(torch.utils.data.Dataset):
     @property
     def lengths(self) -> list[int]:
         """Approximate lengths, positive for samples with images and negative for text-only ones."""
-        return [
-            r.words + len(r.images) * self.image_tokens if r.has_image else -max(r.words, 1) for r in self.records
-        ]
+        return [r.words + len(r.images) * self.image_tokens if r.has_image else -max(r.words, 1) for r in self.records]
 
     def token_lengths(self) -> list[int]:
         """Exact positions per sample after splicing (tokenizes every conversation once, opens no image);
@@ -202,8 +215,11 @@ class LlavaDataset(torch.utils.data.Dataset):
         record = self.records[index]
         try:
             encoded = encode(
-                self.template, self.tokenizer, record.messages,
-                sample_id=record.sample_id, mask_first_answer_token=self.mask_first_answer_token,
+                self.template,
+                self.tokenizer,
+                record.messages,
+                sample_id=record.sample_id,
+                mask_first_answer_token=self.mask_first_answer_token,
             )
         except MaskError as err:
             raise SampleError(record.sample_id, "mask_error", str(err)) from None
@@ -216,7 +232,9 @@ class LlavaDataset(torch.utils.data.Dataset):
         if record.images:
             if self.processor is None:
                 raise ConfigError("this dataset has images but no image processor")
-            images = [load_image(Path(record.root) / name, record.sample_id, self.max_image_pixels) for name in record.images]
+            images = [
+                load_image(Path(record.root) / name, record.sample_id, self.max_image_pixels) for name in record.images
+            ]
             processed = [self.processor(image) for image in images]
             pixels = processed[0][None] if len(processed) == 1 else torch.stack(processed)
         return {

@@ -3,6 +3,7 @@
 The list of samples depends only on the card, the data root's files and the seed - never on the
 number of processes (ranks take their share of the batches later).
 """
+
 from __future__ import annotations
 
 import logging
@@ -16,8 +17,9 @@ from mipha_lab.errors import ConfigError
 from mipha_lab.registry import Registry
 from mipha_lab.registry.cards import FirstN, MixtureCard, RandomN, SourceSpec, Weight
 
-MIXTURES: Registry[MixtureCard] = Registry("data mixture", "weighted training data sources (cards in registry/mixtures/)",
-                                         cards="mixtures")
+MIXTURES: Registry[MixtureCard] = Registry(
+    "data mixture", "weighted training data sources (cards in registry/mixtures/)", cards="mixtures"
+)
 
 log = logging.getLogger(__name__)
 

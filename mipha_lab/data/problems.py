@@ -1,18 +1,29 @@
 """Bad-sample policy: `error` stops at the first bad sample; `skip` (default) counts and reports."""
+
 from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Literal
 
 from mipha_lab.errors import InputError
 
 BadSamplePolicy = Literal["skip", "error"]
 REASONS = (
-    "bad_json", "bad_encoding", "missing_image", "unreadable_image", "image_too_large", "image_tag_mismatch",
-    "empty_conversation", "nothing_to_learn", "bad_conversation", "too_long", "mask_error",
+    "bad_json",
+    "bad_encoding",
+    "missing_image",
+    "unreadable_image",
+    "image_too_large",
+    "image_tag_mismatch",
+    "empty_conversation",
+    "nothing_to_learn",
+    "bad_conversation",
+    "too_long",
+    "mask_error",
 )
 
 

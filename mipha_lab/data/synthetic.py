@@ -13,6 +13,7 @@ Image paths are relative to DIR/images. Each scene has one or two shapes of dist
 colours (two: one in each half; one: left, center or right), large enough to stay visible at a tiny
 encoder's 32 px, so every question has one answer. Deterministic by seed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,12 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 COLORS = {
-    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
-    "yellow": (235, 200, 40), "purple": (140, 60, 180), "orange": (245, 140, 30),
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 200, 40),
+    "purple": (140, 60, 180),
+    "orange": (245, 140, 30),
 }
 KINDS = ("circle", "square", "triangle")
 PLACES = ("left", "center", "right")
@@ -48,7 +53,7 @@ def random_scene(rng: random.Random) -> list[Shape]:
     count = rng.randint(1, 2)
     kinds, colors = rng.sample(KINDS, count), rng.sample(list(COLORS), count)
     places = ["left", "right"] if count == 2 else [rng.choice(PLACES)]
-    return [Shape(k, c, p) for k, c, p in zip(kinds, colors, places)]
+    return [Shape(k, c, p) for k, c, p in zip(kinds, colors, places, strict=True)]
 
 
 def draw(scene: list[Shape], rng: random.Random) -> Image.Image:
@@ -106,8 +111,10 @@ def questions(scene: list[Shape], rng: random.Random) -> list[tuple[str, str, st
         ("shape", f"What shape is {place}?", target.kind),
         ("count", "How many shapes are there?", str(len(scene))),
         ("position", f"Where is the {target.color} {target.kind}?", target.place),
-    ] + [("yes/no", "Is there a {} {} in the image?".format(*(present if e else absent)), "Yes" if e else "No")
-         for e in exists]
+    ] + [
+        ("yes/no", "Is there a {} {} in the image?".format(*(present if e else absent)), "Yes" if e else "No")
+        for e in exists
+    ]
     rng.shuffle(items)
     return items
 
@@ -144,17 +151,27 @@ def _write_layout(out: Path, n_train: int, n_eval: int, seed: int, progress: boo
         scene = random_scene(rng)
         name = f"train/{i:06d}.png"
         draw(scene, rng).save(out / "images" / name)
-        captions.append({"id": f"cap-{i}", "image": name, "conversations": [
-            {"from": "human", "value": "<image>"}, {"from": "gpt", "value": caption(scene)}]})
+        captions.append(
+            {
+                "id": f"cap-{i}",
+                "image": name,
+                "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": caption(scene)}],
+            }
+        )
         turns = []
         for j, (_, question, answer) in enumerate(questions(scene, rng)[: rng.randint(2, 4)]):
             text = question + (SHORT if rng.random() < 0.7 else "")
-            turns += [{"from": "human", "value": ("<image>\n" if j == 0 else "") + text}, {"from": "gpt", "value": answer}]
+            turns += [
+                {"from": "human", "value": ("<image>\n" if j == 0 else "") + text},
+                {"from": "gpt", "value": answer},
+            ]
         instruct.append({"id": f"ins-{i}", "image": name, "conversations": turns})
     (out / "captions.json").write_text(json.dumps(captions))
     (out / "instruct.json").write_text(json.dumps(instruct))
 
-    vqa_q, vqa_a, pope_q = [], [], []
+    vqa_q: list[dict] = []
+    vqa_a: list[dict] = []
+    pope_q: list[dict] = []
     pope: dict[str, list] = {split: [] for split in POPE_SPLITS}
     for i in range(n_eval):
         scene = random_scene(rng)
@@ -190,8 +207,11 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mipha_lab.data.synthetic", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m mipha_lab.data.synthetic",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--n-train", type=int, default=16000)
     parser.add_argument("--n-eval", type=int, default=200, help="images per evaluation set")

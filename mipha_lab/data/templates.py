@@ -15,11 +15,13 @@ decoding after `ASSISTANT:` meets a token it was never trained to produce. The a
 always learnt (the original's off-by-one masked it before 2024-03-23; `mask_first_answer_token`
 reproduces that quirk).
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -127,22 +129,35 @@ class Template:
         system_before, system_after = self.system_format.split("{system}")
         user_before, user_after = self.user_format.split("{content}")
         prompt_part, generated_part = self.split_assistant_tag()
-        return "".join([
-            "{%- set ns = namespace(system=" + lit(self.system) + ") -%}",
-            "{%- for m in messages if m['role'] == 'system' -%}{%- set ns.system = m['content'] if m['content'] is string "
-            "else m['content'] | map(attribute='text') | join('') -%}{%- endfor -%}",
-            "{{- " + lit(self.bos or "") + " -}}",
-            "{%- if ns.system is not none -%}{{- " + lit(system_before) + " + ns.system + " + lit(system_after) + " -}}{%- endif -%}",
-            "{%- for m in messages if m['role'] != 'system' -%}",
-            "{%- set c = namespace(text='') -%}",
-            "{%- if m['content'] is string -%}{%- set c.text = m['content'] -%}{%- else -%}{%- for item in m['content'] -%}",
-            "{%- if item['type'] == 'image' -%}{%- set c.text = c.text + " + lit(IMAGE_TOKEN + "\n") + " -%}",
-            "{%- elif item['type'] == 'text' -%}{%- set c.text = c.text + item['text'] -%}{%- endif -%}{%- endfor -%}{%- endif -%}",
-            "{%- if m['role'] == 'user' -%}{{- " + lit(user_before) + " + c.text + " + lit(user_after) + " -}}",
-            "{%- else -%}{{- " + lit(prompt_part + generated_part) + " + c.text + " + lit(self.end + self.after_end) + " -}}{%- endif -%}",
-            "{%- endfor -%}",
-            "{%- if add_generation_prompt -%}{{- " + lit(self.generation_tag) + " -}}{%- endif -%}",
-        ])
+        return "".join(
+            [
+                "{%- set ns = namespace(system=" + lit(self.system) + ") -%}",
+                "{%- for m in messages if m['role'] == 'system' -%}"
+                "{%- set ns.system = m['content'] if m['content'] is string "
+                "else m['content'] | map(attribute='text') | join('') -%}{%- endfor -%}",
+                "{{- " + lit(self.bos or "") + " -}}",
+                "{%- if ns.system is not none -%}{{- "
+                + lit(system_before)
+                + " + ns.system + "
+                + lit(system_after)
+                + " -}}{%- endif -%}",
+                "{%- for m in messages if m['role'] != 'system' -%}",
+                "{%- set c = namespace(text='') -%}",
+                "{%- if m['content'] is string -%}{%- set c.text = m['content'] -%}"
+                "{%- else -%}{%- for item in m['content'] -%}",
+                "{%- if item['type'] == 'image' -%}{%- set c.text = c.text + " + lit(IMAGE_TOKEN + "\n") + " -%}",
+                "{%- elif item['type'] == 'text' -%}{%- set c.text = c.text + item['text'] -%}{%- endif -%}"
+                "{%- endfor -%}{%- endif -%}",
+                "{%- if m['role'] == 'user' -%}{{- " + lit(user_before) + " + c.text + " + lit(user_after) + " -}}",
+                "{%- else -%}{{- "
+                + lit(prompt_part + generated_part)
+                + " + c.text + "
+                + lit(self.end + self.after_end)
+                + " -}}{%- endif -%}",
+                "{%- endfor -%}",
+                "{%- if add_generation_prompt -%}{{- " + lit(self.generation_tag) + " -}}{%- endif -%}",
+            ]
+        )
 
 
 @dataclass(frozen=True)
@@ -161,32 +176,68 @@ class PlainTemplate(Template):
         return [Segment(images), Segment(turns[1]["content"] + self.end, supervised=True)]
 
 
-TEMPLATES.register("plain")(PlainTemplate(
-    name="plain", description="stage 1: <image> + caption + newline, no system prompt",
-    system=None, system_format="", user_format="{content}", assistant_tag="", generation_tag="", end="\n",
-))
-TEMPLATES.register("phi", aliases=("v0", "phi-2", "phi-1.5", "default"))(Template(
-    name="phi", description="Mipha / LLaVA-Phi conversation (USER: ... ASSISTANT: ...<|endoftext|>)",
-    system=PHI_SYSTEM, system_format="{system} ", user_format="USER: {content} ",
-    assistant_tag="ASSISTANT: ", generation_tag="ASSISTANT:", end="<|endoftext|>",
-))
-TEMPLATES.register("gemma")(Template(
-    name="gemma", description="Mipha-2.4B: the phi layout with <bos> first and answers ending in <eos>",
-    system=PHI_SYSTEM, system_format="{system} ", user_format="USER: {content} ",
-    assistant_tag="ASSISTANT: ", generation_tag="ASSISTANT:", end="<eos>", bos="<bos>",
-))
-TEMPLATES.register("phi-3")(Template(
-    name="phi-3", description="Phi-3 tags (<|user|>...<|end|><|assistant|>), trainable",
-    system="You are a helpful AI assistant.", system_format="<|system|>{system}<|end|>",
-    user_format="<|user|>{content}<|end|>", assistant_tag="<|assistant|>", generation_tag="<|assistant|>",
-    end="<|end|>",
-))
-TEMPLATES.register("chatml")(Template(
-    name="chatml", description="ChatML (Qwen2.5, SmolLM2): <|im_start|>role\\n...<|im_end|>",
-    system="You are a helpful assistant.", system_format="<|im_start|>system\n{system}<|im_end|>\n",
-    user_format="<|im_start|>user\n{content}<|im_end|>\n", assistant_tag="<|im_start|>assistant\n",
-    generation_tag="<|im_start|>assistant\n", end="<|im_end|>", after_end="\n",
-))
+TEMPLATES.register("plain")(
+    PlainTemplate(
+        name="plain",
+        description="stage 1: <image> + caption + newline, no system prompt",
+        system=None,
+        system_format="",
+        user_format="{content}",
+        assistant_tag="",
+        generation_tag="",
+        end="\n",
+    )
+)
+TEMPLATES.register("phi", aliases=("v0", "phi-2", "phi-1.5", "default"))(
+    Template(
+        name="phi",
+        description="Mipha / LLaVA-Phi conversation (USER: ... ASSISTANT: ...<|endoftext|>)",
+        system=PHI_SYSTEM,
+        system_format="{system} ",
+        user_format="USER: {content} ",
+        assistant_tag="ASSISTANT: ",
+        generation_tag="ASSISTANT:",
+        end="<|endoftext|>",
+    )
+)
+TEMPLATES.register("gemma")(
+    Template(
+        name="gemma",
+        description="Mipha-2.4B: the phi layout with <bos> first and answers ending in <eos>",
+        system=PHI_SYSTEM,
+        system_format="{system} ",
+        user_format="USER: {content} ",
+        assistant_tag="ASSISTANT: ",
+        generation_tag="ASSISTANT:",
+        end="<eos>",
+        bos="<bos>",
+    )
+)
+TEMPLATES.register("phi-3")(
+    Template(
+        name="phi-3",
+        description="Phi-3 tags (<|user|>...<|end|><|assistant|>), trainable",
+        system="You are a helpful AI assistant.",
+        system_format="<|system|>{system}<|end|>",
+        user_format="<|user|>{content}<|end|>",
+        assistant_tag="<|assistant|>",
+        generation_tag="<|assistant|>",
+        end="<|end|>",
+    )
+)
+TEMPLATES.register("chatml")(
+    Template(
+        name="chatml",
+        description="ChatML (Qwen2.5, SmolLM2): <|im_start|>role\\n...<|im_end|>",
+        system="You are a helpful assistant.",
+        system_format="<|im_start|>system\n{system}<|im_end|>\n",
+        user_format="<|im_start|>user\n{content}<|im_end|>\n",
+        assistant_tag="<|im_start|>assistant\n",
+        generation_tag="<|im_start|>assistant\n",
+        end="<|im_end|>",
+        after_end="\n",
+    )
+)
 
 
 def get_template(name: str) -> Template:
@@ -240,7 +291,9 @@ def encode(
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     is_image = ids == image_id
     if int(is_image.sum()) != text.count(IMAGE_TOKEN):
-        raise MaskError(f"sample {sample_id}: {text.count(IMAGE_TOKEN)} <image> tags became {int(is_image.sum())} image tokens")
+        raise MaskError(
+            f"sample {sample_id}: {text.count(IMAGE_TOKEN)} <image> tags became {int(is_image.sum())} image tokens"
+        )
     if bounds and not supervised.any():
         raise MaskError(f"sample {sample_id}: every token is masked")
     input_ids = np.where(is_image, IMAGE_TOKEN_INDEX, ids)

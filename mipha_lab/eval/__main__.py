@@ -13,6 +13,7 @@ Figures are percentages rounded to 2 decimals. With --json, stdout holds only on
 Answers that cannot be scored as given (missing, duplicate or misordered ids) are refused with the
 ids named (exit status 2) rather than scored wrongly.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,7 +50,6 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     """Answers, scores and the summary under --out (default: <run>/eval for a run folder, else ./eval).
     With --nproc N (or under torchrun / SLURM) each process answers a share; rank 0 merges and scores."""
 
-
     names = [n.strip() for n in args.benchmarks.split(",") if n.strip()]
     for name in names:
         BENCHMARKS.get(name)  # an unknown name fails before the model loads, with suggestions
@@ -59,14 +59,33 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         return submit(args, argv, out)
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
         child = without(argv, "--nproc")  # torchrun would take --nproc for its own option
-        return subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                f"--nproc_per_node={args.nproc}", "-m", "mipha_lab.eval", *child])
+        return subprocess.call(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc_per_node={args.nproc}",
+                "-m",
+                "mipha_lab.eval",
+                *child,
+            ]
+        )
     dist = init_distributed(process_group=int(os.environ.get("WORLD_SIZE", "1")) > 1)
     import_modules(args.imports, "--import")
     model = load_model(model_path).to(dist.device)
-    run_benchmarks(model, names, args.data_root, out, batch_size=args.batch_size, limit=args.limit,
-                   model_id=model_path.name, image_strategy=args.image_strategy, dist=dist,
-                   check_batch_invariance=args.check_batch_invariance)
+    run_benchmarks(
+        model,
+        names,
+        args.data_root,
+        out,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        model_id=model_path.name,
+        image_strategy=args.image_strategy,
+        dist=dist,
+        check_batch_invariance=args.check_batch_invariance,
+    )
     return 0
 
 
@@ -88,10 +107,21 @@ def submit(args: argparse.Namespace, argv: list[str], out: Path) -> int:
 
     child = without(without(without(argv, "--cluster"), "--wait", takes_value=False), "--nproc")
     child = [str(Path(a).resolve()) if a == args.model else a for a in child]
-    child = without(without(child, "--out"), "--data-root") + ["--out", str(Path(out).resolve()),
-                                                              "--data-root", str(Path(args.data_root).resolve())]
-    job = submit_command(main, child, load_profile(args.cluster), Path(out).resolve() / ".jobs",
-                         f"eval-{Path(args.model).name}", tasks=args.nproc)
+    child = [
+        *without(without(child, "--out"), "--data-root"),
+        "--out",
+        str(Path(out).resolve()),
+        "--data-root",
+        str(Path(args.data_root).resolve()),
+    ]
+    job = submit_command(
+        main,
+        child,
+        load_profile(args.cluster),
+        Path(out).resolve() / ".jobs",
+        f"eval-{Path(args.model).name}",
+        tasks=args.nproc,
+    )
     if args.wait:
         job.result()  # raises with the job's log when it failed
         print((Path(out) / "summary.md").read_text(), end="")
@@ -99,24 +129,40 @@ def submit(args: argparse.Namespace, argv: list[str], out: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mipha_lab.eval", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m mipha_lab.eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     runner = commands.add_parser("run", help="answer and score benchmarks with a model or run folder")
     runner.add_argument("model", help="a run folder (its final/) or a saved model folder")
-    runner.add_argument("--benchmarks", required=True, help="comma-separated names (python -m mipha_lab.registry list benchmark)")
+    runner.add_argument(
+        "--benchmarks", required=True, help="comma-separated names (python -m mipha_lab.registry list benchmark)"
+    )
     runner.add_argument("--data-root", default="./data", help="holds eval/<benchmark>/ (LLaVA's layout) and shapes/")
     runner.add_argument("--batch-size", type=int, default=16)
     runner.add_argument("--limit", type=int, default=None, help="only the first K questions of each benchmark")
     runner.add_argument("--out", default=None)
     runner.add_argument("--image-strategy", default="pad", choices=["square", "pad", "resize-naive", "resize-crop"])
-    runner.add_argument("--check-batch-invariance", type=int, default=0, metavar="K",
-                        help="answer the first K questions again at batch 1 and report the agreement")
-    runner.add_argument("--nproc", type=int, default=1, help="processes on this machine (torchrun), each answering a share")
+    runner.add_argument(
+        "--check-batch-invariance",
+        type=int,
+        default=0,
+        metavar="K",
+        help="answer the first K questions again at batch 1 and report the agreement",
+    )
+    runner.add_argument(
+        "--nproc", type=int, default=1, help="processes on this machine (torchrun), each answering a share"
+    )
     runner.add_argument("--cluster", metavar="PROFILE", help="submit as a job: slurm/NAME.yaml or `local`")
     runner.add_argument("--wait", action="store_true", help="with --cluster: wait for the job and show the scores")
-    runner.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
-                        help="import this module first (it registers the model's own Python components)")
+    runner.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import this module first (it registers the model's own Python components)",
+    )
     scorer = commands.add_parser("score", help="score an answer file").add_subparsers(dest="benchmark", required=True)
     for entry in BENCHMARKS:
         benchmark = entry.obj
@@ -124,8 +170,13 @@ def main(argv: list[str] | None = None) -> int:
             continue
         one = scorer.add_parser(entry.name, help=entry.description)
         for role in benchmark.score_files:
-            one.add_argument(f"--{role.replace('_', '-')}", dest=role, type=Path, required=True,
-                             help=f"the benchmark's {role} (under a data root: {benchmark.files[role]})")
+            one.add_argument(
+                f"--{role.replace('_', '-')}",
+                dest=role,
+                type=Path,
+                required=True,
+                help=f"the benchmark's {role} (under a data root: {benchmark.files[role]})",
+            )
         one.add_argument("--answers", type=Path, required=True, help="the answers, LLaVA's jsonl format")
         one.add_argument("--json", action="store_true", help="stdout holds only the scores as one JSON object")
     argv = list(sys.argv[1:] if argv is None else argv)

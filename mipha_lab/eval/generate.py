@@ -1,19 +1,21 @@
 """Batched greedy answers in LLaVA's answer-file format: prompts sorted by length into batches, left
 padding after splicing and a KV cache (MultimodalModel.generate), stop strings, answers in question
 order. Answers are appended to a partial file after each batch, so a restarted run can skip them."""
+
 from __future__ import annotations
 
 import json
 import logging
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from mipha_lab.data.templates import Template, encode_prompt
-from mipha_lab.model.image_processing import ImageProcessor
+from mipha_lab.model.image_processing import ImageProcessor, Strategy
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +30,7 @@ def answer_questions(
     template: Template,
     questions: Sequence[Any],
     *,
-    strategy: str = "pad",
+    strategy: Strategy = "pad",
     batch_size: int = 16,
     max_new_tokens: int = 16,
     model_id: str = "mipha-lab",
@@ -43,8 +45,12 @@ def answer_questions(
     tokenizer = model.tokenizer
     done: dict[str, dict[str, Any]] = {}
     todo = list(questions)
-    prompts = {id(q): encode_prompt(template, tokenizer, [{"role": "user", "content": ("<image>\n" if q.image else "") + q.text}])
-               for q in todo}
+    prompts = {
+        id(q): encode_prompt(
+            template, tokenizer, [{"role": "user", "content": ("<image>\n" if q.image else "") + q.text}]
+        )
+        for q in todo
+    }
     todo.sort(key=lambda q: len(prompts[id(q)]))  # similar lengths batch together: little padding
     unreadable = []
     bar = tqdm(total=len(todo), desc=desc, unit="question", dynamic_ncols=True, disable=not progress)
@@ -62,7 +68,9 @@ def answer_questions(
                     with partial.open("a") as handle:
                         handle.write(json.dumps(done[answer_key(q.question_id, q.text)]) + "\n")
         if chunk:
-            for q, text in zip(chunk, _generate(model, template, [prompts[id(q)] for q in chunk], pixels, max_new_tokens)):
+            for q, text in zip(
+                chunk, _generate(model, template, [prompts[id(q)] for q in chunk], pixels, max_new_tokens), strict=False
+            ):
                 done[answer_key(q.question_id, q.text)] = _record(q, text, model_id)
             if partial is not None:
                 with partial.open("a") as handle:
@@ -75,20 +83,32 @@ def answer_questions(
 
 
 def _record(question: Any, text: str, model_id: str, metadata: dict | None = None) -> dict[str, Any]:
-    return {"question_id": question.question_id, "prompt": question.text, "text": text,
-            "answer_id": uuid.uuid4().hex, "model_id": model_id, "metadata": metadata or {}}
+    return {
+        "question_id": question.question_id,
+        "prompt": question.text,
+        "text": text,
+        "answer_id": uuid.uuid4().hex,
+        "model_id": model_id,
+        "metadata": metadata or {},
+    }
 
 
-def _generate(model: Any, template: Template, prompts: list[list[int]], pixels: list[torch.Tensor],
-              max_new_tokens: int) -> list[str]:
+def _generate(
+    model: Any, template: Template, prompts: list[list[int]], pixels: list[torch.Tensor], max_new_tokens: int
+) -> list[str]:
     width = max(map(len, prompts))
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for row, prompt in enumerate(prompts):
         ids[row, : len(prompt)], mask[row, : len(prompt)] = torch.tensor(prompt), 1
     device = next(model.parameters()).device
-    out = model.generate(ids.to(device), mask.to(device), torch.stack(pixels).to(device) if pixels else None,
-                         max_new_tokens=max_new_tokens, stop_strings=template.stop_strings)
+    out = model.generate(
+        ids.to(device),
+        mask.to(device),
+        torch.stack(pixels).to(device) if pixels else None,
+        max_new_tokens=max_new_tokens,
+        stop_strings=template.stop_strings,
+    )
     texts = []
     for tokens in out:
         text = model.tokenizer.decode(tokens, skip_special_tokens=True)

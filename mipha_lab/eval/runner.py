@@ -1,4 +1,5 @@
 """Run a model on benchmarks: answers (resumable), scores, a summary table in the paper's column order."""
+
 from __future__ import annotations
 
 import csv
@@ -15,6 +16,7 @@ from mipha_lab.eval.benchmarks import BENCHMARKS, PAPER_ORDER, Benchmark
 from mipha_lab.eval.generate import answer_key, answer_questions
 from mipha_lab.eval.scoring.answers import ScoreInputError, read_jsonl
 from mipha_lab.model import load_model
+from mipha_lab.model.image_processing import Strategy
 from mipha_lab.runs.folder import RunFolder
 
 log = logging.getLogger(__name__)
@@ -23,14 +25,28 @@ PARTIAL = "answers.partial.jsonl"  # answers.partial*.jsonl: one per rank, appen
 
 def answered(out: Path) -> dict[str, dict[str, Any]]:
     """Answers an interrupted run already wrote (by any number of ranks)."""
-    return {answer_key(a["question_id"], a["prompt"]): a
-            for path in sorted(out.glob("answers.partial*.jsonl")) for a in read_jsonl(path)}
+    return {
+        answer_key(a["question_id"], a["prompt"]): a
+        for path in sorted(out.glob("answers.partial*.jsonl"))
+        for a in read_jsonl(path)
+    }
 
 
-def run_benchmark(model: Any, benchmark: Benchmark, data_root: str | Path, out: Path, *, batch_size: int = 16,
-                  limit: int | None = None, image_strategy: str = "pad", model_id: str = "mipha-lab",
-                  template: str | None = None, max_new_tokens: int | None = None,
-                  dist: Distributed | None = None, check_batch_invariance: int = 0) -> dict[str, Any]:
+def run_benchmark(
+    model: Any,
+    benchmark: Benchmark,
+    data_root: str | Path,
+    out: Path,
+    *,
+    batch_size: int = 16,
+    limit: int | None = None,
+    image_strategy: Strategy = "pad",
+    model_id: str = "mipha-lab",
+    template: str | None = None,
+    max_new_tokens: int | None = None,
+    dist: Distributed | None = None,
+    check_batch_invariance: int = 0,
+) -> dict[str, Any]:
     """Answer (skipping questions a previous, interrupted run answered; each rank of `dist` a share of
     the rest), write answers.jsonl in question order, score, write scores.json and records.jsonl (one
     row per question: prediction and correct or score, so analysis can bootstrap). A limited run is
@@ -45,10 +61,18 @@ def run_benchmark(model: Any, benchmark: Benchmark, data_root: str | Path, out: 
     if done and dist.main:
         log.info("%s: %d answers of an interrupted run found in %s, not asked again", benchmark.name, len(done), out)
     remaining = [q for q in questions if answer_key(q.question_id, q.text) not in done]
-    answer_questions(model, get_template(template or model.config.template or "plain"),
-                     remaining[dist.rank :: dist.world_size], strategy=image_strategy, batch_size=batch_size,
-                     max_new_tokens=max_new_tokens or benchmark.max_new_tokens, model_id=model_id,
-                     partial=out / f"answers.partial.rank{dist.rank}.jsonl", desc=benchmark.name, progress=dist.main)
+    answer_questions(
+        model,
+        get_template(template or model.config.template or "plain"),
+        remaining[dist.rank :: dist.world_size],
+        strategy=image_strategy,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens or benchmark.max_new_tokens,
+        model_id=model_id,
+        partial=out / f"answers.partial.rank{dist.rank}.jsonl",
+        desc=benchmark.name,
+        progress=dist.main,
+    )
     dist.barrier()
     if not dist.main:
         return {}
@@ -59,8 +83,16 @@ def run_benchmark(model: Any, benchmark: Benchmark, data_root: str | Path, out: 
     for partial in out.glob("answers.partial*.jsonl"):
         partial.unlink()
     if check_batch_invariance:
-        batch_invariance(model, benchmark, questions[:check_batch_invariance], answers, out, image_strategy=image_strategy,
-                         template=template, max_new_tokens=max_new_tokens)
+        batch_invariance(
+            model,
+            benchmark,
+            questions[:check_batch_invariance],
+            answers,
+            out,
+            image_strategy=image_strategy,
+            template=template,
+            max_new_tokens=max_new_tokens,
+        )
     if benchmark.submission is not None and not limit:
         print(f"{benchmark.name}: file for the benchmark's server: {benchmark.submission(paths, answers, out)}")
     scores: dict[str, Any] = {}
@@ -76,22 +108,40 @@ def run_benchmark(model: Any, benchmark: Benchmark, data_root: str | Path, out: 
             log.warning("%s: not scored (--limit %d answers a subset): %s", benchmark.name, limit, err)
     (out / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
     (out / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))  # per question, for bootstraps
-    print(f"{benchmark.name}: {len(answers)} questions in {seconds:.0f} s ({len(answers) / max(seconds, 1e-9):.1f}/s); "
-          f"{benchmark.headline} {scores.get(benchmark.headline, '-')}")
+    print(
+        f"{benchmark.name}: {len(answers)} questions in {seconds:.0f} s ({len(answers) / max(seconds, 1e-9):.1f}/s); "
+        f"{benchmark.headline} {scores.get(benchmark.headline, '-')}"
+    )
     return scores
 
 
-def batch_invariance(model: Any, benchmark: Benchmark, questions: list, batched: list[dict[str, Any]], out: Path, *,
-                     image_strategy: str, template: str | None, max_new_tokens: int | None) -> float:
+def batch_invariance(
+    model: Any,
+    benchmark: Benchmark,
+    questions: list,
+    batched: list[dict[str, Any]],
+    out: Path,
+    *,
+    image_strategy: Strategy,
+    template: str | None,
+    max_new_tokens: int | None,
+) -> float:
     """Answer a sample again at batch size 1 and report how many batched answers are identical
     (batched evaluation has moved scores by points in other toolkits); written to batch_invariance.json."""
-    single = answer_questions(model, get_template(template or model.config.template or "plain"), questions,
-                              strategy=image_strategy, batch_size=1,
-                              max_new_tokens=max_new_tokens or benchmark.max_new_tokens, desc=f"{benchmark.name} batch 1")
-    differ = [b["question_id"] for a, b in zip(single, batched) if a["text"] != b["text"]]
+    single = answer_questions(
+        model,
+        get_template(template or model.config.template or "plain"),
+        questions,
+        strategy=image_strategy,
+        batch_size=1,
+        max_new_tokens=max_new_tokens or benchmark.max_new_tokens,
+        desc=f"{benchmark.name} batch 1",
+    )
+    differ = [b["question_id"] for a, b in zip(single, batched, strict=False) if a["text"] != b["text"]]  # the first K
     agreement = 1.0 - len(differ) / max(len(single), 1)
-    (out / "batch_invariance.json").write_text(json.dumps(
-        {"questions": len(single), "agreement": agreement, "different": differ}, indent=2) + "\n")
+    (out / "batch_invariance.json").write_text(
+        json.dumps({"questions": len(single), "agreement": agreement, "different": differ}, indent=2) + "\n"
+    )
     print(f"{benchmark.name}: batched answers equal batch-1 answers on {agreement:.1%} of {len(single)} questions")
     return agreement
 
@@ -138,7 +188,15 @@ def evaluate_run(experiment: Experiment, run: RunFolder) -> None:
         return
     status = run.read_status() or {}
     run.status("evaluating", step=status.get("step"))
-    run_benchmarks(load_model(run.path), e.benchmarks, experiment.data_root, run.path / "eval",
-                   batch_size=e.batch_size, image_strategy=e.image_strategy, model_id=run.path.name,
-                   template=experiment.stages[-1].template, max_new_tokens=e.max_new_tokens)
+    run_benchmarks(
+        load_model(run.path),
+        e.benchmarks,
+        experiment.data_root,
+        run.path / "eval",
+        batch_size=e.batch_size,
+        image_strategy=e.image_strategy,
+        model_id=run.path.name,
+        template=experiment.stages[-1].template,
+        max_new_tokens=e.max_new_tokens,
+    )
     run.status("done", step=status.get("step"))

@@ -1,6 +1,7 @@
 """Files for the benchmarks' servers, in the formats LLaVA's conversion scripts write: the VQAv2
 test-dev upload (every test2015 question, EvalAI-processed answers, empty where not inferred), GQA's
 predictions JSON, and the MMBench table with a prediction column."""
+
 from __future__ import annotations
 
 import csv
@@ -18,9 +19,13 @@ MMBENCH_DROPPED = ("hint", "category", "source", "image", "comment", "l2-categor
 
 def vqav2_upload(paths: dict[str, Path], answers: list[dict[str, Any]], out: Path) -> Path:
     predicted = {a["question_id"]: a["text"] for a in answers}
-    rows = [{"question_id": q["question_id"],
-             "answer": normalize_evalai(predicted[q["question_id"]]) if q["question_id"] in predicted else ""}
-            for q in read_jsonl(paths["test_split"])]
+    rows = [
+        {
+            "question_id": q["question_id"],
+            "answer": normalize_evalai(predicted[q["question_id"]]) if q["question_id"] in predicted else "",
+        }
+        for q in read_jsonl(paths["test_split"])
+    ]
     target = out / "vqav2_test-dev_upload.json"
     target.write_text(json.dumps(rows))
     return target
@@ -28,7 +33,9 @@ def vqav2_upload(paths: dict[str, Path], answers: list[dict[str, Any]], out: Pat
 
 def gqa_predictions(paths: dict[str, Path], answers: list[dict[str, Any]], out: Path) -> Path:
     target = out / "testdev_balanced_predictions.json"
-    target.write_text(json.dumps([{"questionId": a["question_id"], "prediction": gqa_prediction(a["text"])} for a in answers]))
+    target.write_text(
+        json.dumps([{"questionId": a["question_id"], "prediction": gqa_prediction(a["text"])} for a in answers])
+    )
     return target
 
 

@@ -1,4 +1,5 @@
 """Vision towers, projectors, language models and the assembled multimodal model."""
+
 from mipha_lab.model.loader import build_model, build_vlm, load_model
 from mipha_lab.model.spec import VLMConfig
 from mipha_lab.model.vision import VisionTower

@@ -1,35 +1,33 @@
 """LoRA adapters on a MultimodalModel: injected (peft), recorded in the model's config so a saved model
 loads with its adapters unmerged, and merged into plain weights on demand."""
+
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal, cast
 
-from pydantic import Field
 from torch import nn
 
 from mipha_lab.errors import ConfigError
 from mipha_lab.model.lm_interface import LanguageModel
-from mipha_lab.validation import StrictModel
-
-AdapterModule = Literal["vision", "lm_body"]
+from mipha_lab.model.spec import LoraSpec, VLMConfig
 
 
-class LoraSpec(StrictModel):
-    """One module's LoRA adapters, as config.json records them (target modules resolved to names)."""
+def _recorded(model: nn.Module) -> list[LoraSpec]:
+    """The adapters the model's config records (a MultimodalModel's VLMConfig)."""
+    return cast(VLMConfig, model.config).adapters
 
-    module: AdapterModule
-    r: int
-    alpha: float
-    dropout: float = 0.0
-    target_modules: list[str] = Field(default_factory=list)
+
+def _part(model: nn.Module, name: str) -> nn.Module:
+    return cast(nn.Module, getattr(model, name))
 
 
 def lora_host(model: nn.Module, module: str) -> nn.Module:
     """The submodule whose linear layers a `vision` or `lm_body` LoRA policy adapts."""
     if module == "lm_body":
-        return LanguageModel(model.language_model).decoder
+        return LanguageModel(_part(model, "language_model")).decoder
     if module == "vision":
-        return model.vision_tower
+        return _part(model, "vision_tower")
     raise ConfigError(f"mode 'lora' applies to vision and lm_body, not {module}")
 
 
@@ -37,8 +35,14 @@ def linear_names(module: nn.Module) -> list[str]:
     return sorted({name.rsplit(".", 1)[-1] for name, child in module.named_modules() if isinstance(child, nn.Linear)})
 
 
-def add_lora(model: nn.Module, module: str, r: int, alpha: float, dropout: float,
-             target_modules: Sequence[str] | Literal["all-linear"]) -> LoraSpec:
+def add_lora(
+    model: nn.Module,
+    module: str,
+    r: int,
+    alpha: int,
+    dropout: float,
+    target_modules: Sequence[str] | Literal["all-linear"],
+) -> LoraSpec:
     """Inject adapters into `module` of `model` in place and record them in `model.config.adapters`."""
     from peft import LoraConfig, inject_adapter_in_model
 
@@ -46,14 +50,14 @@ def add_lora(model: nn.Module, module: str, r: int, alpha: float, dropout: float
     targets = linear_names(host) if target_modules == "all-linear" else list(target_modules)
     spec = LoraSpec(module=module, r=r, alpha=alpha, dropout=dropout, target_modules=targets)
     inject_adapter_in_model(LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets), host)
-    model.config.adapters.append(spec)
+    _recorded(model).append(spec)
     return spec
 
 
 def restore_adapters(model: nn.Module, specs: Sequence[LoraSpec]) -> None:
     """Re-inject the adapters a saved config records (before its weights are loaded)."""
     for spec in list(specs):
-        model.config.adapters.remove(spec)
+        _recorded(model).remove(spec)
         add_lora(model, spec.module, spec.r, spec.alpha, spec.dropout, spec.target_modules)
 
 
@@ -68,6 +72,6 @@ def merge_lora(model: nn.Module) -> int:
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer())
             merged += 1
-    if hasattr(model, "config") and hasattr(model.config, "adapters"):
-        model.config.adapters.clear()
+    if isinstance(getattr(model, "config", None), VLMConfig):
+        _recorded(model).clear()
     return merged

@@ -1,5 +1,6 @@
 """Build the three components (vision tower, projector, language model) from names, cards or objects, and
 rebuild them from a saved config; each comes with the spec that rebuilds it."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -12,13 +13,13 @@ from mipha_lab.model.language import LLM, build_language_model, load_tokenizer, 
 from mipha_lab.model.lm_interface import LanguageModel
 from mipha_lab.model.projectors import PROJECTORS, grid_side
 from mipha_lab.model.spec import ComponentSpec, VLMConfig
-from mipha_lab.model.vision import VISION
+from mipha_lab.model.vision import VISION, VisionTower
 from mipha_lab.model.vision_backends import build_vision_tower
 from mipha_lab.registry import Registry
 from mipha_lab.registry.cards import Card, FeatureSpec, LLMCard, VisionCard
 from mipha_lab.validation import validate
 
-VisionSpec = str | VisionCard | nn.Module
+VisionSpec = str | VisionCard | VisionTower
 LLMSpec = str | LLMCard | nn.Module
 
 
@@ -34,30 +35,39 @@ def _lookup(registry: Registry[Any], spec: str | Card) -> Any:
     return registry.get(spec) if isinstance(spec, str) else spec
 
 
-def _python_tower(name: str, factory: Any, overrides: dict[str, Any]) -> nn.Module:
+def _python_tower(name: str, factory: Any, overrides: dict[str, Any]) -> VisionTower:
     """A VisionTower class registered in Python, given the experiment's overrides as keyword arguments."""
     try:
         return factory(**overrides)
     except TypeError as err:
         if not overrides:
             raise
-        raise ConfigError(f"vision encoder '{name}' ({getattr(factory, '__qualname__', factory)}) does not take "
-                          f"{', '.join(f'{k}={v!r}' for k, v in overrides.items())}: add the argument(s) to its "
-                          f"__init__ and pass them to VisionTower ({err})") from None
+        raise ConfigError(
+            f"vision encoder '{name}' ({getattr(factory, '__qualname__', factory)}) does not take "
+            f"{', '.join(f'{k}={v!r}' for k, v in overrides.items())}: add the argument(s) to its "
+            f"__init__ and pass them to VisionTower ({err})"
+        ) from None
 
 
 def build_vision(
-    spec: VisionSpec, *, pretrained: bool = False, feature_layer: int | None = None, select: str | None = None,
+    spec: VisionSpec,
+    *,
+    pretrained: bool = False,
+    feature_layer: int | None = None,
+    select: str | None = None,
     image_size: int | None = None,
-) -> tuple[nn.Module, ComponentSpec]:
+) -> tuple[VisionTower, ComponentSpec]:
     """A vision tower from a card name, a card, a registered class name, or a ready module. `image_size`
     changes the input side (the resolution axis; a card's position embeddings are then interpolated);
     `feature_layer`, `select` and `image_size` go to a Python class as keyword arguments."""
     if isinstance(spec, nn.Module):
         return spec, ComponentSpec(name=_registered_name(VISION, spec))
     found = _lookup(VISION, spec)
-    overrides = {k: v for k, v in {"feature_layer": feature_layer, "select": select, "image_size": image_size}.items()
-                 if v is not None}
+    overrides = {
+        k: v
+        for k, v in {"feature_layer": feature_layer, "select": select, "image_size": image_size}.items()
+        if v is not None
+    }
     if not isinstance(found, VisionCard):
         name = spec if isinstance(spec, str) else type(found).__name__
         return _python_tower(name, found, overrides), ComponentSpec(name=name, args=overrides)
@@ -77,19 +87,26 @@ def build_llm(
     """The LM, its tokenizer (None for a ready module or when not wanted, as in an offline plan), how to
     rebuild it, and its template name."""
     if isinstance(spec, nn.Module):
-        config = spec.config.to_dict()
+        config = LanguageModel(spec).config.to_dict()
         return spec, None, ComponentSpec(name=f"transformers:{config['model_type']}", args={"config": config}), None
     card = _lookup(LLM, spec)
     if not isinstance(card, LLMCard):
         raise ConfigError(f"language model '{spec}' must be a card (registry/llm/*.yaml) or a model object")
     lm = build_language_model(card, pretrained, attn_implementation)
-    return lm, load_tokenizer(card) if with_tokenizer else None, ComponentSpec(name=card.name, card=card.to_dict()), card.template
+    return (
+        lm,
+        load_tokenizer(card) if with_tokenizer else None,
+        ComponentSpec(name=card.name, card=card.to_dict()),
+        card.template,
+    )
 
 
-def build_projector(spec: str | nn.Module, tower: nn.Module, lm_width: int, args: dict[str, Any] | None = None):
+def build_projector(
+    spec: str | nn.Module, tower: VisionTower, lm_width: int, args: dict[str, Any] | None = None
+) -> tuple[nn.Module, ComponentSpec]:
     if isinstance(spec, nn.Module):
         return spec, ComponentSpec(name=_registered_name(PROJECTORS, spec))
-    grid = grid_side(tower.num_tokens, getattr(tower, "is_square_grid", False))
+    grid = grid_side(tower.num_tokens, tower.is_square_grid)
     module = PROJECTORS.build(spec, in_dim=tower.hidden_size, out_dim=lm_width, grid=grid, **(args or {}))
     return module, ComponentSpec(name=spec, args=dict(args or {}))
 
@@ -104,7 +121,7 @@ def _rebuild_llm(spec: ComponentSpec, attn_implementation: str) -> nn.Module:
     return AutoModelForCausalLM.from_config(hf_config, attn_implementation=transformers_attention(attn_implementation))
 
 
-def components_from_config(config: VLMConfig) -> tuple[nn.Module, nn.Module, nn.Module]:
+def components_from_config(config: VLMConfig) -> tuple[VisionTower, nn.Module, nn.Module]:
     """The tower, projector and LM a VLMConfig describes, with fresh weights (loading places them after)."""
     vision: VisionSpec = config.vision.name
     if config.vision.card is not None:

@@ -13,10 +13,12 @@ the lookup factor only - the forward, where it scales, scales them with the text
 factor (`embedding_scale`), and a measured factor that disagrees with the card is an error, so no model
 runs with the features scaled twice, or not at all.
 """
+
 from __future__ import annotations
 
 import copy
 import math
+from typing import cast
 
 import torch
 from torch import nn
@@ -45,12 +47,14 @@ def _first_layer(lm: nn.Module) -> nn.Module | None:
 def _lookup_factor(embedding: nn.Module) -> float:
     """The embedding layer's own forward on a one-row table of ones (a shallow copy: the model's weights,
     which may be uninitialised, are not involved and not touched)."""
-    weight = embedding.weight
+    weight = cast(torch.Tensor, embedding.weight)
     probe = copy.copy(embedding)
     probe._parameters = dict(embedding._parameters)
-    probe.weight = nn.Parameter(torch.ones(1, weight.shape[1], dtype=weight.dtype, device=weight.device), requires_grad=False)
+    probe.weight = nn.Parameter(
+        torch.ones(1, weight.shape[1], dtype=weight.dtype, device=weight.device), requires_grad=False
+    )
     if hasattr(probe, "padding_idx"):
-        probe.padding_idx = None
+        probe.padding_idx = None  # type: ignore[assignment]  # nn.Embedding's is int | None; the attribute is typed loosely
     return float(probe(torch.zeros(1, 1, dtype=torch.long, device=weight.device)).double().mean())
 
 
@@ -59,7 +63,7 @@ def measured_factors(lm: nn.Module) -> tuple[float, float] | None:
     """(factor applied at lookup, factor applied by the decoder's forward before its first layer), measured
     on this module; None on the meta device (nothing to measure, nothing computed)."""
     embedding = LanguageModel(lm).embeddings
-    weight = embedding.weight
+    weight = LanguageModel(lm).embedding_matrix
     if weight.is_meta:
         return None
     at_lookup = _lookup_factor(embedding)
@@ -75,7 +79,9 @@ def measured_factors(lm: nn.Module) -> tuple[float, float] | None:
     was_training = decoder.training
     decoder.eval()
     try:
-        decoder(inputs_embeds=torch.ones(1, 1, weight.shape[1], dtype=weight.dtype, device=weight.device), use_cache=False)
+        decoder(
+            inputs_embeds=torch.ones(1, 1, weight.shape[1], dtype=weight.dtype, device=weight.device), use_cache=False
+        )
         raise ConfigError(f"{type(lm).__name__}: could not observe the input of its first decoder layer")
     except _StopBeforeFirstLayer as seen:
         in_forward = float(seen.hidden.double().mean())
@@ -107,7 +113,8 @@ def image_feature_factor(lm: nn.Module, rule: str | None, name: str) -> float:
             f"{name}: the installed transformers multiplies this LM's input embeddings by {at_lookup * in_forward:.4g} "
             f"({where}), but its card declares embedding_scale: {rule} (x{target:.4g}); set `embedding_scale: "
             f"{'sqrt_hidden_size' if _close(at_lookup * in_forward, math.sqrt(hidden)) else 'none'}` in the card "
-            "so that image features get the same scale as the text")
+            "so that image features get the same scale as the text"
+        )
     return target if _close(at_lookup, target) and target != 1.0 else 1.0
 
 

@@ -1,6 +1,7 @@
 """What a model folder holds, read as data: its config (ours, or a released Mipha / LLaVA-Phi checkpoint's
 turned into ours), its tokenizer, and its weights under our names. The format is decided by config.json
 alone, never by the folder's name; nothing from the folder runs as code (remote_code.py)."""
+
 from __future__ import annotations
 
 import json
@@ -46,10 +47,13 @@ def read_model_folder(folder: str | Path, allow_pickle: bool = False) -> FolderC
     if is_released(raw):
         state = read_weights(folder, allow_pickle)
         tokenizer = with_image_token(tokenizer) if tokenizer is not None else None
-        return FolderContents(released_config(folder, raw, set(state), tokenizer), tokenizer, state,
-                              raw["num_attention_heads"])
+        return FolderContents(
+            released_config(folder, raw, set(state), tokenizer), tokenizer, state, raw["num_attention_heads"]
+        )
     if raw.get("format") != "mipha-lab":
         raise ConfigError(
-            f"{config_path}: unknown model format (format={raw.get('format')!r}, model_type={raw.get('model_type')!r}); "
-            f"expected a mipha-lab model or a released checkpoint with model_type one of {', '.join(RELEASED)}")
+            f"{config_path}: unknown model format (format={raw.get('format')!r}, "
+            f"model_type={raw.get('model_type')!r}); "
+            f"expected a mipha-lab model or a released checkpoint with model_type one of {', '.join(RELEASED)}"
+        )
     return FolderContents(validate(VLMConfig, raw, config_path), tokenizer, read_weights(folder, allow_pickle))

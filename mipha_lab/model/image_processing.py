@@ -8,9 +8,11 @@ Strategies (Prismatic's study adds the last two as an ablation axis):
 - `resize-naive`: a plain resize to the square input size, whatever the encoder;
 - `resize-crop`: resize the short side to the input size, then centre-crop.
 """
+
 from __future__ import annotations
 
-from typing import Iterable, Literal
+from collections.abc import Iterable
+from typing import Literal
 
 import numpy as np
 import torch
@@ -117,8 +119,11 @@ class ImageProcessor:
             "image_std": list(spec.std),
         }
         if spec.resize == "square":
-            config.update(image_processor_type="SiglipImageProcessor", size={"height": spec.size, "width": spec.size},
-                          do_center_crop=False)
+            config.update(
+                image_processor_type="SiglipImageProcessor",
+                size={"height": spec.size, "width": spec.size},
+                do_center_crop=False,
+            )
         else:
             config.update(
                 image_processor_type="CLIPImageProcessor",
@@ -141,8 +146,11 @@ def spec_from_hf_config(config: dict, fallback_size: int) -> ImageSpec:
     else:
         resize, side = "square", size if isinstance(size, int) else size["height"]
     return ImageSpec(
-        resize=resize, resize_size=side, crop_size=crop_side,
+        resize=resize,
+        resize_size=side,
+        crop_size=crop_side,
         resample=names.get(int(config.get("resample", Image.Resampling.BICUBIC)), "bicubic"),
         rescale_factor=config.get("rescale_factor", 1 / 255),
-        mean=tuple(config["image_mean"]), std=tuple(config["image_std"]),
+        mean=tuple(config["image_mean"]),
+        std=tuple(config["image_std"]),
     )

@@ -1,4 +1,5 @@
 """Language-model backend: a Hugging Face causal LM and its tokenizer, built from a card."""
+
 from __future__ import annotations
 
 import logging
@@ -49,7 +50,12 @@ def lm_config(card: LLMCard, attn_implementation: str = "sdpa"):
     if "hidden_act" in arch and config.hidden_act != arch["hidden_act"]:
         # transformers 5 rewrites Gemma's "gelu" to the tanh approximation; the card's activation is what runs
         # (Mipha-2.4B was trained with the exact GELU its config names)
-        log.info("%s: keeping hidden_act=%s (transformers changed it to %s)", card.name, arch["hidden_act"], config.hidden_act)
+        log.info(
+            "%s: keeping hidden_act=%s (transformers changed it to %s)",
+            card.name,
+            arch["hidden_act"],
+            config.hidden_act,
+        )
         config.hidden_act = arch["hidden_act"]
     if "hidden_act" in arch and hasattr(config, "hidden_activation"):
         config.hidden_activation = arch["hidden_act"]  # transformers 4's Gemma runs this key, not hidden_act
@@ -93,7 +99,6 @@ def load_tokenizer(card: LLMCard):
 def with_image_token(tokenizer):
     """`<image>` as one special token, so a whole rendered conversation tokenizes in one call; its id is
     replaced by IMAGE_TOKEN_INDEX before embedding (the LM's embedding matrix is never resized)."""
-
 
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)

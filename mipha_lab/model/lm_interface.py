@@ -3,19 +3,23 @@ interface, as VisionTower is for encoders. The model, the policies, LoRA, FLOPs,
 it for embeddings, decoder layers, the head, the attention implementation, a forward over embeddings
 with position ids, and generation - never `get_decoder()` or the private `config._attn_implementation`
 themselves, which change between transformers versions."""
+
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:  # the annotation only; transformers is imported by whoever built the LM
+    from transformers import PreTrainedModel
 
 
 class LanguageModel:
     """A view of a transformers causal LM; not a module of its own, so the LM's weights keep their names."""
 
     def __init__(self, lm: nn.Module) -> None:
-        self.module = lm
+        self.module = cast("PreTrainedModel", lm)
 
     @property
     def embeddings(self) -> nn.Module:
@@ -32,24 +36,28 @@ class LanguageModel:
 
     @property
     def layers(self) -> nn.ModuleList:
-        return self.decoder.layers
+        return cast(nn.ModuleList, self.decoder.layers)
+
+    @property
+    def embedding_matrix(self) -> torch.Tensor:
+        return cast(torch.Tensor, self.embeddings.weight)
 
     @property
     def width(self) -> int:
-        return int(self.embeddings.weight.shape[1])
+        return int(self.embedding_matrix.shape[1])
 
     @property
     def vocab_size(self) -> int:
-        return int(self.embeddings.weight.shape[0])
+        return int(self.embedding_matrix.shape[0])
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embeddings.weight.dtype
+        return self.embedding_matrix.dtype
 
     @property
     def tied(self) -> bool:
         """The head shares the embedding matrix (saved once, counted once)."""
-        return self.head.weight is self.embeddings.weight
+        return self.head.weight is self.embedding_matrix
 
     @property
     def attention(self) -> str:
@@ -61,12 +69,12 @@ class LanguageModel:
         """The transformers config (sizes for FLOPs and memory plans; token ids for generation)."""
         return self.module.config
 
-    def hidden_states(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor,
-                      **attention: Any) -> torch.Tensor:
+    def hidden_states(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, **attention: Any) -> torch.Tensor:
         """The last hidden states of a forward over embeddings (no cache); `attention` is what
         MultimodalModel chooses to keep samples apart (a mask, or packed spans)."""
-        return self.decoder(inputs_embeds=inputs_embeds, position_ids=position_ids, use_cache=False,
-                            **attention).last_hidden_state
+        return self.decoder(
+            inputs_embeds=inputs_embeds, position_ids=position_ids, use_cache=False, **attention
+        ).last_hidden_state
 
     def generate(self, **kwargs: Any) -> Any:
-        return self.module.generate(**kwargs)
+        return cast(Any, self.module).generate(**kwargs)  # causal LMs mix in GenerationMixin

@@ -1,6 +1,7 @@
 """Getting a MultimodalModel: built from component names, cards or objects (`build_vlm`), built for an
 experiment (`build_model`), or loaded from a model folder or a run folder (`load_model`). Everything
 that needs a model comes here."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -39,18 +40,22 @@ def build_vlm(
     """Build a model from registry names (`build_vlm("tiny-siglip-so400m-384", "tiny-phi-2")`), cards
     or objects. `pretrained` loads the cards' hub weights (the tiny cards have none: random init);
     `imports` records the modules that registered Python components (config.json's `imports`)."""
-    tower, vision_spec = build_vision(vision, pretrained=pretrained, feature_layer=feature_layer, select=select,
-                                      image_size=image_size)
+    tower, vision_spec = build_vision(
+        vision, pretrained=pretrained, feature_layer=feature_layer, select=select, image_size=image_size
+    )
     lm, card_tokenizer, llm_spec, card_template = build_llm(
         llm, pretrained=pretrained, attn_implementation=attn_implementation, with_tokenizer=with_tokenizer
     )
     lm_width = LanguageModel(lm).width
     proj, proj_spec = build_projector(projector, tower, lm_width, projector_args)
     config = VLMConfig(
-        vision=vision_spec, projector=proj_spec, llm=llm_spec,
+        vision=vision_spec,
+        projector=proj_spec,
+        llm=llm_spec,
         template=template or card_template,
-        max_positions=max_positions or lm.config.max_position_embeddings,
-        attn_implementation=attn_implementation, imports=list(imports or []),
+        max_positions=max_positions or LanguageModel(lm).config.max_position_embeddings,
+        attn_implementation=attn_implementation,
+        imports=list(imports or []),
     )
     return MultimodalModel(tower, proj, lm, config, tokenizer if tokenizer is not None else card_tokenizer)
 
@@ -60,10 +65,17 @@ def build_model(experiment: Experiment, with_tokenizer: bool = True) -> Multimod
     m = experiment.model
     torch.manual_seed(experiment.seed)
     return build_vlm(
-        m.vision, m.llm, m.projector, projector_args=m.projector_args, pretrained=m.pretrained,
+        m.vision,
+        m.llm,
+        m.projector,
+        projector_args=m.projector_args,
+        pretrained=m.pretrained,
         attn_implementation=resolve_attn_implementation(m.attn_implementation),
         max_positions=NO_TRUNCATION if experiment.quirks.no_truncation_after_splice else m.max_positions,
-        feature_layer=m.feature_layer, select=m.feature_select, with_tokenizer=with_tokenizer, image_size=m.image_size,
+        feature_layer=m.feature_layer,
+        select=m.feature_select,
+        with_tokenizer=with_tokenizer,
+        image_size=m.image_size,
         imports=experiment.imports,
     )
 

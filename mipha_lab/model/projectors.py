@@ -3,6 +3,7 @@
 Every projector takes `in_dim`, `out_dim`, `grid` (patches per side, or None when the tokens do not
 form a square grid) and its own parameters from the experiment, and reports `num_tokens(t)`.
 """
+
 from __future__ import annotations
 
 import math
@@ -89,7 +90,7 @@ class _GridPool(nn.Module):
         self.grid, self.pool = grid, nn.AdaptiveAvgPool2d(pooled)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, t, c = x.shape
+        n, _t, c = x.shape
         x = x.transpose(1, 2).reshape(n, c, self.grid, self.grid)
         return self.pool(x).flatten(2).transpose(1, 2)
 
@@ -127,7 +128,7 @@ class LDPv2Projector(Projector):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool(self.mlp(x))
-        n, t, c = x.shape
+        n, _t, c = x.shape
         grid = x.transpose(1, 2).reshape(n, c, self.side, self.side)
         return x + self.peg(grid).flatten(2).transpose(1, 2)
 

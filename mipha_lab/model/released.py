@@ -9,6 +9,7 @@ q/k/v projections. Quirks of the released configs are corrected here, each said 
 `eos_token_id` 2 (Phi's eos is 50256; the tokenizer's wins when the folder has one) and Gemma's
 `"hidden_act": "gelu"`, which the training-time transformers ran as the exact (erf) GELU.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,19 +37,50 @@ TOWER = "model.vision_tower."
 PROJECTOR = "model.mm_projector."
 PHI_EOS = 50256
 # config.json keys that describe the multimodal wrapper or the file, not the language model
-NOT_LM = {"vision_config", "image_aspect_ratio", "freeze_vision_tower", "tune_mm_mlp_adapter", "architectures",
-          "model_type", "auto_map", "_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache",
-          "mm_use_im_start_end", "mm_use_im_patch_token", "mm_projector_lr", "tokenizer_model_max_length",
-          "tokenizer_padding_side"}
-NOT_VISION = {"mm_vision_select_feature", "mm_vision_select_layer", "vision_model_name_or_path", "model_type",
-              "architectures", "_name_or_path", "transformers_version", "torch_dtype", "dtype"}
+NOT_LM = {
+    "vision_config",
+    "image_aspect_ratio",
+    "freeze_vision_tower",
+    "tune_mm_mlp_adapter",
+    "architectures",
+    "model_type",
+    "auto_map",
+    "_name_or_path",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "use_cache",
+    "mm_use_im_start_end",
+    "mm_use_im_patch_token",
+    "mm_projector_lr",
+    "tokenizer_model_max_length",
+    "tokenizer_padding_side",
+}
+NOT_VISION = {
+    "mm_vision_select_feature",
+    "mm_vision_select_layer",
+    "vision_model_name_or_path",
+    "model_type",
+    "architectures",
+    "_name_or_path",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+}
 DEFAULT_PROCESSORS = {
     "siglip_vision_model": {"size": None, "image_mean": [0.5] * 3, "image_std": [0.5] * 3},
-    "clip_vision_model": {"size": {"shortest_edge": None}, "crop_size": None,
-                          "image_mean": [0.48145466, 0.4578275, 0.40821073],
-                          "image_std": [0.26862954, 0.26130258, 0.27577711]},
-    "dinov2": {"size": {"shortest_edge": None}, "crop_size": None,
-               "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]},
+    "clip_vision_model": {
+        "size": {"shortest_edge": None},
+        "crop_size": None,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+    },
+    "dinov2": {
+        "size": {"shortest_edge": None},
+        "crop_size": None,
+        "image_mean": [0.485, 0.456, 0.406],
+        "image_std": [0.229, 0.224, 0.225],
+    },
 }
 
 
@@ -84,8 +116,11 @@ def vision_card(folder: Path, config: dict[str, Any], keys: set[str]) -> VisionC
     select = "patch" if tower.get("mm_vision_select_feature", "patch") == "patch" else "cls_patch"
     image: ImageSpec = spec_from_hf_config(_processor_config(folder, kind, tower["image_size"]), tower["image_size"])
     card = VisionCard(
-        description=f"{kind} tower of {folder}", builder="transformers",
-        hub_id=tower.get("vision_model_name_or_path"), architecture=architecture, image=image,
+        description=f"{kind} tower of {folder}",
+        builder="transformers",
+        hub_id=tower.get("vision_model_name_or_path"),
+        architecture=architecture,
+        image=image,
         features=FeatureSpec(layer=tower.get("mm_vision_select_layer", -2), select=select),
     )
     return card.named(f"released:{kind}", str(folder / "config.json"))
@@ -95,9 +130,10 @@ def llm_card(folder: Path, config: dict[str, Any], tokenizer: Any) -> LLMCard:
     lm_type, template = RELEASED[config["model_type"]]
     architecture = {"model_type": lm_type, **{k: v for k, v in config.items() if k not in NOT_LM}}
     if tokenizer is not None:
-        architecture.update(eos_token_id=tokenizer.eos_token_id,
-                            bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None
-                            else tokenizer.eos_token_id)
+        architecture.update(
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id,
+        )
     elif lm_type == "phi" and architecture.get("eos_token_id") != PHI_EOS:
         log.warning("%s: eos_token_id %s is wrong for Phi; using %d", folder, architecture.get("eos_token_id"), PHI_EOS)
         architecture.update(eos_token_id=PHI_EOS, bos_token_id=PHI_EOS)
@@ -105,8 +141,12 @@ def llm_card(folder: Path, config: dict[str, Any], tokenizer: Any) -> LLMCard:
         architecture["hidden_activation"] = "gelu"  # older transformers read this key; newer ones hidden_act
     eos = tokenizer.eos_token if tokenizer is not None else ("<eos>" if lm_type == "gemma" else "<|endoftext|>")
     card = LLMCard(
-        description=f"language model of {folder}", hub_id=None, architecture=architecture,
-        tokenizer=str(folder), template=template, special_tokens=SpecialTokens(eos=eos),
+        description=f"language model of {folder}",
+        hub_id=None,
+        architecture=architecture,
+        tokenizer=str(folder),
+        template=template,
+        special_tokens=SpecialTokens(eos=eos),
         embedding_scale="sqrt_hidden_size" if lm_type == "gemma" else "none",
     )
     return card.named(f"released:{lm_type}", str(folder / "config.json"))
@@ -128,16 +168,16 @@ def our_names(state: dict[str, torch.Tensor], model_keys: set[str], num_heads: i
         if name.endswith("embeddings.position_ids"):
             continue  # an arange older transformers saved as a buffer: not a weight, rebuilt by the model
         if name.startswith(TOWER):
-            rest = name[len(TOWER):]
+            rest = name[len(TOWER) :]
             for prefix in ("vision_model.", "dinov2."):
                 if rest.startswith(prefix) and not (nested and prefix == "vision_model."):
-                    rest = rest[len(prefix):]
+                    rest = rest[len(prefix) :]
             out["vision_tower.backbone." + rest] = tensor
         elif name.startswith(PROJECTOR):
-            out["projector." + name[len(PROJECTOR):]] = tensor
+            out["projector." + name[len(PROJECTOR) :]] = tensor
         elif ".self_attn.query_key_value." in name:
             head, kind = name.split(".self_attn.query_key_value.")
-            for proj, part in zip(("q_proj", "k_proj", "v_proj"), split_fused_qkv(tensor, num_heads)):
+            for proj, part in zip(("q_proj", "k_proj", "v_proj"), split_fused_qkv(tensor, num_heads), strict=True):
                 out[f"language_model.{head}.self_attn.{proj}.{kind}"] = part
         else:
             out["language_model." + name] = tensor
@@ -151,8 +191,10 @@ def released_config(folder: Path, config: dict[str, Any], keys: set[str], tokeni
     lm = llm_card(folder, config, tokenizer)
     vision = vision_card(folder, config, keys)
     lm_config = AutoConfig.for_model(**lm.architecture)
-    return VLMConfig(vision=ComponentSpec(name=vision.name, card=vision.to_dict()),
-                     projector=ComponentSpec(name=config["vision_config"]["mm_projector"].get("mm_projector_type",
-                                                                                              "mlp2x_gelu")),
-                     llm=ComponentSpec(name=lm.name, card=lm.to_dict()), template=lm.template,
-                     max_positions=lm_config.max_position_embeddings)
+    return VLMConfig(
+        vision=ComponentSpec(name=vision.name, card=vision.to_dict()),
+        projector=ComponentSpec(name=config["vision_config"]["mm_projector"].get("mm_projector_type", "mlp2x_gelu")),
+        llm=ComponentSpec(name=lm.name, card=lm.to_dict()),
+        template=lm.template,
+        max_positions=lm_config.max_position_embeddings,
+    )

@@ -2,6 +2,7 @@
 whose tokenizer or processor config names code of its own (`auto_map`) is refused before transformers
 sees it, so no prompt on stdin can be answered "y" into running it.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,12 @@ from transformers import AutoTokenizer
 from mipha_lab.errors import ConfigError
 
 # files transformers would follow to code (`auto_map`); config.json is read by us as data and never run
-CODE_BEARING = ("tokenizer_config.json", "preprocessor_config.json", "processor_config.json", "image_processor_config.json")
+CODE_BEARING = (
+    "tokenizer_config.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "image_processor_config.json",
+)
 NO_REMOTE_CODE: dict[str, Any] = {"trust_remote_code": False}
 
 
@@ -29,9 +35,11 @@ def refuse_folder_code(folder: Path) -> None:
             raise ConfigError(f"{path}: not valid JSON ({err})") from None
         auto_map = config.get("auto_map") if isinstance(config, dict) else None
         if auto_map:
-            raise ConfigError(f"{path}: 'auto_map' points at code shipped with the folder ({json.dumps(auto_map)}); "
-                              "mipha-lab never runs code from a model folder - use a folder whose tokenizer and "
-                              "processor are standard transformers classes (remove 'auto_map')")
+            raise ConfigError(
+                f"{path}: 'auto_map' points at code shipped with the folder ({json.dumps(auto_map)}); "
+                "mipha-lab never runs code from a model folder - use a folder whose tokenizer and "
+                "processor are standard transformers classes (remove 'auto_map')"
+            )
 
 
 def load_folder_tokenizer(source: str | Path) -> Any:

@@ -1,4 +1,5 @@
 """What config.json of a saved model holds: how to rebuild each component, and the model's settings."""
+
 from __future__ import annotations
 
 from typing import Any, Literal
@@ -6,10 +7,22 @@ from typing import Any, Literal
 from pydantic import Field
 
 from mipha_lab.constants import IMAGE_TOKEN_INDEX
-from mipha_lab.model.adapters import LoraSpec
 from mipha_lab.validation import StrictModel
 
 FORMAT = "mipha-lab"
+
+
+AdapterModule = Literal["vision", "lm_body"]
+
+
+class LoraSpec(StrictModel):
+    """One module's LoRA adapters, as config.json records them (target modules resolved to names)."""
+
+    module: AdapterModule
+    r: int
+    alpha: int
+    dropout: float = 0.0
+    target_modules: list[str] = Field(default_factory=list)
 
 
 class ComponentSpec(StrictModel):
@@ -23,7 +36,7 @@ class ComponentSpec(StrictModel):
 class VLMConfig(StrictModel):
     """What config.json of a saved model holds: enough to rebuild it without the registry's folders."""
 
-    format: Literal["mipha-lab"] = FORMAT
+    format: Literal["mipha-lab"] = "mipha-lab"
     format_version: int = 1
     vision: ComponentSpec
     projector: ComponentSpec

@@ -6,10 +6,12 @@ rows are compact (real tokens first for right padding, last for left padding), t
 `max_length` *after* splicing (per row, or per sample in packed rows), with the truncation counted per
 row. No Python loop over samples.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 
@@ -121,7 +123,9 @@ def splice(
     offset = (length - kept) if padding_side == "left" else torch.zeros_like(kept)
 
     out = text_embeds.new_zeros(batch, length, text_embeds.shape[-1])
-    out_labels = None if labels is None else torch.full((batch, length), IGNORE_INDEX, dtype=labels.dtype, device=device)
+    out_labels = (
+        None if labels is None else torch.full((batch, length), IGNORE_INDEX, dtype=labels.dtype, device=device)
+    )
 
     rows, cols = (valid & ~is_image & (kept_width > 0)).nonzero(as_tuple=True)
     pos = start[rows, cols] + offset[rows]
@@ -141,7 +145,9 @@ def splice(
         img_rows = img_rows[:, None].expand_as(img_pos)
         out = out.index_put((img_rows[keep], img_pos[keep]), image_features.to(out.dtype)[keep])
         if out_segments is not None and segment_ids is not None:
-            out_segments[img_rows[keep], img_pos[keep]] = segment_ids[img_rows, img_cols[:, None].expand_as(img_pos)][keep]
+            out_segments[img_rows[keep], img_pos[keep]] = segment_ids[img_rows, img_cols[:, None].expand_as(img_pos)][
+                keep
+            ]
 
     arange = torch.arange(length, device=device)[None, :]
     mask = ((arange >= offset[:, None]) & (arange < (offset + kept)[:, None])).long()
@@ -193,7 +199,7 @@ def splice_reference(
     """The original's way, one sample at a time in Python (right padding); kept as the test oracle
     and the baseline of the splice benchmark."""
     rows_embeds, rows_labels, full = [], [], []
-    image_iter = iter(image_features if image_features is not None else [])
+    image_iter: Iterator[torch.Tensor] = iter(image_features if image_features is not None else [])
     for b in range(input_ids.shape[0]):
         real = attention_mask[b].bool()
         ids, embeds = input_ids[b][real], text_embeds[b][real]
@@ -215,7 +221,7 @@ def splice_reference(
     out = text_embeds.new_zeros(len(rows_embeds), length, text_embeds.shape[-1])
     out_labels = torch.full((len(rows_embeds), length), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros(len(rows_embeds), length, dtype=torch.long)
-    for b, (row, lab) in enumerate(zip(rows_embeds, rows_labels)):
+    for b, (row, lab) in enumerate(zip(rows_embeds, rows_labels, strict=True)):
         out[b, : row.shape[0]] = row
         out_labels[b, : lab.shape[0]] = lab
         mask[b, : row.shape[0]] = 1

@@ -1,4 +1,5 @@
 """The vision tower interface: pixels in, the selected layer's token grid out."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -44,8 +45,9 @@ class VisionTower(nn.Module):
         self.num_prefix_tokens = num_prefix_tokens
         self.feature_layer = feature_layer
         self.select = select
-        self.image_spec = image_spec or ImageSpec(resize="square", resize_size=image_size, mean=(0.5,) * 3,
-                                                  std=(0.5,) * 3)
+        self.image_spec = image_spec or ImageSpec(
+            resize="square", resize_size=image_size, mean=(0.5,) * 3, std=(0.5,) * 3
+        )
         self.name = name or type(self).__name__
 
     @property

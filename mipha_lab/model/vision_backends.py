@@ -3,6 +3,7 @@
 Each backend builds the architecture from the card's values alone (offline, also on the meta device)
 and loads weights from the card's hub id or a local path when `pretrained` is set.
 """
+
 from __future__ import annotations
 
 import logging
@@ -25,18 +26,20 @@ VISION_BACKENDS: Registry[Any] = Registry("vision backend", "libraries that buil
 
 
 def _tower_kwargs(card: VisionCard) -> dict:
-    return dict(
-        image_size=card.image.size,
-        feature_layer=card.features.layer,
-        select=card.features.select,
-        image_spec=card.image,
-        name=card.name,
-    )
+    return {
+        "image_size": card.image.size,
+        "feature_layer": card.features.layer,
+        "select": card.features.select,
+        "image_spec": card.image,
+        "name": card.name,
+    }
 
 
 @VISION_BACKENDS.register("transformers")
 class TransformersVisionTower(VisionTower):
     """A Hugging Face vision model (SigLIP, CLIP, DINOv2...) chosen by the card's `model_type`."""
+
+    backbone: Any  # the transformers vision model (its own API: config, encoder layers)
 
     def __init__(self, card: VisionCard, pretrained: bool = False) -> None:
 
@@ -45,11 +48,14 @@ class TransformersVisionTower(VisionTower):
         model_type = config.model_type
         prefix = 0 if model_type.startswith("siglip") else 1 + getattr(config, "num_register_tokens", 0)
         super().__init__(
-            hidden_size=config.hidden_size, patch_size=config.patch_size, num_prefix_tokens=prefix,
+            hidden_size=config.hidden_size,
+            patch_size=config.patch_size,
+            num_prefix_tokens=prefix,
             **_tower_kwargs(card),
         )
         if pretrained and card.hub_id:
-            self.backbone = MODEL_MAPPING[type(config)].from_pretrained(card.hub_id, config=config, trust_remote_code=False)
+            model_class: Any = MODEL_MAPPING[type(config)]  # the vision model class of this config type
+            self.backbone = model_class.from_pretrained(card.hub_id, config=config, trust_remote_code=False)
         else:
             self.backbone = AutoModel.from_config(config)
         self.num_layers = config.num_hidden_layers
@@ -95,6 +101,8 @@ class TransformersVisionTower(VisionTower):
 class TimmVisionTower(VisionTower):
     """A timm ViT: `architecture` holds `model_name` plus timm keyword arguments."""
 
+    backbone: Any  # the timm model (its own API: blocks, forward_intermediates)
+
     def __init__(self, card: VisionCard, pretrained: bool = False) -> None:
         import timm
 
@@ -105,10 +113,12 @@ class TimmVisionTower(VisionTower):
             assert card.hub_id is not None
             source = "file" if Path(card.hub_id).exists() else "hf_hub_id"
             arch["pretrained_cfg_overlay"] = {source: card.hub_id}
-        model = timm.create_model(name, pretrained=load, num_classes=0, **arch)
+        model: Any = timm.create_model(name, pretrained=load, num_classes=0, **arch)  # a timm ViT (its own API)
         super().__init__(
-            hidden_size=model.embed_dim, patch_size=model.patch_embed.patch_size[0],
-            num_prefix_tokens=model.num_prefix_tokens, **_tower_kwargs(card),
+            hidden_size=model.embed_dim,
+            patch_size=model.patch_embed.patch_size[0],
+            num_prefix_tokens=model.num_prefix_tokens,
+            **_tower_kwargs(card),
         )
         self.backbone = model
         self.absolute_layer(len(model.blocks))
@@ -120,8 +130,13 @@ class TimmVisionTower(VisionTower):
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         index = self.absolute_layer(len(self.backbone.blocks))
         (out,) = self.backbone.forward_intermediates(
-            pixel_values, indices=[index], return_prefix_tokens=True, norm=False,
-            output_fmt="NLC", intermediates_only=True, stop_early=True,
+            pixel_values,
+            indices=[index],
+            return_prefix_tokens=True,
+            norm=False,
+            output_fmt="NLC",
+            intermediates_only=True,
+            stop_early=True,
         )
         if isinstance(out, tuple):
             spatial, prefix = out
@@ -133,6 +148,8 @@ class TimmVisionTower(VisionTower):
 class OpenClipVisionTower(VisionTower):
     """The image tower of an open_clip model: `architecture` holds `embed_dim` and `vision_cfg`."""
 
+    backbone: Any  # open_clip's VisionTransformer (its own API: transformer.resblocks, forward_intermediates)
+
     def __init__(self, card: VisionCard, pretrained: bool = False) -> None:
         from open_clip.model import _build_vision_tower
 
@@ -140,8 +157,10 @@ class OpenClipVisionTower(VisionTower):
         visual = _build_vision_tower(arch["embed_dim"], arch["vision_cfg"])
         patch = visual.patch_size[0] if isinstance(visual.patch_size, tuple) else visual.patch_size
         super().__init__(
-            hidden_size=arch["vision_cfg"]["width"], patch_size=patch,
-            num_prefix_tokens=0 if arch["vision_cfg"].get("no_cls") else 1, **_tower_kwargs(card),
+            hidden_size=arch["vision_cfg"]["width"],
+            patch_size=patch,
+            num_prefix_tokens=0 if arch["vision_cfg"].get("no_cls") else 1,
+            **_tower_kwargs(card),
         )
         self.backbone = visual
         self.absolute_layer(len(visual.transformer.resblocks))
@@ -167,13 +186,17 @@ class OpenClipVisionTower(VisionTower):
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         index = self.absolute_layer(len(self.backbone.transformer.resblocks))
         out = self.backbone.forward_intermediates(
-            pixel_values, indices=[index], intermediates_only=True, output_fmt="NLC", output_extra_tokens=True,
+            pixel_values,
+            indices=[index],
+            intermediates_only=True,
+            output_fmt="NLC",
+            output_extra_tokens=True,
             stop_early=True,
         )
         spatial, prefix = out["image_intermediates"][0], out.get("image_intermediates_prefix")
         return spatial if not prefix else torch.cat([prefix[0], spatial], dim=1)
 
 
-def build_vision_tower(card: VisionCard, pretrained: bool = False) -> nn.Module:
+def build_vision_tower(card: VisionCard, pretrained: bool = False) -> VisionTower:
     """The tower a card describes, through the backend it names."""
     return VISION_BACKENDS.build(card.builder, card=card, pretrained=pretrained)

@@ -1,11 +1,13 @@
 """The assembled multimodal model: vision tower -> projector -> features spliced into a causal LM."""
+
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -23,9 +25,11 @@ from mipha_lab.model.lm_interface import LanguageModel
 from mipha_lab.model.packed_attention import PACKED_SDPA, PackedSegments, without_cudnn_attention
 from mipha_lab.model.spec import VLMConfig
 from mipha_lab.model.splice import Spliced, block_causal_mask, check_image_counts, splice
+from mipha_lab.model.vision import VisionTower
 from mipha_lab.model.weights import WEIGHTS_NAME, place_weights
 
 log = logging.getLogger(__name__)
+
 
 @dataclass
 class VLMOutput:
@@ -44,9 +48,13 @@ class MultimodalModel(nn.Module):
     sample works, including none.
     """
 
+    vision_tower: VisionTower
+    projector: Any  # any module mapping (N, T, D_vision) features and reporting num_tokens(); no base class needed
+    language_model: nn.Module  # a transformers causal LM, reached through `lm` (lm_interface.py)
+
     def __init__(
         self,
-        vision_tower: nn.Module,
+        vision_tower: VisionTower,
         projector: nn.Module,
         language_model: nn.Module,
         config: VLMConfig,
@@ -62,7 +70,8 @@ class MultimodalModel(nn.Module):
         self.truncated_tokens = 0
         card = config.llm.card
         self.image_feature_factor = image_feature_factor(
-            language_model, card.get("embedding_scale", "none") if card is not None else None, config.llm.name)
+            language_model, card.get("embedding_scale", "none") if card is not None else None, config.llm.name
+        )
 
     @property
     def lm(self) -> LanguageModel:
@@ -99,10 +108,16 @@ class MultimodalModel(nn.Module):
         num_images = 0 if pixel_values is None else pixel_values.shape[0]
         check_image_counts((input_ids == idx) & attention_mask.bool(), num_images, image_counts, sample_ids)
         text = self.lm.embeddings(input_ids.clamp(min=0))
-        features = self.encode_images(pixel_values) if num_images else None
+        features = self.encode_images(pixel_values) if pixel_values is not None and num_images else None
         out = splice(
-            input_ids, attention_mask, text, features, labels,
-            padding_side=padding_side, max_length=self.config.max_positions, image_token_index=idx,
+            input_ids,
+            attention_mask,
+            text,
+            features,
+            labels,
+            padding_side=padding_side,
+            max_length=self.config.max_positions,
+            image_token_index=idx,
             segment_ids=segment_ids,
         )
         if features is None and self.training and torch.is_grad_enabled():
@@ -122,7 +137,11 @@ class MultimodalModel(nn.Module):
             log.warning(
                 "truncated %d sample(s) by %d token(s) to the model's %d positions after splicing images "
                 "(so far: %d samples, %d tokens)",
-                rows, tokens, self.config.max_positions, self.truncated_samples, self.truncated_tokens,
+                rows,
+                tokens,
+                self.config.max_positions,
+                self.truncated_samples,
+                self.truncated_tokens,
             )
 
     # ----------------------------------------------------------------- forward
@@ -144,8 +163,14 @@ class MultimodalModel(nn.Module):
         `segment_ids` marks packed rows (several samples per row): positions restart per sample and
         attention stays within each sample (see `_attention_inputs`)."""
         spliced = self.embed(
-            input_ids, attention_mask, pixel_values, labels,
-            padding_side=padding_side, image_counts=image_counts, sample_ids=sample_ids, segment_ids=segment_ids,
+            input_ids,
+            attention_mask,
+            pixel_values,
+            labels,
+            padding_side=padding_side,
+            image_counts=image_counts,
+            sample_ids=sample_ids,
+            segment_ids=segment_ids,
         )
         hidden = self.lm.hidden_states(spliced.inputs_embeds, spliced.position_ids, **self._attention_inputs(spliced))
         head = self.lm.head
@@ -170,12 +195,17 @@ class MultimodalModel(nn.Module):
             return {"attention_mask": None}
         if implementation == PACKED_SDPA:
             # an all-ones 2D mask: transformers builds no (L, L) mask, the spans do the masking
-            return {"attention_mask": torch.ones_like(spliced.attention_mask),
-                    "packed_segments": PackedSegments.from_ids(spliced.segment_ids)}
+            return {
+                "attention_mask": torch.ones_like(spliced.attention_mask),
+                "packed_segments": PackedSegments.from_ids(spliced.segment_ids),
+            }
         allowed = block_causal_mask(spliced.segment_ids)  # additive, as eager attention adds the mask to its scores
         dtype = spliced.inputs_embeds.dtype
-        return {"attention_mask": torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-                .masked_fill(~allowed, torch.finfo(dtype).min)}
+        return {
+            "attention_mask": torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+                ~allowed, torch.finfo(dtype).min
+            )
+        }
 
     # ----------------------------------------------------------------- generation
     @torch.no_grad()
@@ -204,15 +234,15 @@ class MultimodalModel(nn.Module):
         eos = eos_token_id if eos_token_id is not None else (tok.eos_token_id if tok is not None else None)
         pad = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else eos
         sampling = temperature > 0
-        kwargs: dict[str, Any] = dict(
-            inputs_embeds=spliced.inputs_embeds,
-            attention_mask=spliced.attention_mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=sampling,
-            eos_token_id=eos,
-            pad_token_id=pad,
-            streamer=streamer,
-        )
+        kwargs: dict[str, Any] = {
+            "inputs_embeds": spliced.inputs_embeds,
+            "attention_mask": spliced.attention_mask,
+            "max_new_tokens": max_new_tokens,
+            "do_sample": sampling,
+            "eos_token_id": eos,
+            "pad_token_id": pad,
+            "streamer": streamer,
+        }
         if sampling:
             kwargs.update(temperature=temperature, top_p=top_p, top_k=None)
         else:
@@ -254,8 +284,9 @@ class MultimodalModel(nn.Module):
         return state
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, dtype: torch.dtype | None = None,
-                        allow_pickle: bool = False) -> "MultimodalModel":
+    def from_pretrained(
+        cls, folder: str | Path, dtype: torch.dtype | None = None, allow_pickle: bool = False
+    ) -> MultimodalModel:
         """Rebuilt from config.json alone - our format or a released Mipha / LLaVA-Phi checkpoint - with
         every stored tensor placed (folder.py, weights.py); nothing from the folder runs as code."""
         contents = read_model_folder(folder, allow_pickle)
@@ -264,9 +295,11 @@ class MultimodalModel(nn.Module):
         except UnknownNameError as err:
             if not contents.config.imports:
                 raise
-            raise ConfigError(f"{folder}: {err}. Its components were registered in Python by "
-                              f"{', '.join(contents.config.imports)} (config.json 'imports'): import them first "
-                              "(on the command line: --import MODULE)") from None
+            raise ConfigError(
+                f"{folder}: {err}. Its components were registered in Python by "
+                f"{', '.join(contents.config.imports)} (config.json 'imports'): import them first "
+                "(on the command line: --import MODULE)"
+            ) from None
         model = cls(*components, contents.config, contents.tokenizer)
         restore_adapters(model, contents.config.adapters)
         place_weights(model, contents.weights_for(set(model.state_dict())), Path(folder))

@@ -6,6 +6,7 @@ The rule: `model.safetensors.index.json` (the shards it lists), else `model.safe
 `pytorch_model.bin.index.json` / `pytorch_model*.bin`, through `torch.load(weights_only=True)`. Any
 other file beside them (an adapter, a reference, a user's copy) is never read as weights.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,7 +32,9 @@ def _indexed(folder: Path, index: Path) -> list[Path]:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ConfigError(f"{index}: not a weight index (expected JSON with a 'weight_map' of tensor -> file): {err}") from None
+        raise ConfigError(
+            f"{index}: not a weight index (expected JSON with a 'weight_map' of tensor -> file): {err}"
+        ) from None
     files = [folder / name for name in sorted(set(weight_map.values()))]
     missing = [p.name for p in files if not p.is_file()]
     if missing:
@@ -44,8 +47,10 @@ def _numbered_shards(folder: Path, pattern: re.Pattern[str]) -> list[Path]:
     if found and pattern is SAFE_SHARD:
         total = int(SAFE_SHARD.fullmatch(found[0].name).group(2))  # type: ignore[union-attr]
         if len(found) != total:
-            raise ConfigError(f"{folder}: {len(found)} of {total} weight shards (model-*-of-{total:05d}.safetensors) "
-                              "are present; a shard is missing")
+            raise ConfigError(
+                f"{folder}: {len(found)} of {total} weight shards (model-*-of-{total:05d}.safetensors) "
+                "are present; a shard is missing"
+            )
     return found
 
 
@@ -58,15 +63,22 @@ def weight_files(folder: Path, allow_pickle: bool = False) -> list[Path]:
     shards = _numbered_shards(folder, SAFE_SHARD)
     if shards:
         return shards
-    pickled = _indexed(folder, folder / PICKLE_INDEX) if (folder / PICKLE_INDEX).is_file() else \
-        _numbered_shards(folder, PICKLE_FILES)
+    pickled = (
+        _indexed(folder, folder / PICKLE_INDEX)
+        if (folder / PICKLE_INDEX).is_file()
+        else _numbered_shards(folder, PICKLE_FILES)
+    )
     if not pickled:
-        raise ConfigError(f"{folder}: no weights - expected {SAFE_INDEX}, {SAFE_SINGLE} or model-*-of-*.safetensors "
-                          "(other .safetensors files in the folder are not read as weights)")
+        raise ConfigError(
+            f"{folder}: no weights - expected {SAFE_INDEX}, {SAFE_SINGLE} or model-*-of-*.safetensors "
+            "(other .safetensors files in the folder are not read as weights)"
+        )
     if not allow_pickle:
-        raise ConfigError(f"{folder}: the weights are pickle files ({', '.join(p.name for p in pickled)}), which can "
-                          "run code when loaded; they are refused - convert them to safetensors, or pass "
-                          "--allow-pickle to read them with torch.load(weights_only=True)")
+        raise ConfigError(
+            f"{folder}: the weights are pickle files ({', '.join(p.name for p in pickled)}), which can "
+            "run code when loaded; they are refused - convert them to safetensors, or pass "
+            "--allow-pickle to read them with torch.load(weights_only=True)"
+        )
     return pickled
 
 
@@ -76,8 +88,10 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as err:
-        raise ConfigError(f"{path}: not a readable safetensors file ({err}); it may be truncated (an interrupted "
-                          "copy or a full disk) - copy it again") from None
+        raise ConfigError(
+            f"{path}: not a readable safetensors file ({err}); it may be truncated (an interrupted "
+            "copy or a full disk) - copy it again"
+        ) from None
 
 
 def read_weights(folder: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
@@ -96,11 +110,17 @@ def place_weights(model: nn.Module, state: dict[str, torch.Tensor], source: Path
     own = model.state_dict()
     unexpected = sorted(set(state) - set(own))
     missing = sorted(set(own) - set(state) - tied_names(model))
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state if k in own and state[k].shape != own[k].shape]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in state
+        if k in own and state[k].shape != own[k].shape
+    ]
     if unexpected or missing or wrong:
-        raise ConfigError(f"{source}: the weights do not match the model - stored but without a place: "
-                          f"{unexpected[:5]}, not stored: {missing[:5]}, wrong shape (stored vs model): {wrong[:5]}")
-    model.load_state_dict(state, strict=False)
+        raise ConfigError(
+            f"{source}: the weights do not match the model - stored but without a place: "
+            f"{unexpected[:5]}, not stored: {missing[:5]}, wrong shape (stored vs model): {wrong[:5]}"
+        )
+    model.load_state_dict(state, strict=True)
 
 
 def tied_names(model: nn.Module) -> set[str]:

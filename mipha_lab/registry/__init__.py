@@ -5,10 +5,20 @@ LLM and LLM_BACKENDS in model/language.py, VISION_BACKENDS in model/vision_backe
 model/projectors.py, TEMPLATES in data/templates.py, MIXTURES in data/mixtures.py, BENCHMARKS in
 eval/benchmarks.py. `python -m mipha_lab.registry list` shows them all.
 """
+
 from __future__ import annotations
 
 from mipha_lab.registry.cards import CARD_SCHEMAS, Card, LLMCard, MixtureCard, VisionCard, add_card_dir, read_card
 from mipha_lab.registry.core import Entry, Registry
 
-__all__ = ["CARD_SCHEMAS", "Card", "Entry", "LLMCard", "MixtureCard", "Registry", "VisionCard", "add_card_dir",
-           "read_card"]
+__all__ = [
+    "CARD_SCHEMAS",
+    "Card",
+    "Entry",
+    "LLMCard",
+    "MixtureCard",
+    "Registry",
+    "VisionCard",
+    "add_card_dir",
+    "read_card",
+]

@@ -1,4 +1,5 @@
 """`python -m mipha_lab.registry list [KIND]` and `show KIND NAME`."""
+
 from __future__ import annotations
 
 import argparse
@@ -17,9 +18,16 @@ from mipha_lab.model.vision_backends import VISION_BACKENDS
 from mipha_lab.registry import Registry
 from mipha_lab.registry.cards import Card
 
-ALL: dict[str, Registry] = {"vision": VISION, "projector": PROJECTORS, "llm": LLM, "template": TEMPLATES,
-                            "mixture": MIXTURES, "benchmark": BENCHMARKS, "vision-backend": VISION_BACKENDS,
-                            "llm-backend": LLM_BACKENDS}
+ALL: dict[str, Registry] = {
+    "vision": VISION,
+    "projector": PROJECTORS,
+    "llm": LLM,
+    "template": TEMPLATES,
+    "mixture": MIXTURES,
+    "benchmark": BENCHMARKS,
+    "vision-backend": VISION_BACKENDS,
+    "llm-backend": LLM_BACKENDS,
+}
 
 
 def list_entries(kinds: list[str]) -> str:

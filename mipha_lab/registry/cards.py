@@ -5,6 +5,7 @@ file stem is the card's name. The built-in folder is the repository's top-level 
 inside the wheel as `mipha_lab/_cards`); users add folders with MIPHA_LAB_CARDS (os.pathsep
 separated) or `add_card_dir`.
 """
+
 from __future__ import annotations
 
 import os
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import PrivateAttr
+from typing_extensions import Self
 
 from mipha_lab.errors import ConfigError
 from mipha_lab.validation import StrictModel, load_yaml, validate
@@ -35,7 +37,7 @@ class Card(StrictModel):
         """The file the card was read from (or `<python>`), for error messages."""
         return self._source
 
-    def named(self, name: str, source: str = "<python>") -> "Card":
+    def named(self, name: str, source: str = "<python>") -> Self:
         self._name, self._source = name, source
         return self
 

@@ -6,14 +6,16 @@ Every entry arrives through `register`: Python classes and factories as a decora
 when it is declared with `cards=KIND` (read on first use from every card folder; see cards.py). A name
 with integer fields (`mlp{depth}x_gelu`) matches a family of names and passes the fields on.
 """
+
 from __future__ import annotations
 
 import difflib
 import functools
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Generic, Iterator, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 from mipha_lab.errors import UnknownNameError
 from mipha_lab.registry.cards import card_dirs, iter_card_files, read_card
@@ -62,8 +64,9 @@ class Registry(Generic[T]):
             card = read_card(path, self.cards)
             self.register(card.name, replace=True)(card)  # type: ignore[arg-type]
 
-    def register(self, name: str, description: str = "", *, aliases: tuple[str, ...] = (),
-                 replace: bool = False) -> Callable[[T], T]:
+    def register(
+        self, name: str, description: str = "", *, aliases: tuple[str, ...] = (), replace: bool = False
+    ) -> Callable[[T], T]:
         """Add the decorated (or given) object under `name` and its aliases; a name already taken is an error
         unless `replace`."""
 
@@ -87,7 +90,8 @@ class Registry(Generic[T]):
             match = pattern.fullmatch(name) if pattern else None
             if match:
                 fields = {key: int(value) for key, value in match.groupdict().items()}
-                return Entry(name, functools.partial(entry.obj, **fields), entry.description)  # type: ignore[call-arg]
+                factory: Any = entry.obj  # a family is registered on a callable taking its fields
+                return Entry(name, cast(T, functools.partial(factory, **fields)), entry.description)
         close = difflib.get_close_matches(name, list(self._entries), n=5, cutoff=0.5)
         hint = f"; did you mean: {', '.join(close)}?" if close else ""
         known = ", ".join(sorted(self._entries)) or "(none registered)"

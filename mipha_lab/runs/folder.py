@@ -93,7 +93,7 @@ class RunFolder:
     def create(self, experiment: Experiment, data_files: list[Path], world_size: int) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         self.write_config(experiment)
-        versions = {}
+        versions: dict[str, str | None] = {}
         for package in PACKAGES:
             try:
                 versions[package] = metadata.version(package)

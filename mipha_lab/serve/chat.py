@@ -1,11 +1,13 @@
 """A multi-turn conversation with a model: the image goes with the first user message, the whole
 conversation is the prompt of each turn, and the reply streams as it is generated (stop strings held
 back until they cannot be the start of one)."""
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from PIL import Image
@@ -13,7 +15,7 @@ from PIL import Image
 from mipha_lab.data.image_files import open_rgb
 from mipha_lab.data.templates import Template, encode_prompt
 from mipha_lab.errors import InputError
-from mipha_lab.model.image_processing import ImageProcessor
+from mipha_lab.model.image_processing import ImageProcessor, Strategy
 
 
 def open_image(source: str) -> Image.Image:
@@ -22,7 +24,7 @@ def open_image(source: str) -> Image.Image:
         if source.startswith(("http://", "https://")):
             from urllib.request import urlopen
 
-            with urlopen(source, timeout=30) as response:  # noqa: S310 - the user's own URL
+            with urlopen(source, timeout=30) as response:
                 return open_rgb(BytesIO(response.read()))
         return open_rgb(Path(source))
     except (OSError, ValueError) as err:
@@ -67,13 +69,21 @@ class ReplyStreamer:
             if text.endswith("\ufffd"):
                 text = text[:-1]
         if len(text) > self.shown:
-            self.emit(text[self.shown:])
+            self.emit(text[self.shown :])
             self.shown = len(text)
 
 
 class Conversation:
-    def __init__(self, model: Any, template: Template, *, temperature: float = 0.2, top_p: float = 1.0,
-                 max_new_tokens: int = 512, image_strategy: str = "pad") -> None:
+    def __init__(
+        self,
+        model: Any,
+        template: Template,
+        *,
+        temperature: float = 0.2,
+        top_p: float = 1.0,
+        max_new_tokens: int = 512,
+        image_strategy: Strategy = "pad",
+    ) -> None:
         self.model, self.template = model, template
         self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
         self.processor = ImageProcessor(model.vision_tower.image_spec, image_strategy)
@@ -107,9 +117,16 @@ class Conversation:
                 emit(piece)
 
         streamer = ReplyStreamer(self.model.tokenizer, self.template.stop_strings, emit_stripped)
-        self.model.generate(ids, torch.ones_like(ids), pixels, max_new_tokens=self.max_new_tokens,
-                            temperature=self.temperature, top_p=self.top_p, stop_strings=self.template.stop_strings,
-                            streamer=streamer)
+        self.model.generate(
+            ids,
+            torch.ones_like(ids),
+            pixels,
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            stop_strings=self.template.stop_strings,
+            streamer=streamer,
+        )
         answer = streamer.text().strip()
         self.messages.append({"role": "assistant", "content": answer})
         return answer

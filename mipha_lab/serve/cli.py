@@ -8,6 +8,7 @@ config; `--conv-mode` overrides it (with a warning when it differs). Greedy when
 The model path is a run folder (its final/) or a saved model folder; weights are read from
 safetensors; pickle files (.bin, .pt) only with --allow-pickle, through torch.load(weights_only=True).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,11 +30,15 @@ EXAMPLE_IMAGE = Path(__file__).resolve().parent / "example.png"
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m mipha_lab.serve.cli", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m mipha_lab.serve.cli", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model-path", required=True, help="a run folder or a saved model folder")
-    parser.add_argument("--image-file", default=str(EXAMPLE_IMAGE),
-                        help="an image file or an http(s) URL (default: the bundled example, a synthetic shapes scene)")
+    parser.add_argument(
+        "--image-file",
+        default=str(EXAMPLE_IMAGE),
+        help="an image file or an http(s) URL (default: the bundled example, a synthetic shapes scene)",
+    )
     parser.add_argument("--conv-mode", default=None, help="the template (default: the model's own)")
     parser.add_argument("--temperature", type=float, default=0.2, help="0 decodes greedily")
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -41,10 +46,19 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     parser.add_argument("--load-8bit", action="store_true", help="8-bit weights (bitsandbytes, CUDA only)")
     parser.add_argument("--load-4bit", action="store_true", help="4-bit weights (bitsandbytes, CUDA only)")
-    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
-                        help="import this module first (it registers the model's own Python components)")
-    parser.add_argument("--allow-pickle", action="store_true",
-                        help="read .bin/.pt weights (torch.load with weights_only=True); refused otherwise")
+    parser.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import this module first (it registers the model's own Python components)",
+    )
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="read .bin/.pt weights (torch.load with weights_only=True); refused otherwise",
+    )
     parser.add_argument("--prompt", default=None, help="answer this one message, print only the reply, exit")
     parser.add_argument("--seed", type=int, default=None, help="seed of sampling (temperature > 0)")
     return parser.parse_args(argv)
@@ -53,13 +67,16 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def load(args: argparse.Namespace) -> tuple[Any, Any]:
     """The model on its device and the template to talk to it with."""
 
-
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.load_8bit or args.load_4bit:
         if device != "cuda":
-            raise ConfigError("--load-8bit / --load-4bit need a CUDA GPU (bitsandbytes quantizes on the GPU); "
-                              "on the CPU load the model in full precision")
-        raise ConfigError("--load-8bit / --load-4bit are not supported yet: load the model in bf16 (the default on GPUs)")
+            raise ConfigError(
+                "--load-8bit / --load-4bit need a CUDA GPU (bitsandbytes quantizes on the GPU); "
+                "on the CPU load the model in full precision"
+            )
+        raise ConfigError(
+            "--load-8bit / --load-4bit are not supported yet: load the model in bf16 (the default on GPUs)"
+        )
     path = Path(args.model_path)
     if not path.exists():
         raise ConfigError(f"--model-path {path}: no such file or folder")
@@ -105,13 +122,13 @@ def main(argv: list[str] | None = None) -> int:
 
     def chat() -> int:
 
-
         image = open_image(args.image_file)  # a bad path fails before the model loads
         model, template = load(args)
         if args.seed is not None:
             torch.manual_seed(args.seed)
-        conversation = Conversation(model, template, temperature=args.temperature, top_p=args.top_p,
-                                    max_new_tokens=args.max_new_tokens)
+        conversation = Conversation(
+            model, template, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens
+        )
         conversation.set_image(image)
         if args.prompt is not None:
             print(conversation.reply(args.prompt))

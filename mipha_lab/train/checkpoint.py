@@ -6,6 +6,7 @@ or DeepSpeed's own partitioned files under deepspeed/) and rng-rank<R>.pt for ev
 checkpoint is first written under `.partial-...` and renamed when complete, so a folder named
 `step-*` is never half-written; partial folders left by a killed write are removed on the next save.
 """
+
 from __future__ import annotations
 
 import json
@@ -70,16 +71,19 @@ class CheckpointWriter:
         partial = self.root / f".partial-{final.name}"
         kept = latest_checkpoint(self.root.parent)
         try:
-            with disk_writes(f"writing checkpoint {final.name} in {self.root}",
-                             f"the last complete checkpoint ({kept.name if kept else 'none yet'}) is kept - free "
-                             "space, then launch the same command again to resume from it"):
+            with disk_writes(
+                f"writing checkpoint {final.name} in {self.root}",
+                f"the last complete checkpoint ({kept.name if kept else 'none yet'}) is kept - free "
+                "space, then launch the same command again to resume from it",
+            ):
                 return self._save(final, partial, state, model_state, engine)
         except StorageError:
             shutil.rmtree(partial, ignore_errors=True)  # give the space back; complete checkpoints stay
             raise
 
-    def _save(self, final: Path, partial: Path, state: TrainState, model_state: dict[str, torch.Tensor] | None,
-              engine: Any) -> Path:
+    def _save(
+        self, final: Path, partial: Path, state: TrainState, model_state: dict[str, torch.Tensor] | None, engine: Any
+    ) -> Path:
 
         if self.rank == 0:
             for stale in self.root.glob(".partial-*"):
@@ -90,6 +94,7 @@ class CheckpointWriter:
             engine.save_state(partial)
         torch.save(rng_state(), partial / f"rng-rank{self.rank}.pt")
         if self.rank == 0:
+            assert model_state is not None  # rank 0 holds the gathered state
             save_file(model_state, str(partial / "model.safetensors"), metadata={"format": "pt"})
             faults.maybe_kill("checkpoint", state.global_step)
             (partial / "state.json").write_text(json.dumps(asdict(state), indent=2) + "\n")
@@ -103,7 +108,7 @@ class CheckpointWriter:
         return final
 
     def _prune(self) -> None:
-        found = sorted(self.root.glob(f"{PREFIX}*"), key=lambda p: int(p.name[len(PREFIX):]))
+        found = sorted(self.root.glob(f"{PREFIX}*"), key=lambda p: int(p.name[len(PREFIX) :]))
         for old in found[: max(0, len(found) - self.keep_last)]:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -111,13 +116,14 @@ class CheckpointWriter:
 def load_model_state(folder: Path, model: torch.nn.Module) -> None:
     """The checkpoint's weights (a truncated or corrupt file is an error naming it and the way out)."""
 
-
     path = folder / "model.safetensors"
     try:
         load_model(model, str(path), strict=True)  # re-ties what was saved once
     except (SafetensorError, OSError) as err:
-        raise ConfigError(f"{path}: not a readable safetensors file ({err}); to resume from the checkpoint before "
-                          f"it, move {folder} out of the way and launch again") from None
+        raise ConfigError(
+            f"{path}: not a readable safetensors file ({err}); to resume from the checkpoint before "
+            f"it, move {folder} out of the way and launch again"
+        ) from None
 
 
 def load_rng(folder: Path, rank: int) -> None:

@@ -3,6 +3,7 @@
 The step function (step.py) scales each micro-batch's loss to the global batch itself, so DeepSpeed's own
 division by the accumulation steps is turned off (`scale_wrt_gas=False`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -75,7 +76,7 @@ def reapply(optimizer: torch.optim.Optimizer, scheduler: Any, wanted: list[dict[
     only where a resume after a non-finite stop changed them); the learning rate is recomputed exactly as
     the schedule computes it, so an unchanged experiment resumes bit for bit."""
     scheduler.base_lrs = [w["initial_lr"] for w in wanted]
-    for index, (group, values) in enumerate(zip(optimizer.param_groups, wanted)):
+    for index, (group, values) in enumerate(zip(optimizer.param_groups, wanted, strict=True)):
         group.update(values)
         group["lr"] = values["initial_lr"] * scheduler.lr_lambdas[index](scheduler.last_epoch)
     scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
@@ -84,8 +85,14 @@ def reapply(optimizer: torch.optim.Optimizer, scheduler: Any, wanted: list[dict[
 class TorchEngine:
     """Single process: AdamW, gradient clipping, the schedule; bf16 autocast on GPUs."""
 
-    def __init__(self, model: nn.Module, param_groups: list[dict[str, Any]], stage: StageConfig, total_steps: int,
-                 bf16: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        param_groups: list[dict[str, Any]],
+        stage: StageConfig,
+        total_steps: int,
+        bf16: bool = False,
+    ) -> None:
         self.model = model
         self.optimizer = _optimizer(param_groups, stage)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(stage.schedule, total_steps))
@@ -115,8 +122,10 @@ class TorchEngine:
         return {g["name"]: g["lr"] for g in self.optimizer.param_groups}
 
     def save_state(self, folder: Path) -> None:
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                   folder / "optimizer.pt")
+        torch.save(
+            {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+            folder / "optimizer.pt",
+        )
 
     def load_state(self, folder: Path) -> None:
         wanted = configured(self.optimizer)
@@ -129,8 +138,16 @@ class TorchEngine:
 class DeepSpeedEngine:
     """DeepSpeed with ZeRO from the experiment; a torch AdamW with our per-module parameter groups."""
 
-    def __init__(self, model: nn.Module, param_groups: list[dict[str, Any]], stage: StageConfig, total_steps: int,
-                 zero_stage: int, accumulation: int, bf16: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        param_groups: list[dict[str, Any]],
+        stage: StageConfig,
+        total_steps: int,
+        zero_stage: int,
+        accumulation: int,
+        bf16: bool = False,
+    ) -> None:
         import deepspeed  # optional and heavy: only for this engine
 
         optimizer = _optimizer(param_groups, stage)
@@ -173,20 +190,33 @@ class DeepSpeedEngine:
 
     def load_state(self, folder: Path) -> None:
         wanted = configured(self.optimizer)
-        self.engine.load_checkpoint(str(folder / "deepspeed"), tag="state", load_optimizer_states=True,
-                                    load_lr_scheduler_states=True, load_module_strict=True)
+        self.engine.load_checkpoint(
+            str(folder / "deepspeed"),
+            tag="state",
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+            load_module_strict=True,
+        )
         reapply(self.optimizer, self.scheduler, wanted)
 
 
-def make_engine(model: nn.Module, param_groups: list[dict[str, Any]], experiment: Experiment, stage: StageConfig,
-                total_steps: int, dist: Distributed, accumulation: int) -> Engine:
+def make_engine(
+    model: nn.Module,
+    param_groups: list[dict[str, Any]],
+    experiment: Experiment,
+    stage: StageConfig,
+    total_steps: int,
+    dist: Distributed,
+    accumulation: int,
+) -> Engine:
     """The experiment's engine for a stage: DeepSpeed when asked (or `auto` with several processes), else
     plain PyTorch; bf16 when asked (or `auto` on a GPU)."""
     kind, precision = experiment.engine.kind, experiment.engine.precision
     bf16 = precision == "bf16" or (precision == "auto" and dist.device.type == "cuda")
     if kind == "deepspeed" or (kind == "auto" and dist.world_size > 1):
-        return DeepSpeedEngine(model, param_groups, stage, total_steps, experiment.zero_stage(stage), accumulation,
-                               bf16)
+        return DeepSpeedEngine(
+            model, param_groups, stage, total_steps, experiment.zero_stage(stage), accumulation, bf16
+        )
     if dist.world_size > 1:
         raise ConfigError("engine.kind 'torch' runs one process; use 'deepspeed' (or 'auto') for several")
     return TorchEngine(model, param_groups, stage, total_steps, bf16)

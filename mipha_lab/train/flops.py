@@ -18,11 +18,15 @@ but not useful work, so MFU uses `useful` only. The pooling head some towers run
 one probe token) is not counted (under 1% of a tower's forward). `bench/flops.py` checks the sum
 against torch's FLOP counter.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from torch import nn
+
+from mipha_lab.model.vision import VisionTower
+from mipha_lab.model.vlm import MultimodalModel
 
 
 @dataclass(frozen=True)
@@ -45,18 +49,28 @@ def _matmul_weights(module: nn.Module, trainable_only: bool = False) -> int:
     """Weights of the linear and convolution layers (LoRA adapters included; the packed input projection
     of `nn.MultiheadAttention`, as open_clip uses it, too)."""
     weights = [m.weight for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    weights += [m.in_proj_weight for m in module.modules()
-                if isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None]
+    weights += [
+        m.in_proj_weight
+        for m in module.modules()
+        if isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None
+    ]
     return sum(w.numel() for w in weights if w.requires_grad or not trainable_only)
 
 
-def _unit(module: nn.Module, tokens: float, attention: float = 0.0, checkpointed: bool = False,
-          pixels_in: bool = False) -> _Unit:
-    return _Unit(2.0 * _matmul_weights(module) * tokens, 2.0 * _matmul_weights(module, True) * tokens, attention,
-                 any(p.requires_grad for p in module.parameters()), checkpointed, pixels_in)
+def _unit(
+    module: nn.Module, tokens: float, attention: float = 0.0, checkpointed: bool = False, pixels_in: bool = False
+) -> _Unit:
+    return _Unit(
+        2.0 * _matmul_weights(module) * tokens,
+        2.0 * _matmul_weights(module, True) * tokens,
+        attention,
+        any(p.requires_grad for p in module.parameters()),
+        checkpointed,
+        pixels_in,
+    )
 
 
-def _attention(width: int, tokens: int) -> float:
+def _attention(width: int, tokens: float) -> float:
     return 4.0 * width * tokens * tokens
 
 
@@ -65,7 +79,7 @@ def _attention_width(config) -> int:
     return heads * (getattr(config, "head_dim", None) or config.hidden_size // heads)
 
 
-def _tower_units(tower: nn.Module, images: int, checkpointed: bool) -> list[_Unit]:
+def _tower_units(tower: VisionTower, images: float, checkpointed: bool) -> list[_Unit]:
     """The units of `images` images through the tower, up to its feature layer."""
     patches = tower.grid**2
     tokens = patches + tower.num_prefix_tokens
@@ -80,8 +94,13 @@ def _tower_units(tower: nn.Module, images: int, checkpointed: bool) -> list[_Uni
     return units + [_unit(block, images * tokens, attention, checkpointed) for block in blocks[:used]]
 
 
-def sample_flops(model: nn.Module, text_tokens: int, images: int, supervised: int,
-                 checkpointing: dict[str, bool] | None = None) -> Flops:
+def sample_flops(
+    model: MultimodalModel,
+    text_tokens: float,
+    images: float,
+    supervised: float,
+    checkpointing: dict[str, bool] | None = None,
+) -> Flops:
     """FLOPs to train on one sample with `text_tokens` text positions (image placeholders excluded),
     `images` images and `supervised` positions in the loss."""
     checkpointing = checkpointing or {}
@@ -116,8 +135,9 @@ def peak_flops(device_name: str | None) -> float | None:
     return next((value for key, value in PEAK_BF16.items() if key in device_name), None)
 
 
-def batch_flops(model: nn.Module, samples: list[tuple[int, int, int]],
-                checkpointing: dict[str, bool] | None = None) -> Flops:
+def batch_flops(
+    model: MultimodalModel, samples: list[tuple[int, int, int]], checkpointing: dict[str, bool] | None = None
+) -> Flops:
     """Sum over samples given as (text tokens, images, supervised tokens): attention is quadratic in
     each sample's own length, never in the batch's total."""
     parts = [sample_flops(model, text, images, supervised, checkpointing) for text, images, supervised in samples]

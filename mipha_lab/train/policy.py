@@ -4,6 +4,7 @@ Modules: `vision` (the tower), `projector`, `lm_embeddings` (input embeddings), 
 layer), `lm_body` (everything else in the LM). When the head is tied to the embeddings (Gemma,
 Qwen2.5, SmolLM2), the two are one matrix and must share one policy.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from torch import nn
 from mipha_lab.config import MODULES, Frozen, Full, Lora, ModulePolicy, QuirksConfig, StageConfig, Trainable
 from mipha_lab.errors import ConfigError
 from mipha_lab.model.adapters import add_lora
+from mipha_lab.model.vlm import MultimodalModel
 
 
 @dataclass
@@ -25,7 +27,7 @@ class ModuleRow:
     lr: float | None
 
 
-def module_parameters(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
+def module_parameters(model: MultimodalModel) -> dict[str, list[tuple[str, nn.Parameter]]]:
     """Each parameter in exactly one module group (a tied head counts under lm_embeddings)."""
     lm = model.lm
     embeddings, head = lm.embeddings, lm.head
@@ -46,11 +48,11 @@ def module_parameters(model: nn.Module) -> dict[str, list[tuple[str, nn.Paramete
     return groups
 
 
-def is_tied(model: nn.Module) -> bool:
+def is_tied(model: MultimodalModel) -> bool:
     return model.lm.tied
 
 
-def blocks(model: nn.Module, module: str) -> nn.ModuleList:
+def blocks(model: MultimodalModel, module: str) -> nn.ModuleList:
     """The repeated layers that `partial` counts from."""
     if module == "lm_body":
         return model.lm.layers
@@ -59,7 +61,7 @@ def blocks(model: nn.Module, module: str) -> nn.ModuleList:
     raise ConfigError(f"mode 'partial' applies to vision and lm_body, not {module}")
 
 
-def check_tied(trainable: Trainable, model: nn.Module, llm_name: str) -> None:
+def check_tied(trainable: Trainable, model: MultimodalModel, llm_name: str) -> None:
     if is_tied(model) and trainable.lm_head != trainable.lm_embeddings:
         raise ConfigError(
             f"language model '{llm_name}' ties lm_head to lm_embeddings (one matrix): give both the same policy "
@@ -67,10 +69,14 @@ def check_tied(trainable: Trainable, model: nn.Module, llm_name: str) -> None:
         )
 
 
-def with_quirks(trainable: Trainable, model: nn.Module, quirks: QuirksConfig) -> Trainable:
+def with_quirks(trainable: Trainable, model: MultimodalModel, quirks: QuirksConfig) -> Trainable:
     """Quirk 1: the original froze only the inner LM, so an untied head trained whenever the body was frozen."""
-    if (quirks.stage1_trains_lm_head and isinstance(trainable.lm_body, Frozen) and isinstance(trainable.lm_head, Frozen)
-            and not is_tied(model)):
+    if (
+        quirks.stage1_trains_lm_head
+        and isinstance(trainable.lm_body, Frozen)
+        and isinstance(trainable.lm_head, Frozen)
+        and not is_tied(model)
+    ):
         return trainable.model_copy(update={"lm_head": Full()})
     return trainable
 
@@ -84,10 +90,12 @@ def module_lr(policy: ModulePolicy, stage_lr: float, shared: bool = False) -> fl
     return stage_lr * (policy.lr_scale if policy.lr_scale is not None else 1.0)
 
 
-def apply_policy(model: nn.Module, stage: StageConfig, llm_name: str = "",
-                 quirks: QuirksConfig = QuirksConfig()) -> tuple[list[dict[str, Any]], list[ModuleRow]]:
+def apply_policy(
+    model: MultimodalModel, stage: StageConfig, llm_name: str = "", quirks: QuirksConfig | None = None
+) -> tuple[list[dict[str, Any]], list[ModuleRow]]:
     """Set requires_grad (injecting LoRA where asked) and return the optimizer's parameter groups
     (one per trainable module, weight decay only on matrices) and the parameter table."""
+    quirks = quirks or QuirksConfig()
     trainable = with_quirks(stage.trainable, model, quirks)
     check_tied(trainable, model, llm_name)
     for module in MODULES:
@@ -112,15 +120,21 @@ def apply_policy(model: nn.Module, stage: StageConfig, llm_name: str = "",
             for suffix, plist, wd in (("", decay, stage.optimizer.weight_decay), (".no_decay", no_decay, 0.0)):
                 if plist:
                     param_groups.append({"params": plist, "lr": lr, "weight_decay": wd, "name": module + suffix})
-        rows.append(ModuleRow(module, sum(p.numel() for _, p in params), sum(p.numel() for _, p in chosen), policy.label,
-                              lr))
+        rows.append(
+            ModuleRow(module, sum(p.numel() for _, p in params), sum(p.numel() for _, p in chosen), policy.label, lr)
+        )
     if not param_groups:
         raise ConfigError(f"stage '{stage.name}': every module is frozen, nothing would train")
     return param_groups, rows
 
 
 def table_markdown(stage: str, rows: list[ModuleRow]) -> str:
-    lines = [f"### parameters of stage '{stage}'", "", "| module | total | trainable | policy | lr |", "|---|---:|---:|---|---:|"]
+    lines = [
+        f"### parameters of stage '{stage}'",
+        "",
+        "| module | total | trainable | policy | lr |",
+        "|---|---:|---:|---|---:|",
+    ]
     for r in rows:
         lr = f"{r.lr:.3g}" if r.lr is not None else "-"
         lines.append(f"| {r.module} | {r.total:,} | {r.trainable:,} | {r.policy} | {lr} |")

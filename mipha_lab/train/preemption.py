@@ -7,14 +7,16 @@ and the job hands over to submitit, which requeues it; the requeued job resumes 
 Outside the loop (model build, evaluation, whose answers are resumable too) the signal is handed to
 submitit at once. Without `install()` (a run not started by a cluster job) nothing changes.
 """
+
 from __future__ import annotations
 
 import contextlib
 import logging
 import signal
 import threading
+from collections.abc import Callable, Iterator
 from types import FrameType
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from mipha_lab.errors import MiphaLabError
 
@@ -51,8 +53,10 @@ def install(signum: int) -> None:
 def _on_signal(signum: int, frame: FrameType | None) -> None:
     _State.requested = True
     if _State.deferring:
-        log.warning("caught %s: a checkpoint will be saved after the current optimizer step, then the job "
-                    "is requeued", signal.Signals(signum).name)
+        log.warning(
+            "caught %s: a checkpoint will be saved after the current optimizer step, then the job is requeued",
+            signal.Signals(signum).name,
+        )
     else:
         requeue(frame)
 
@@ -73,8 +77,10 @@ def install_interrupt() -> None:
 def _on_interrupt(signum: int, frame: FrameType | None) -> None:
     if _State.deferring and not _State.interrupted:
         _State.interrupted = True
-        log.warning("Ctrl-C: a checkpoint is saved after the current optimizer step, then the run stops "
-                    "(Ctrl-C again stops at once, losing the steps since the last checkpoint)")
+        log.warning(
+            "Ctrl-C: a checkpoint is saved after the current optimizer step, then the run stops "
+            "(Ctrl-C again stops at once, losing the steps since the last checkpoint)"
+        )
         return
     raise KeyboardInterrupt
 

@@ -1,4 +1,5 @@
 """Train one stage: policy, engine, the data plan of each epoch, the step loop, checkpoints, resume."""
+
 from __future__ import annotations
 
 import json
@@ -38,9 +39,13 @@ def stage_dataset(model: MultimodalModel, stage: StageConfig, experiment: Experi
     if not records:
         raise ConfigError(f"stage '{stage.name}': mixture '{stage.mixture}' has no usable samples")
     dataset = LlavaDataset(
-        records, get_template(stage.template), model.tokenizer,
+        records,
+        get_template(stage.template),
+        model.tokenizer,
         ImageProcessor(model.vision_tower.image_spec, stage.image_strategy),
-        max_length=stage.max_length, image_tokens=model.num_image_tokens, policy=stage.bad_samples,
+        max_length=stage.max_length,
+        image_tokens=model.num_image_tokens,
+        policy=stage.bad_samples,
         mask_first_answer_token=experiment.quirks.mask_first_answer_token,
         max_image_pixels=experiment.max_image_pixels,
     )
@@ -63,10 +68,10 @@ def enable_checkpointing(model: MultimodalModel, stage: StageConfig) -> None:
     if stage.activation_checkpointing.lm:
         transformers_checkpointing(model.language_model)
     if stage.activation_checkpointing.vision:
-        backbone = model.vision_tower.backbone
-        if transformers_checkpointing(backbone):
+        backbone = getattr(model.vision_tower, "backbone", None)  # the library model a card's tower wraps
+        if backbone is not None and transformers_checkpointing(backbone):
             return
-        if not hasattr(backbone, "set_grad_checkpointing"):
+        if backbone is None or not hasattr(backbone, "set_grad_checkpointing"):
             raise ConfigError(f"vision tower '{model.vision_tower.name}' has no activation checkpointing")
         backbone.set_grad_checkpointing(True)
 
@@ -88,7 +93,12 @@ def sample_sizes(batch: dict[str, Any]) -> list[tuple[int, int, int]]:
     a packed row is split at its segment boundaries."""
     supervised = batch["labels"] != IGNORE_INDEX
     if batch["segment_ids"] is None:
-        rows = zip(batch["attention_mask"].sum(1).tolist(), batch["image_counts"].tolist(), supervised.sum(1).tolist())
+        rows = zip(
+            batch["attention_mask"].sum(1).tolist(),
+            batch["image_counts"].tolist(),
+            supervised.sum(1).tolist(),
+            strict=True,
+        )
         return [(int(n) - int(i), int(i), int(s)) for n, i, s in rows]
     segments, ids = batch["segment_ids"][0], batch["input_ids"][0]
     sizes = []
@@ -102,8 +112,16 @@ def sample_sizes(batch: dict[str, Any]) -> list[tuple[int, int, int]]:
 class StageRunner:
     """Trains one stage: data plan per epoch, exact global-batch loss, metrics, checkpoints, resume."""
 
-    def __init__(self, model: MultimodalModel, index: int, experiment: Experiment, run: RunFolder,
-                 dist: Distributed, tracker: Tracker, state: TrainState) -> None:
+    def __init__(
+        self,
+        model: MultimodalModel,
+        index: int,
+        experiment: Experiment,
+        run: RunFolder,
+        dist: Distributed,
+        tracker: Tracker,
+        state: TrainState,
+    ) -> None:
         self.model, self.index, self.experiment, self.run, self.dist = model, index, experiment, run, dist
         self.stage = stage = experiment.stages[index]
         self.tracker, self.state = tracker, state
@@ -118,9 +136,15 @@ class StageRunner:
             )
 
     def plan(self, epoch: int) -> list[list[int]]:
-        return plan_epoch(self.stage.batching, self.dataset, micro_batch=self.stage.micro_batch,
-                          world_size=self.dist.world_size, seed=self.experiment.seed, epoch=epoch,
-                          max_length=self.stage.max_length)
+        return plan_epoch(
+            self.stage.batching,
+            self.dataset,
+            micro_batch=self.stage.micro_batch,
+            world_size=self.dist.world_size,
+            seed=self.experiment.seed,
+            epoch=epoch,
+            max_length=self.stage.max_length,
+        )
 
     def total_steps(self, steps_per_epoch: int) -> int:
         if self.stage.max_steps is not None:
@@ -134,7 +158,8 @@ class StageRunner:
         every = self.experiment.checkpoint
         global_step = self.state.global_step - self.state.stage_step + step
         due = bool(every.every_steps and global_step % every.every_steps == 0) or bool(
-            every.every_minutes and time.time() - last_save >= 60 * every.every_minutes)
+            every.every_minutes and time.time() - last_save >= 60 * every.every_minutes
+        )
         stop = preemption.requested() or preemption.interrupted()
         votes = self.dist.all_sum([float(due and self.dist.main), float(stop)])
         return step < total and votes[0] > 0, votes[1] > 0
@@ -146,7 +171,7 @@ class StageRunner:
         """Train to the end of the stage, from `resume` (a checkpoint of this stage) when given."""
         stage, dist, state = self.stage, self.dist, self.state
         boundary = resume is not None and state.stage_step == 0
-        if boundary:  # a checkpoint written at the end of the previous stage: its weights, its RNG
+        if resume is not None and boundary:  # a checkpoint written at the end of the previous stage: weights, RNG
             load_model_state(resume, self.model)
             load_rng(resume, dist.rank)
         param_groups, rows = apply_policy(self.model, stage, self.experiment.model.llm, self.experiment.quirks)
@@ -157,8 +182,10 @@ class StageRunner:
             self.run.write_params(stage.name, rows, markdown)
         steps_per_epoch = len(RankBatchSampler(self.plan(0), dist.rank, dist.world_size)) // self.accumulation
         if steps_per_epoch < 1:
-            raise ConfigError(f"stage '{stage.name}': {len(self.dataset)} samples do not fill one global batch of "
-                              f"{stage.global_batch}")
+            raise ConfigError(
+                f"stage '{stage.name}': {len(self.dataset)} samples do not fill one global batch of "
+                f"{stage.global_batch}"
+            )
         total = self.total_steps(steps_per_epoch)
         if resume is not None and not boundary:
             load_model_state(resume, self.model)
@@ -174,8 +201,14 @@ class StageRunner:
             report.restore(state.skips)
         else:
             report.add(self.read_skips)
-        bar = tqdm(total=total, initial=step, desc=f"stage {stage.name}", unit="step", disable=not dist.main,
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=total,
+            initial=step,
+            desc=f"stage {stage.name}",
+            unit="step",
+            disable=not dist.main,
+            dynamic_ncols=True,
+        )
         started = time.time()
         with preemption.deferred():
             step, epoch, first_loss = self.loop(engine, total, report, (step, epoch, position, offset), bar)
@@ -183,15 +216,18 @@ class StageRunner:
         if dist.main:
             resumed = f" (resumed at step {state.stage_step})" if state.stage_step else ""
             epochs = step / steps_per_epoch
-            print(f"stage {stage.name}: {step} steps{resumed}, {epochs:.3g} epoch(s) in {time.time() - started:.0f} s, "
-                  f"loss {first_loss if first_loss is not None else float('nan'):.4f} -> {self.last_loss:.4f}; "
-                  f"{report.summary()}")
+            print(
+                f"stage {stage.name}: {step} steps{resumed}, {epochs:.3g} epoch(s) in {time.time() - started:.0f} s, "
+                f"loss {first_loss if first_loss is not None else float('nan'):.4f} -> {self.last_loss:.4f}; "
+                f"{report.summary()}"
+            )
         if dist.main:
             report.write(self.run.path / f"skipped-{stage.name}.json")
         return TrainState(self.index, step, offset + step, epoch, 0, report.state())
 
-    def loop(self, engine: Any, total: int, report: SkipReport, start: tuple[int, int, int, int],
-             bar: tqdm) -> tuple[int, int, float | None]:
+    def loop(
+        self, engine: Any, total: int, report: SkipReport, start: tuple[int, int, int, int], bar: tqdm
+    ) -> tuple[int, int, float | None]:
         """Optimizer steps to the end of the stage from (stage step, epoch, batches done, earlier stages'
         steps); checkpoints on schedule and on a preemption signal. Returns (steps, epochs, first loss)."""
         stage, dist = self.stage, self.dist
@@ -200,9 +236,13 @@ class StageRunner:
         while step < total:
             sampler = RankBatchSampler(self.plan(epoch), dist.rank, dist.world_size, start=position)
             # own generator: creating the loader must not draw from the global RNG (bitwise resume)
-            loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, collate_fn=collator(stage.batching),
-                                                 num_workers=self.experiment.data_workers,
-                                                 generator=torch.Generator().manual_seed(self.experiment.seed + epoch))
+            loader = torch.utils.data.DataLoader(
+                self.dataset,
+                batch_sampler=sampler,
+                collate_fn=collator(stage.batching),
+                num_workers=self.experiment.data_workers,
+                generator=torch.Generator().manual_seed(self.experiment.seed + epoch),
+            )
             batches = iter(loader)
             groups, done = len(sampler) // self.accumulation, 0
             while done < groups and step < total:
@@ -213,8 +253,9 @@ class StageRunner:
                 bar.set_postfix(loss=f"{self.last_loss:.4f}")
                 due, preempted = self.checkpoint_due(step, total, last_save)
                 if due or preempted:
-                    self.save_checkpoint(engine, TrainState(self.index, step, offset + step, epoch, position,
-                                                            report.state()))
+                    self.save_checkpoint(
+                        engine, TrainState(self.index, step, offset + step, epoch, position, report.state())
+                    )
                     last_save = time.time()
                 if preempted:
                     self.stop_preempted(offset + step)
@@ -241,8 +282,10 @@ class StageRunner:
             report.add(batch["skipped"])
         counts = global_counts(micro, model.num_image_tokens, model.config.max_positions, dist)
         if counts.samples == 0:
-            raise ConfigError(f"stage '{self.stage.name}', step {step + 1}: every sample of the global batch was skipped "
-                              f"({report.summary()}); is max_length {self.stage.max_length} too short?")
+            raise ConfigError(
+                f"stage '{self.stage.name}', step {step + 1}: every sample of the global batch was skipped "
+                f"({report.summary()}); is max_length {self.stage.max_length} too short?"
+            )
         try:
             figures = train_step(engine, micro, counts, dist)
         except NonFiniteLoss as err:
@@ -256,13 +299,22 @@ class StageRunner:
         peak = peak_flops(torch.cuda.get_device_name(dist.device) if dist.device.type == "cuda" else None)
         global_step = self.state.global_step - self.state.stage_step + step + 1
         row = {
-            "stage": self.stage.name, "step": global_step, "stage_step": step + 1, "total_steps": total,
-            "epoch": epoch, "loss": figures.loss, "lr": engine.lrs(), "grad_norm": figures.grad_norm,
-            "tokens_per_s": counts.tokens / elapsed, "samples_per_s": counts.samples / elapsed,
+            "stage": self.stage.name,
+            "step": global_step,
+            "stage_step": step + 1,
+            "total_steps": total,
+            "epoch": epoch,
+            "loss": figures.loss,
+            "lr": engine.lrs(),
+            "grad_norm": figures.grad_norm,
+            "tokens_per_s": counts.tokens / elapsed,
+            "samples_per_s": counts.samples / elapsed,
             "images_per_s": counts.images / elapsed,
             "time": {"data": data_time, "forward_backward": figures.compute_s, "optimizer": figures.optimizer_s},
-            "peak_memory_mb": peak_memory_mb(dist.device), "supervised_tokens": int(counts.targets),
-            "flops": flops_useful, "recompute_flops": flops_recompute,
+            "peak_memory_mb": peak_memory_mb(dist.device),
+            "supervised_tokens": int(counts.targets),
+            "flops": flops_useful,
+            "recompute_flops": flops_recompute,
             "mfu": flops_useful / (elapsed * peak * dist.world_size) if peak else None,
         }
         if dist.main:
@@ -276,25 +328,34 @@ class StageRunner:
                 self.run.status("interrupted", stage=self.stage.name, step=global_step)
             raise preemption.Interrupted(
                 f"stage {self.stage.name}, step {global_step}: interrupted (Ctrl-C); checkpoint saved in "
-                f"{self.run.path / 'checkpoints'} - launch the same command again to resume from it")
+                f"{self.run.path / 'checkpoints'} - launch the same command again to resume from it"
+            )
         if self.dist.main:
             self.run.status("preempted", stage=self.stage.name, step=global_step)
-        raise Preempted(f"stage {self.stage.name}, step {global_step}: signalled to stop; checkpoint saved in "
-                        f"{self.run.path / 'checkpoints'}, the job is requeued and resumes from it")
+        raise Preempted(
+            f"stage {self.stage.name}, step {global_step}: signalled to stop; checkpoint saved in "
+            f"{self.run.path / 'checkpoints'}, the job is requeued and resumes from it"
+        )
 
     def stop_nonfinite(self, step: int, micro: list[dict[str, Any]]) -> NoReturn:
         """Record the step and every rank's sample ids of the offending global batch, then stop."""
         global_step = self.state.global_step - self.state.stage_step + step + 1
         ids = [i for rank_ids in gather_objects(self.dist, [i for b in micro for i in b["ids"]]) for i in rank_ids]
         if self.dist.main:
-            record = {"stage": self.stage.name, "step": global_step, "stage_step": step + 1,
-                      "loss": repr(self.last_loss), "sample_ids": ids}
+            record = {
+                "stage": self.stage.name,
+                "step": global_step,
+                "stage_step": step + 1,
+                "loss": repr(self.last_loss),
+                "sample_ids": ids,
+            }
             (self.run.path / "nonfinite.json").write_text(json.dumps(record, indent=2) + "\n")
-        raise NonFiniteLoss(self.last_loss,
+        raise NonFiniteLoss(
+            self.last_loss,
             f"stage {self.stage.name}, step {global_step}: loss is {self.last_loss}; the step was not applied, the "
             f"last checkpoint is kept, the batch's {len(ids)} sample ids are in {self.run.path / 'nonfinite.json'}. "
             f"Fix the cause, then launch again to resume: lower stages.{self.stage.name}.optimizer.lr or "
             f"max_grad_norm (eps, betas, weight_decay and schedule.warmup_ratio may change too), or repair or "
             "remove those samples and launch with --allow-changed-data (if the last checkpoint is itself "
-            "degraded, move it out of checkpoints/ to resume from the one before)"
+            "degraded, move it out of checkpoints/ to resume from the one before)",
         )

@@ -5,6 +5,7 @@ batch), so gradients summed over accumulation and averaged over ranks are exactl
 every supervised token of the global batch. The loss is checked before the last micro-batch reaches the
 optimizer, so a non-finite batch never changes the weights.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,12 +47,25 @@ class StepFigures:
     optimizer_s: float  # clipping and the update
 
 
-def global_counts(micro: list[dict[str, Any]], image_tokens: int, max_positions: int, dist: Distributed) -> GlobalCounts:
+def global_counts(
+    micro: list[dict[str, Any]], image_tokens: int, max_positions: int, dist: Distributed
+) -> GlobalCounts:
     """Counted on every rank and summed, before any forward: the normalisation needs the global total."""
     local = [
-        sum(float(count_targets(b["input_ids"], b["attention_mask"], b["labels"], image_tokens, max_positions,
-                                segment_ids=b.get("segment_ids")))
-            for b in micro if b["input_ids"].numel()),
+        sum(
+            float(
+                count_targets(
+                    b["input_ids"],
+                    b["attention_mask"],
+                    b["labels"],
+                    image_tokens,
+                    max_positions,
+                    segment_ids=b.get("segment_ids"),
+                )
+            )
+            for b in micro
+            if b["input_ids"].numel()
+        ),
         sum(float(b["attention_mask"].sum()) + float(b["image_counts"].sum()) * (image_tokens - 1) for b in micro),
         sum(float(len(b["ids"])) for b in micro),
         sum(float(b["image_counts"].sum()) for b in micro),
@@ -66,9 +80,16 @@ def train_step(engine: Engine, micro: list[dict[str, Any]], counts: GlobalCounts
     loss_sum, loss = 0.0, math.nan
     for index, batch in enumerate(micro):
         with engine.autocast():
-            out = engine.model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"],
-                               image_counts=batch["image_counts"], sample_ids=batch["ids"],
-                               segment_ids=batch["segment_ids"], return_logits=False)
+            out = engine.model(
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch["pixel_values"],
+                batch["labels"],
+                image_counts=batch["image_counts"],
+                sample_ids=batch["ids"],
+                segment_ids=batch["segment_ids"],
+                return_logits=False,
+            )
         engine.backward(out.loss_sum * dist.world_size / max(counts.targets, 1.0))
         loss_sum += float(out.loss_sum.detach())
         if index == len(micro) - 1:

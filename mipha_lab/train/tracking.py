@@ -1,18 +1,25 @@
 """Experiment tracking: wandb (offline by default) on rank 0; nothing when disabled."""
+
 from __future__ import annotations
 
 import os
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast, get_args
 
 from mipha_lab.config import Experiment
+from mipha_lab.errors import ConfigError
+
+WandbMode = Literal["offline", "online", "disabled"]
+WANDB_MODES: tuple[str, ...] = get_args(WandbMode)
 
 
 class Tracker:
     def __init__(self, experiment: Experiment, run_dir: Path, enabled: bool) -> None:
         self.run = None
         mode = os.environ.get("WANDB_MODE") or experiment.tracking.wandb_mode  # the environment wins, as in wandb
+        if mode not in WANDB_MODES:
+            raise ConfigError(f"WANDB_MODE={mode!r}: expected one of {', '.join(WANDB_MODES)}")
         if enabled and mode != "disabled":
             import wandb
 
@@ -20,9 +27,16 @@ class Tracker:
             run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
             id_file.write_text(run_id + "\n")
             self.run = wandb.init(
-                project=experiment.tracking.project, group=experiment.tracking.group, tags=experiment.tracking.tags,
-                name=experiment.run_name, dir=str(run_dir), mode=mode, config=experiment.model_dump(mode="json"),
-                reinit="finish_previous", id=run_id, resume="allow",
+                project=experiment.tracking.project,
+                group=experiment.tracking.group,
+                tags=experiment.tracking.tags,
+                name=experiment.run_name,
+                dir=str(run_dir),
+                mode=cast(WandbMode, mode),  # checked above
+                config=experiment.model_dump(mode="json"),
+                reinit="finish_previous",
+                id=run_id,
+                resume="allow",
             )
 
     def log(self, row: dict[str, Any]) -> None:

@@ -1,6 +1,7 @@
 """Sequence the stages of an experiment in its run folder: lock it, prepare it (runs/setup.py), train each
 stage in order (resuming from the latest checkpoint when the folder already holds this run), save each
 stage's model and final/. Evaluation is the next step of pipeline.py."""
+
 from __future__ import annotations
 
 import logging
@@ -46,8 +47,10 @@ def rebuilt(experiment: Experiment, checkpoint: Path, dist: Distributed) -> Mult
 
 def save_model(model: MultimodalModel, folder: Path, dist: Distributed, zero3: bool) -> None:
     """The full model, gathered from every rank under ZeRO-3, written by rank 0."""
-    with disk_writes(f"saving the model to {folder}", "the last complete checkpoint is kept - free space, then "
-                                                      "launch the same command again to resume from it"):
+    with disk_writes(
+        f"saving the model to {folder}",
+        "the last complete checkpoint is kept - free space, then launch the same command again to resume from it",
+    ):
         _save_model(model, folder, dist, zero3)
 
 
@@ -109,8 +112,10 @@ def train(experiment: Experiment, run: RunFolder, dist: Distributed) -> None:
     state = read_state(checkpoint) if checkpoint else TrainState(0, 0, 0)
     if dist.main:
         if checkpoint:
-            print(f"resuming {run.path} from {checkpoint.name} (stage {state.stage_index}, step {state.global_step})",
-                  file=sys.stderr)
+            print(
+                f"resuming {run.path} from {checkpoint.name} (stage {state.stage_index}, step {state.global_step})",
+                file=sys.stderr,
+            )
         run.truncate_metrics(state.global_step)  # steps after the checkpoint are trained again
     model = build_model(experiment).to(dist.device)
     tracker = Tracker(experiment, run.path, dist.main)
@@ -150,8 +155,11 @@ def record_stop(run: RunFolder, err: BaseException, state: TrainState) -> None:
     try:
         if isinstance(err, KeyboardInterrupt):
             reached = run.metrics()
-            run.status("interrupted", step=reached[-1]["step"] if reached else state.global_step,
-                       resumes_from=(latest_checkpoint(run.path) or Path("(the start)")).name)
+            run.status(
+                "interrupted",
+                step=reached[-1]["step"] if reached else state.global_step,
+                resumes_from=(latest_checkpoint(run.path) or Path("(the start)")).name,
+            )
         elif not isinstance(err, (Preempted, preemption.Interrupted)):  # those wrote their own status
             run.status("failed", reason=f"{type(err).__name__}: {err}", step=state.global_step)
     except OSError as write_error:

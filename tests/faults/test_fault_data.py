@@ -1,6 +1,7 @@
 """Bad data: image modes PIL converts badly (scaled right here), images over the pixel limit, annotation
 lines that are not UTF-8, and samples with nothing to learn - each a counted skip with its own reason
 under `skip`, an error naming the file and line under `error`."""
+
 from __future__ import annotations
 
 import json
@@ -67,8 +68,13 @@ def samples(folder: Path, *records: dict, jsonl: bool = False) -> Path:
 
 
 def turn(question: str, answer: str, image: str | None = None) -> dict:
-    record = {"id": question, "conversations": [{"from": "human", "value": ("<image>\n" if image else "") + question},
-                                                {"from": "gpt", "value": answer}]}
+    record = {
+        "id": question,
+        "conversations": [
+            {"from": "human", "value": ("<image>\n" if image else "") + question},
+            {"from": "gpt", "value": answer},
+        ],
+    }
     return {**record, "image": image} if image else record
 
 
@@ -102,6 +108,9 @@ def test_a_sample_with_nothing_to_learn_is_skipped_with_its_own_reason(tmp_path)
     path = samples(tmp_path, turn("fine?", "yes"), no_answer, empty, jsonl=True)
     records, skipped = read_records(path)
     assert [r.sample_id for r in records] == ["fine?"]
-    assert [(s.sample_id, s.reason) for s in skipped] == [("asks-only", "nothing_to_learn"), ("empty?", "nothing_to_learn")]
+    assert [(s.sample_id, s.reason) for s in skipped] == [
+        ("asks-only", "nothing_to_learn"),
+        ("empty?", "nothing_to_learn"),
+    ]
     with pytest.raises(SampleError, match="nothing_to_learn"):
         read_records(path, policy="error")

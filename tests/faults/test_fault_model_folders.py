@@ -1,5 +1,6 @@
 """Model folders: only the folder's own weight files are read, truncated weights are named, and no code
 from a folder runs - not through serve, eval or export (to Llava or to our format), not even when "y" waits on stdin."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,10 @@ from mipha_lab.model.weights import weight_files
 from tests.interop_helpers import logits, write_released
 
 EVIL = "import pathlib\npathlib.Path(__file__).with_name('RAN').write_text('code from the folder ran')\n"
-AUTO_MAP = {"tokenizer_config.json": {"AutoTokenizer": ["evil.EvilTokenizer", None]},
-            "preprocessor_config.json": {"AutoImageProcessor": "evil.EvilImageProcessor"}}
+AUTO_MAP = {
+    "tokenizer_config.json": {"AutoTokenizer": ["evil.EvilTokenizer", None]},
+    "preprocessor_config.json": {"AutoImageProcessor": "evil.EvilImageProcessor"},
+}
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +54,10 @@ def test_sharded_weights_by_index_and_by_name(saved, tmp_path):
     expected = logits(MultimodalModel.from_pretrained(folder))
     state = MultimodalModel.from_pretrained(folder).weights_to_save()
     names = sorted(state)
-    halves = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
-              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    halves = {
+        "model-00001-of-00002.safetensors": names[: len(names) // 2],
+        "model-00002-of-00002.safetensors": names[len(names) // 2 :],
+    }
     (folder / "model.safetensors").unlink()
     for file, keys in halves.items():
         save_file({k: state[k] for k in keys}, str(folder / file))
@@ -64,7 +69,7 @@ def test_sharded_weights_by_index_and_by_name(saved, tmp_path):
     assert [p.name for p in weight_files(folder)] == sorted(halves)
     torch.testing.assert_close(logits(MultimodalModel.from_pretrained(folder)), expected, atol=0, rtol=0)
     (folder / "model-00002-of-00002.safetensors").unlink()
-    with pytest.raises(ConfigError, match="model-00002-of-00002.safetensors"):
+    with pytest.raises(ConfigError, match=r"model-00002-of-00002.safetensors"):
         MultimodalModel.from_pretrained(folder)
 
 
@@ -87,19 +92,34 @@ def test_truncated_safetensors_is_named(saved, tmp_path, cut):
     weights = folder / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[:6] if cut == "header" else data[: len(data) // 2])
-    with pytest.raises(ConfigError, match="model.safetensors: not a readable safetensors file"):
+    with pytest.raises(ConfigError, match=r"model.safetensors: not a readable safetensors file"):
         MultimodalModel.from_pretrained(folder)
 
 
 def cli(*args: str, stdin: str = "y\ny\ny\n") -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", *args], input=stdin, capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", *args], input=stdin, capture_output=True, text=True, env=env, timeout=300
+    )
 
 
 COMMANDS = {
-    "serve": lambda m, out, root: cli("mipha_lab.serve.cli", "--model-path", str(m), "--prompt", "hi", "--temperature", "0"),
-    "eval": lambda m, out, root: cli("mipha_lab.eval", "run", str(m), "--benchmarks", "shapes-vqa", "--data-root",
-                                     str(root), "--limit", "2", "--out", str(out)),
+    "serve": lambda m, out, root: cli(
+        "mipha_lab.serve.cli", "--model-path", str(m), "--prompt", "hi", "--temperature", "0"
+    ),
+    "eval": lambda m, out, root: cli(
+        "mipha_lab.eval",
+        "run",
+        str(m),
+        "--benchmarks",
+        "shapes-vqa",
+        "--data-root",
+        str(root),
+        "--limit",
+        "2",
+        "--out",
+        str(out),
+    ),
     "export": lambda m, out, root: cli("mipha_lab.export", "hf-llava", str(m), str(out)),
     "export-ours": lambda m, out, root: cli("mipha_lab.export", "mipha-lab", str(m), str(out)),
 }

@@ -1,10 +1,12 @@
 """Reading answer and question files, and refusing inputs that would give a silently wrong number."""
+
 from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Hashable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Hashable, Iterable
+from typing import Any
 
 from mipha_lab.errors import InputError
 
@@ -40,11 +42,15 @@ def read_answers(path: str | Path) -> list[dict[str, Any]]:
         if not isinstance(row, dict) or "question_id" not in row:
             raise ScoreInputError(f"{path}, line {number}: expected an object with 'question_id' and 'text'")
         if not isinstance(row["question_id"], (int, str)) or isinstance(row["question_id"], bool):
-            raise ScoreInputError(f"{path}, line {number}: question_id {row['question_id']!r} is neither an integer nor a string")
+            raise ScoreInputError(
+                f"{path}, line {number}: question_id {row['question_id']!r} is neither an integer nor a string"
+            )
         if not isinstance(row.get("text"), str):
             found = "missing" if "text" not in row else f"{row['text']!r}"
-            raise ScoreInputError(f"{path}, line {number}: 'text' is {found}; expected the answer as a string "
-                                  "(an empty string for no answer)")
+            raise ScoreInputError(
+                f"{path}, line {number}: 'text' is {found}; expected the answer as a string "
+                "(an empty string for no answer)"
+            )
         rows.append(row)
     return rows
 
@@ -65,7 +71,7 @@ def _sample(values: Iterable[Any], limit: int = 5) -> str:
     return shown + (f" ... ({len(values)} in all)" if len(values) > limit else "")
 
 
-def check_ids(answer_keys: list[Hashable], expected: list[Hashable], what: str, ordered: bool = False) -> None:
+def check_ids(answer_keys: Sequence[Hashable], expected: Sequence[Hashable], what: str, ordered: bool = False) -> None:
     """Every expected key answered exactly once (and in order, where the scorer pairs by position)."""
     _check_id_types(answer_keys, expected, what)
     counts = Counter(answer_keys)
@@ -79,9 +85,11 @@ def check_ids(answer_keys: list[Hashable], expected: list[Hashable], what: str, 
     if extra:
         raise ScoreInputError(f"{what}: answers for unknown questions {_sample(extra)}")
     if ordered and answer_keys != list(expected):
-        wrong = [a for a, e in zip(answer_keys, expected) if a != e]
-        raise ScoreInputError(f"{what}: answers are not in question-file order (this scorer pairs by position); "
-                              f"first out of place: {_sample(wrong)}")
+        wrong = [a for a, e in zip(answer_keys, expected, strict=True) if a != e]
+        raise ScoreInputError(
+            f"{what}: answers are not in question-file order (this scorer pairs by position); "
+            f"first out of place: {_sample(wrong)}"
+        )
 
 
 def _kind(key: Hashable) -> str:
@@ -89,16 +97,18 @@ def _kind(key: Hashable) -> str:
     return "integer" if isinstance(value, int) else "string" if isinstance(value, str) else type(value).__name__
 
 
-def _check_id_types(answer_keys: list[Hashable], expected: list[Hashable], what: str) -> None:
+def _check_id_types(answer_keys: Sequence[Hashable], expected: Sequence[Hashable], what: str) -> None:
     """Ids of one type where the questions have another ("12" for 12) would all go unmatched: say so."""
     if not expected:
         return
     wanted = _kind(expected[0])
     for index, key in enumerate(answer_keys):
         if _kind(key) != wanted:
-            raise ScoreInputError(f"{what}: answer {index + 1} (line {index + 1} of a file without blank lines) has "
-                                  f"question_id {key!r}, a {_kind(key)}, where the questions' ids are {wanted}s "
-                                  f"(e.g. {expected[0]!r})")
+            raise ScoreInputError(
+                f"{what}: answer {index + 1} (line {index + 1} of a file without blank lines) has "
+                f"question_id {key!r}, a {_kind(key)}, where the questions' ids are {wanted}s "
+                f"(e.g. {expected[0]!r})"
+            )
 
 
 def percent(value: float) -> float:

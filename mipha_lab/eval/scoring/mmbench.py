@@ -2,6 +2,7 @@
 punctuation becomes spaces, else the one option whose text appears in the answer; otherwise
 unparsed = wrong without an LLM judge), then CircularEval - a question (index mod 1,000,000) scores
 only if every rotated variant is answered with its gold letter."""
+
 from __future__ import annotations
 
 import csv
@@ -51,23 +52,33 @@ def infer_letter(answer: str, choices: dict[str, str]) -> str | None:
     return by_text[0] if len(by_text) == 1 else None
 
 
-def score_rows(rows: list[dict[str, str]], predictions: dict[int, str],
-               records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def score_rows(
+    rows: list[dict[str, str]], predictions: dict[int, str], records: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
     correct: dict[int, bool] = {}
     for row in rows:
         index = int(row["index"])
         letter = infer_letter(predictions[index], options(row))
         correct[index] = letter == row["answer"].strip()
         if records is not None:
-            records.append({"question_id": index, "prediction": letter, "gold": row["answer"].strip(),
-                            "correct": correct[index], "question": index % CIRCULAR})
+            records.append(
+                {
+                    "question_id": index,
+                    "prediction": letter,
+                    "gold": row["answer"].strip(),
+                    "correct": correct[index],
+                    "question": index % CIRCULAR,
+                }
+            )
     groups: dict[int, list[bool]] = {}
     for index, ok in correct.items():
         groups.setdefault(index % CIRCULAR, []).append(ok)
     original = [ok for index, ok in correct.items() if index < CIRCULAR]
-    return {"circular": percent(sum(all(g) for g in groups.values()) / len(groups)),
-            "all_rows": percent(sum(correct.values()) / len(correct)),
-            "original_rows": percent(sum(original) / max(len(original), 1))}
+    return {
+        "circular": percent(sum(all(g) for g in groups.values()) / len(groups)),
+        "all_rows": percent(sum(correct.values()) / len(correct)),
+        "original_rows": percent(sum(original) / max(len(original), 1)),
+    }
 
 
 def score_mmbench_table(path: str | Path) -> dict[str, Any]:
@@ -78,7 +89,9 @@ def score_mmbench_table(path: str | Path) -> dict[str, Any]:
     return score_rows(rows, {int(r["index"]): r["prediction"] for r in rows})
 
 
-def score_mmbench(path: str | Path, answers: list[dict[str, Any]], records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def score_mmbench(
+    path: str | Path, answers: list[dict[str, Any]], records: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
     """The question table plus LLaVA's answer file (question_id = the row's index)."""
     rows = read_table(path)
     check_ids([int(a["question_id"]) for a in answers], [int(r["index"]) for r in rows], "mmbench answers")

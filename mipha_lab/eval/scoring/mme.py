@@ -3,6 +3,7 @@ or no." put back, allowing its double-space variant), then the official calculat
 exactly yes/no, else yes/no found in the first four characters, else other (wrong); a subtask scores
 100 x accuracy + 100 x accuracy+ (both questions of an image right). Answers pair by image in file
 order, two per image, as the official tool reads them - checked rather than assumed."""
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -49,8 +50,12 @@ def official_question(prompt: str, subtask: str, image: str, gold: dict) -> str:
     return question
 
 
-def score_mme(questions: list[dict[str, Any]], answers: list[dict[str, Any]], ground_truth: str | Path,
-              records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def score_mme(
+    questions: list[dict[str, Any]],
+    answers: list[dict[str, Any]],
+    ground_truth: str | Path,
+    records: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """`records`, when given, receives one row per question (id, subtask, prediction, gold, correct)."""
     gold = read_ground_truth(ground_truth)
     key = lambda row, text: (row["question_id"], text)  # noqa: E731 - an image has two questions
@@ -64,8 +69,16 @@ def score_mme(questions: list[dict[str, Any]], answers: list[dict[str, Any]], gr
         row = (image, gold[(subtask, image, question)].lower(), mme_prediction(answer["text"]))
         per_subtask[subtask].append(row)
         if records is not None:
-            records.append({"question_id": answer["question_id"], "prompt": answer["prompt"], "subtask": subtask,
-                            "prediction": row[2], "gold": row[1], "correct": row[1] == row[2]})
+            records.append(
+                {
+                    "question_id": answer["question_id"],
+                    "prompt": answer["prompt"],
+                    "subtask": subtask,
+                    "prediction": row[2],
+                    "gold": row[1],
+                    "correct": row[1] == row[2],
+                }
+            )
     scores = {}
     for subtask, rows in per_subtask.items():
         if len(rows) % 2 or any(rows[i][0] != rows[i + 1][0] for i in range(0, len(rows), 2)):
@@ -76,6 +89,8 @@ def score_mme(questions: list[dict[str, Any]], answers: list[dict[str, Any]], gr
     unknown = set(scores) - set(PERCEPTION) - set(COGNITION)
     if unknown:
         raise ScoreInputError(f"mme: unknown subtasks {sorted(unknown)}")
-    return {"perception": round(sum(scores.get(s, 0.0) for s in PERCEPTION), 2),
-            "cognition": round(sum(scores.get(s, 0.0) for s in COGNITION), 2),
-            "subtasks": {s: round(v, 2) for s, v in sorted(scores.items())}}
+    return {
+        "perception": round(sum(scores.get(s, 0.0) for s in PERCEPTION), 2),
+        "cognition": round(sum(scores.get(s, 0.0) for s in COGNITION), 2),
+        "subtasks": {s: round(v, 2) for s, v in sorted(scores.items())},
+    }

@@ -1,6 +1,7 @@
 """ScienceQA (LLaVA's llava_test_CQM-A.json): the first matching rule picks the letter - the whole output
 is one option letter; it starts with "X. "; exactly one "The answer is X." - else FAILED. Case-sensitive;
 a letter beyond the question's choices is wrong."""
+
 from __future__ import annotations
 
 import re
@@ -30,8 +31,9 @@ def number_of_choices(question: str) -> int:
     return count
 
 
-def score_scienceqa(questions: list[dict[str, Any]], answers: list[dict[str, Any]],
-                    records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def score_scienceqa(
+    questions: list[dict[str, Any]], answers: list[dict[str, Any]], records: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
     """Accuracy over the image questions (the reported ScienceQA-IMG) and over all questions; `records`,
     when given, receives one row per question."""
     predicted = {str(a["question_id"]): a["text"] for a in answers}
@@ -45,8 +47,15 @@ def score_scienceqa(questions: list[dict[str, Any]], answers: list[dict[str, Any
         correct = float(valid and letter == gold)
         every.append(correct)
         if records is not None:
-            records.append({"question_id": str(q["id"]), "prediction": letter, "gold": gold, "correct": bool(correct),
-                            "image": bool(q.get("image"))})
+            records.append(
+                {
+                    "question_id": str(q["id"]),
+                    "prediction": letter,
+                    "gold": gold,
+                    "correct": bool(correct),
+                    "image": bool(q.get("image")),
+                }
+            )
         if q.get("image"):
             img.append(correct)
     return {"img_accuracy": percent(sum(img) / max(len(img), 1)), "accuracy": percent(sum(every) / len(every))}

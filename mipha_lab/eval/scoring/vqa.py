@@ -1,10 +1,12 @@
 """VQA answer normalization (the official GT-Vision-Lab `vqaEval` and the EvalAI/m4c processor) and
 VQA accuracy; VQAv2 (official result/annotation files) and TextVQA (LLaVA's answer file) scoring."""
+
 from __future__ import annotations
 
 import re
 from collections import defaultdict
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from mipha_lab.eval.scoring.answers import ScoreInputError, check_ids, percent
 from mipha_lab.eval.scoring.vqa_tables import ARTICLES, CONTRACTIONS, NUMBER_MAP, PUNCTUATIONS
@@ -47,7 +49,7 @@ def normalize_evalai(text: str) -> str:
 def vqa_accuracy(prediction: str, answers: list[str], normalize: Callable[[str], str], always: bool = True) -> float:
     """Mean over the ground-truth answers, leaving each one out by position, of min(1, matches / 3).
     With `always=False` (the official VQAv2 rule) nothing is normalized when the answers are unanimous."""
-    if always or len(set(clean(a) for a in answers)) > 1:
+    if always or len({clean(a) for a in answers}) > 1:
         gold, pred = [normalize(a) for a in answers], normalize(prediction)
     else:
         gold, pred = [clean(a) for a in answers], clean(prediction)
@@ -55,8 +57,12 @@ def vqa_accuracy(prediction: str, answers: list[str], normalize: Callable[[str],
     return sum(scores) / len(scores)
 
 
-def score_vqav2(annotations: dict[str, Any], questions: dict[str, Any], results: list[dict[str, Any]],
-                records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def score_vqav2(
+    annotations: dict[str, Any],
+    questions: dict[str, Any],
+    results: list[dict[str, Any]],
+    records: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """Official VQAv2 val scoring: overall, per answer type and per question type (x100, 2 decimals);
     `records`, when given, receives one row per question."""
     gold = {a["question_id"]: a for a in annotations["annotations"]}
@@ -73,12 +79,17 @@ def score_vqav2(annotations: dict[str, Any], questions: dict[str, Any], results:
         acc = vqa_accuracy(predicted[qid], [a["answer"] for a in ann["answers"]], normalize_official, always=False)
         scores.append(acc)
         if records is not None:
-            records.append({"question_id": qid, "prediction": predicted[qid], "score": acc, "answer_type": ann["answer_type"]})
+            records.append(
+                {"question_id": qid, "prediction": predicted[qid], "score": acc, "answer_type": ann["answer_type"]}
+            )
         per_answer[ann["answer_type"]].append(acc)
         per_question[ann["question_type"]].append(acc)
     mean = lambda xs: percent(sum(xs) / len(xs))  # noqa: E731
-    return {"overall": mean(scores), "per_answer_type": {k: mean(v) for k, v in sorted(per_answer.items())},
-            "per_question_type": {k: mean(v) for k, v in sorted(per_question.items())}}
+    return {
+        "overall": mean(scores),
+        "per_answer_type": {k: mean(v) for k, v in sorted(per_answer.items())},
+        "per_question_type": {k: mean(v) for k, v in sorted(per_question.items())},
+    }
 
 
 def textvqa_question(prompt: str) -> str:
@@ -98,15 +109,23 @@ def textvqa_question(prompt: str) -> str:
     return question.lower()
 
 
-def score_textvqa(annotations: dict[str, Any], answers: list[dict[str, Any]],
-                  records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def score_textvqa(
+    annotations: dict[str, Any], answers: list[dict[str, Any]], records: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
     """LLaVA's TextVQA scoring: answers matched on (image id, question), both sides EvalAI-processed;
     `records`, when given, receives one row per question (its VQA accuracy as `score`)."""
     gold = {(a["image_id"], a["question"].lower()): a for a in annotations["data"]}
     keys = [(a["question_id"], textvqa_question(a["prompt"])) for a in answers]
     check_ids(keys, list(gold), "textvqa answers")
-    scores = [vqa_accuracy(a["text"], gold[k]["answers"], normalize_evalai) for a, k in zip(answers, keys)]
+    scores = [vqa_accuracy(a["text"], gold[k]["answers"], normalize_evalai) for a, k in zip(answers, keys, strict=True)]
     if records is not None:
-        records.extend({"question_id": a["question_id"], "question": k[1], "prediction": normalize_evalai(a["text"]),
-                        "score": score} for a, k, score in zip(answers, keys, scores))
+        records.extend(
+            {
+                "question_id": a["question_id"],
+                "question": k[1],
+                "prediction": normalize_evalai(a["text"]),
+                "score": score,
+            }
+            for a, k, score in zip(answers, keys, scores, strict=True)
+        )
     return {"accuracy": percent(sum(scores) / len(scores))}
