@@ -32,6 +32,8 @@ MODULES = ("vision", "projector", "lm_body", "lm_embeddings", "lm_head")
 
 
 class ModelConfig(StrictModel):
+    """Which components the model is built from, and how (feature layer, resolution, attention, weights)."""
+
     vision: str
     projector: str = "mlp2x_gelu"
     projector_args: dict[str, Any] = Field(default_factory=dict)
@@ -142,6 +144,8 @@ ModulePolicy = Annotated[
 
 
 class Trainable(StrictModel):
+    """How each of the five modules trains in a stage."""
+
     vision: ModulePolicy = Frozen()
     projector: ModulePolicy = Full()
     lm_body: ModulePolicy = Frozen()
@@ -150,6 +154,8 @@ class Trainable(StrictModel):
 
 
 class OptimizerConfig(StrictModel):
+    """AdamW's settings and the gradient clipping of a stage."""
+
     lr: float = Field(ge=0, allow_inf_nan=False)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0, allow_inf_nan=False)
@@ -158,6 +164,8 @@ class OptimizerConfig(StrictModel):
 
 
 class ScheduleConfig(StrictModel):
+    """The learning-rate schedule of a stage: warm-up, then cosine, linear or constant."""
+
     kind: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(0.03, ge=0, le=1)
 
@@ -188,6 +196,8 @@ class CheckpointConfig(StrictModel):
 
 
 class StageConfig(StrictModel):
+    """One training stage: its data, template, batching, trainable modules, optimizer and length."""
+
     name: str
     mixture: str
     template: str
@@ -215,6 +225,8 @@ class StageConfig(StrictModel):
 
 
 class EngineConfig(StrictModel):
+    """Which engine trains (plain PyTorch or DeepSpeed ZeRO) and in which precision."""
+
     kind: Literal["auto", "torch", "deepspeed"] = "auto"  # auto: torch for 1 process, DeepSpeed for more
     zero_stage: Literal[0, 1, 2, 3] = 0
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPUs, fp32 on the CPU
@@ -222,6 +234,8 @@ class EngineConfig(StrictModel):
 
 
 class EvalConfig(StrictModel):
+    """The benchmarks a run is evaluated on after training, and how."""
+
     benchmarks: list[str] = Field(default_factory=list)
     batch_size: int = Field(16, gt=0)
     max_new_tokens: int | None = None  # default: each benchmark's own
@@ -230,6 +244,8 @@ class EvalConfig(StrictModel):
 
 
 class TrackingConfig(StrictModel):
+    """Where training is logged (wandb, offline by default)."""
+
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
     project: str = "mipha-lab"
     group: str | None = None
@@ -271,6 +287,8 @@ class SweepConfig(StrictModel):
 
 
 class Experiment(StrictModel):
+    """An experiment file, resolved: the model, its stages, engine, evaluation and where runs go."""
+
     imports: list[str] = Field(default_factory=list)  # modules registering your own components, imported first
     model: ModelConfig
     stages: list[StageConfig]

@@ -14,6 +14,8 @@ import torch
 
 @dataclass(frozen=True)
 class Distributed:
+    """This process's place in the run: rank, world size, local rank and device, with the collectives."""
+
     rank: int
     world_size: int
     local_rank: int

@@ -24,6 +24,8 @@ NOT_HASHED = ("tracking", "resources", "run_name", "runs_root", "data_root", "so
 
 @dataclass(frozen=True)
 class Cell:
+    """One run of a sweep: its experiment, run name and the overrides that made it."""
+
     experiment: Experiment
     overrides: dict[str, Any] = field(default_factory=dict)  # the swept values of this cell
 

@@ -11,6 +11,8 @@ from mipha_lab.analysis.study import Cell, study
 
 
 class Setup(NamedTuple):
+    """What a notebook works on: the study's cells, the output folder, resamples per interval, question-only."""
+
     cells: list[Cell]
     out: Path
     draws: int

@@ -27,6 +27,8 @@ from mipha_lab.analysis.intervals import interval, mean_of
 
 @dataclass(frozen=True)
 class Regime:
+    """One simulated setting: seeds per cell, the seeds' spread, benchmarks, questions, the planted delta."""
+
     seeds: int  # per cell
     seed_sd: float  # SD of a run's shift in accuracy (accuracy units)
     benchmarks: int = 1  # > 1: judged on the mean over benchmarks, as the claims are
@@ -59,6 +61,8 @@ class Regime:
 
 @dataclass
 class Outcome:
+    """How the intervals did over the simulated comparisons of one regime."""
+
     regime: Regime
     truth: float
     coverage: float  # share of intervals that hold the true delta

@@ -41,6 +41,8 @@ NOT_COMPARED = (
 
 @dataclass
 class Run:
+    """One run folder as the analysis reads it: its config, metrics, headline scores and per-question records."""
+
     path: Path
     config: dict[str, Any]
     metrics: list[dict[str, Any]]

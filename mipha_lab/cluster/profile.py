@@ -15,6 +15,8 @@ CACHE_VARIABLES = ("HF_HOME", "TORCH_EXTENSIONS_DIR", "TRITON_CACHE_DIR", "WANDB
 
 
 class ClusterProfile(StrictModel):
+    """A cluster as a YAML file describes it: partition, account, resources per shape, caches, environment."""
+
     executor: Literal["slurm", "local"] = "slurm"
     partition: str | None = None
     account: str | None = None

@@ -24,6 +24,8 @@ from mipha_lab.sweep import Cell
 
 @dataclass
 class Submission:
+    """The jobs submitted for one group of cells (one job array per resource shape)."""
+
     cell: Cell
     job: Any  # submitit.Job
     eval_job: Any = None

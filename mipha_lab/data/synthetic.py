@@ -44,6 +44,8 @@ POPE_SPLITS = ("random", "popular", "adversarial")
 
 @dataclass(frozen=True)
 class Shape:
+    """One shape drawn on a synthetic image: its kind, colour and place."""
+
     kind: str
     color: str
     place: str

@@ -46,12 +46,16 @@ class MaskError(InputError):
 
 @dataclass(frozen=True)
 class Segment:
+    """A piece of a rendered conversation, supervised (an answer) or not."""
+
     text: str
     supervised: bool = False
 
 
 @dataclass(frozen=True)
 class Encoded:
+    """A conversation as token ids with its labels (unsupervised positions IGNORE_INDEX)."""
+
     input_ids: list[int]  # IMAGE_TOKEN_INDEX at each image
     labels: list[int]  # IGNORE_INDEX where masked
 

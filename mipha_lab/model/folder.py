@@ -22,6 +22,8 @@ from mipha_lab.validation import validate
 
 @dataclass
 class FolderContents:
+    """What a model folder holds, read: our config, the tokenizer, and the weights as stored."""
+
     config: VLMConfig
     tokenizer: Any
     state: dict[str, torch.Tensor]  # as stored

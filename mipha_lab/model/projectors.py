@@ -18,6 +18,8 @@ PROJECTORS: Registry[Any] = Registry("projector", "vision-to-language connectors
 
 
 class Projector(nn.Module):
+    """Base of the projectors that need one: `num_tokens` says how many tokens come out per image."""
+
     def num_tokens(self, num_input_tokens: int) -> int:
         return num_input_tokens
 

@@ -21,6 +21,8 @@ from mipha_lab.errors import InputError
 
 @dataclass
 class Spliced:
+    """The LM's inputs after images are spliced in: embeddings, labels, mask, positions, truncation."""
+
     inputs_embeds: torch.Tensor  # (B, L, D)
     attention_mask: torch.Tensor  # (B, L) long
     position_ids: torch.Tensor  # (B, L)

@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class VLMOutput:
+    """What a forward pass returns: the loss (mean and sum over supervised tokens), logits, the inputs."""
+
     loss: torch.Tensor | None  # mean over supervised tokens of this batch
     loss_sum: torch.Tensor | None  # sum over supervised tokens (for global-batch normalisation)
     num_supervised: torch.Tensor | None

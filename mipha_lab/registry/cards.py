@@ -69,11 +69,15 @@ class ImageSpec(StrictModel):
 
 
 class FeatureSpec(StrictModel):
+    """Which hidden layer of the tower is taken, and whether its prefix tokens (CLS) are kept."""
+
     layer: int = -2
     select: Literal["patch", "cls_patch"] = "patch"
 
 
 class VisionCard(Card):
+    """A vision tower: its library, architecture, hub weights, preprocessing and feature selection."""
+
     builder: str
     hub_id: str | None
     architecture: dict[str, Any]
@@ -82,12 +86,16 @@ class VisionCard(Card):
 
 
 class SpecialTokens(StrictModel):
+    """The special tokens a language model's template relies on."""
+
     bos: str | None = None
     eos: str
     pad: str | None = None
 
 
 class LLMCard(Card):
+    """A language model: its architecture, hub weights, tokenizer, template and embedding scale."""
+
     builder: str = "transformers"
     hub_id: str | None
     architecture: dict[str, Any]
@@ -100,14 +108,20 @@ class LLMCard(Card):
 
 
 class FirstN(StrictModel):
+    """Take the first N samples of a source."""
+
     first: int
 
 
 class RandomN(StrictModel):
+    """Take N samples of a source at random (seeded)."""
+
     random: int
 
 
 class Weight(StrictModel):
+    """Take a source with a weight relative to the others."""
+
     weight: float  # epoch size = weight x source size (random subset below 1, repeats above)
 
 
@@ -131,6 +145,8 @@ class SourceSpec(StrictModel):
 
 
 class MixtureCard(Card):
+    """Training data: its sources (annotation files and image folders) and how each is sampled."""
+
     sources: list[SourceSpec]
     generate: Literal["shapes"] | None = None  # synthetic data written into the data root on first use
     url: str | None = None  # where the real data comes from (for error messages)

@@ -25,6 +25,8 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Entry(Generic[T]):
+    """One registered name: the object, and a line that describes it."""
+
     name: str
     obj: T
     description: str

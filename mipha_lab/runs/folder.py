@@ -67,6 +67,8 @@ def latest_checkpoint(run_path: Path) -> Path | None:
 
 
 class RunFolder:
+    """A run's folder: config, manifest, status, metrics, checkpoints, stages and final/ (its layout)."""
+
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
 

@@ -26,6 +26,8 @@ class RunLocked(MiphaLabError):
 
 
 class RunLock:
+    """One process trains in a run folder at a time: a lock file holding the owner's host and pid."""
+
     def __init__(self, run_path: Path) -> None:
         self.path = Path(run_path) / LOCK_NAME
         self.handle: Any = None

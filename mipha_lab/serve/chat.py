@@ -74,6 +74,8 @@ class ReplyStreamer:
 
 
 class Conversation:
+    """A chat with a model: the turns so far, the image, and the sampling settings."""
+
     def __init__(
         self,
         model: Any,

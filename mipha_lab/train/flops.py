@@ -31,6 +31,8 @@ from mipha_lab.model.vlm import MultimodalModel
 
 @dataclass(frozen=True)
 class Flops:
+    """Training FLOPs: those of the model's math, and those spent again by recomputation."""
+
     useful: float  # forward + backward
     recompute: float  # extra forward under activation checkpointing
 

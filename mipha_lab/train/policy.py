@@ -20,6 +20,8 @@ from mipha_lab.model.vlm import MultimodalModel
 
 @dataclass
 class ModuleRow:
+    """One row of a stage's parameter table: a module, its sizes, its policy and learning rate."""
+
     module: str
     total: int
     trainable: int

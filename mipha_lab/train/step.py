@@ -41,6 +41,8 @@ class GlobalCounts:
 
 @dataclass(frozen=True)
 class StepFigures:
+    """What one optimizer step reports: the loss, the gradient norm and where the time went."""
+
     loss: float  # mean over every supervised token of the global batch
     grad_norm: float
     compute_s: float  # forward and backward of every micro-batch

@@ -15,6 +15,8 @@ WANDB_MODES: tuple[str, ...] = get_args(WandbMode)
 
 
 class Tracker:
+    """Logs a run's metrics to wandb on rank 0 (offline by default); does nothing when disabled."""
+
     def __init__(self, experiment: Experiment, run_dir: Path, enabled: bool) -> None:
         self.run = None
         mode = os.environ.get("WANDB_MODE") or experiment.tracking.wandb_mode  # the environment wins, as in wandb
