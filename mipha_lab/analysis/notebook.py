@@ -23,7 +23,7 @@ def notebook_setup() -> Setup:
     """The cells under $RUNS_ROOT (default runs), the output folder $OUT (default analysis/output, created),
     $DRAWS resamples per interval (default 1000), and $QUESTION_ONLY=1 for question-only intervals (seed
     variance left out; labelled in every table)."""
-    import matplotlib
+    import matplotlib  # the `analysis` extra: only for the notebooks
 
     matplotlib.use("Agg")
     root = Path(os.environ.get("RUNS_ROOT", "runs"))
@@ -36,7 +36,7 @@ def notebook_setup() -> Setup:
 
 def figure_grid(panels: int, columns: int = 4, size: tuple[float, float] = (3.4, 3.0)):
     """A matplotlib figure with `panels` axes wrapped into rows of `columns` (spare axes hidden)."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # the `analysis` extra: only for the notebooks
 
     rows = max(1, math.ceil(panels / columns))
     cols = min(columns, max(panels, 1))

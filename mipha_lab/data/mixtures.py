@@ -6,6 +6,7 @@ number of processes (ranks take their share of the batches later).
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import random
 from pathlib import Path
@@ -54,8 +55,6 @@ def ensure_generated(card: MixtureCard, data_root: Path) -> None:
 
     if missing():
         # the jobs of a sweep may start together on a fresh data root: one generates, the others wait
-        import fcntl
-
         data_root.mkdir(parents=True, exist_ok=True)
         with open(data_root / ".shapes.generating.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)

@@ -44,7 +44,7 @@ def add_lora(
     target_modules: Sequence[str] | Literal["all-linear"],
 ) -> LoraSpec:
     """Inject adapters into `module` of `model` in place and record them in `model.config.adapters`."""
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import LoraConfig, inject_adapter_in_model  # heavy: only where LoRA is used
 
     host = lora_host(model, module)
     targets = linear_names(host) if target_modules == "all-linear" else list(target_modules)
@@ -63,7 +63,7 @@ def restore_adapters(model: nn.Module, specs: Sequence[LoraSpec]) -> None:
 
 def merge_lora(model: nn.Module) -> int:
     """Fold every LoRA adapter into its base layer and remove the adapter modules; returns how many."""
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import LoraLayer  # heavy: only where LoRA is used
 
     merged = 0
     for name, module in list(model.named_modules()):

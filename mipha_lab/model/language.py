@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from mipha_lab.constants import IMAGE_TOKEN
 from mipha_lab.model.packed_attention import PACKED_SDPA
 from mipha_lab.model.remote_code import load_folder_tokenizer
+from mipha_lab.model.tiny_tokenizer import tiny_tokenizer
 from mipha_lab.registry import Registry
 from mipha_lab.registry.cards import LLMCard
 
@@ -29,7 +30,7 @@ def resolve_attn_implementation(requested: str = "auto") -> str:
         return requested
 
     try:
-        import flash_attn  # noqa: F401
+        import flash_attn  # noqa: F401 - optional (the `flash` extra): is it installed?
     except ImportError:
         return "sdpa"
     return "flash_attention_2" if torch.cuda.is_available() else "sdpa"
@@ -83,8 +84,6 @@ def load_tokenizer(card: LLMCard):
     """The card's tokenizer (hub id, local folder or the built-in tiny BPE) with the card's special tokens."""
     tokens = card.special_tokens
     if card.tokenizer == TINY_TOKENIZER:
-        from mipha_lab.model.tiny_tokenizer import tiny_tokenizer
-
         return tiny_tokenizer(eos=tokens.eos, bos=tokens.bos, pad=tokens.pad)
 
     tokenizer = load_folder_tokenizer(card.tokenizer)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import hf_hub_download
 from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig, AutoModel
@@ -104,7 +105,7 @@ class TimmVisionTower(VisionTower):
     backbone: Any  # the timm model (its own API: blocks, forward_intermediates)
 
     def __init__(self, card: VisionCard, pretrained: bool = False) -> None:
-        import timm
+        import timm  # heavy, and absent on the lent GPU machine: only for timm cards
 
         arch = dict(card.architecture)
         name = arch.pop("model_name")
@@ -151,7 +152,7 @@ class OpenClipVisionTower(VisionTower):
     backbone: Any  # open_clip's VisionTransformer (its own API: transformer.resblocks, forward_intermediates)
 
     def __init__(self, card: VisionCard, pretrained: bool = False) -> None:
-        from open_clip.model import _build_vision_tower
+        from open_clip.model import _build_vision_tower  # heavy, absent on the GPU machine: open_clip cards only
 
         arch = dict(card.architecture)
         visual = _build_vision_tower(arch["embed_dim"], arch["vision_cfg"])
@@ -173,8 +174,6 @@ class OpenClipVisionTower(VisionTower):
         if path.is_dir():
             path = path / "open_clip_model.safetensors"
         elif not path.exists():
-            from huggingface_hub import hf_hub_download
-
             path = Path(hf_hub_download(hub_id, "open_clip_model.safetensors"))
         state = {k[len("visual.") :]: v for k, v in load_file(path).items() if k.startswith("visual.")}
         self.backbone.load_state_dict(state, strict=True)

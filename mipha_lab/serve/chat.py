@@ -8,6 +8,7 @@ from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
 from typing import Any
+from urllib.request import urlopen
 
 import torch
 from PIL import Image
@@ -22,8 +23,6 @@ def open_image(source: str) -> Image.Image:
     """A local file or an http(s) URL, as RGB; a clear error for anything unreadable."""
     try:
         if source.startswith(("http://", "https://")):
-            from urllib.request import urlopen
-
             with urlopen(source, timeout=30) as response:
                 return open_rgb(BytesIO(response.read()))
         return open_rgb(Path(source))

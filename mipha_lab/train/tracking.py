@@ -23,7 +23,7 @@ class Tracker:
         if mode not in WANDB_MODES:
             raise ConfigError(f"WANDB_MODE={mode!r}: expected one of {', '.join(WANDB_MODES)}")
         if enabled and mode != "disabled":
-            import wandb
+            import wandb  # heavy, absent on the lent GPU machine: only when tracking is on
 
             id_file = run_dir / "wandb-id"  # a resumed run continues the same wandb run
             run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
