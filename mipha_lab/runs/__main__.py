@@ -1,4 +1,5 @@
 """`python -m mipha_lab.runs status RUNS_ROOT [--sweep NAME] [--json]`: one row per run folder (status.py)."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,8 +12,9 @@ from mipha_lab.runs.status import print_status, run_folders, status_rows
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mipha_lab.runs", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m mipha_lab.runs", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     status = commands.add_parser("status", help="one row per run: state, stage, step, loss, time, scores")
     status.add_argument("root", help="the runs folder (runs_root of the experiments)")

@@ -1,4 +1,5 @@
 """The self-describing run folder every run leaves (layout in the README; later tools rely on the names)."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -21,8 +22,21 @@ from mipha_lab.errors import StorageError
 
 log = logging.getLogger(__name__)
 
-PACKAGES = ("mipha-lab", "torch", "torchvision", "transformers", "tokenizers", "timm", "open-clip-torch", "peft",
-            "deepspeed", "submitit", "wandb", "safetensors", "pydantic")
+PACKAGES = (
+    "mipha-lab",
+    "torch",
+    "torchvision",
+    "transformers",
+    "tokenizers",
+    "timm",
+    "open-clip-torch",
+    "peft",
+    "deepspeed",
+    "submitit",
+    "wandb",
+    "safetensors",
+    "pydantic",
+)
 
 
 def _now() -> str:
@@ -62,7 +76,7 @@ def checkpoint_dir(run_path: Path) -> Path:
 
 def latest_checkpoint(run_path: Path) -> Path | None:
     """The newest complete checkpoint (partial folders never count)."""
-    found = sorted(checkpoint_dir(run_path).glob(f"{PREFIX}*"), key=lambda p: int(p.name[len(PREFIX):]))
+    found = sorted(checkpoint_dir(run_path).glob(f"{PREFIX}*"), key=lambda p: int(p.name[len(PREFIX) :]))
     return found[-1] if found else None
 
 
@@ -73,7 +87,7 @@ class RunFolder:
         self.path = Path(path)
 
     @classmethod
-    def for_experiment(cls, experiment: Experiment) -> "RunFolder":
+    def for_experiment(cls, experiment: Experiment) -> RunFolder:
         return cls(Path(experiment.runs_root) / (experiment.run_name or "run"))
 
     def _write(self, name: str, text: str) -> Path:
@@ -85,8 +99,10 @@ class RunFolder:
             temporary.replace(target)  # never a half-written file under the real name
         except OSError as err:
             temporary.unlink(missing_ok=True)
-            raise StorageError(f"{target}: could not be written ({err.strerror or err}); the previous version is "
-                               "kept - free space, then launch again") from None
+            raise StorageError(
+                f"{target}: could not be written ({err.strerror or err}); the previous version is "
+                "kept - free space, then launch again"
+            ) from None
         return target
 
     def write_json(self, name: str, data: Any) -> Path:
@@ -102,16 +118,19 @@ class RunFolder:
             except metadata.PackageNotFoundError:
                 versions[package] = None
         dirty = _git("status", "--porcelain")
-        self.write_json("manifest.json", {
-            "created": _now(),
-            "git": {"commit": _git("rev-parse", "HEAD"), "dirty": bool(dirty) if dirty is not None else None},
-            "versions": versions,
-            "hardware": hardware(),
-            "world_size": world_size,
-            "seed": experiment.seed,
-            "command": [sys.executable, *sys.argv],
-            "data_files": [file_digest(p) for p in data_files if p.is_file()],
-        })
+        self.write_json(
+            "manifest.json",
+            {
+                "created": _now(),
+                "git": {"commit": _git("rev-parse", "HEAD"), "dirty": bool(dirty) if dirty is not None else None},
+                "versions": versions,
+                "hardware": hardware(),
+                "world_size": world_size,
+                "seed": experiment.seed,
+                "command": [sys.executable, *sys.argv],
+                "data_files": [file_digest(p) for p in data_files if p.is_file()],
+            },
+        )
 
     def write_config(self, experiment: Experiment) -> None:
         self._write("config.yaml", dump_experiment(experiment))
@@ -138,9 +157,11 @@ class RunFolder:
             with path.open("a") as handle:
                 handle.write(json.dumps(row) + "\n")
         except OSError as err:
-            raise StorageError(f"{path}: writing step {row.get('step')}'s metrics failed: {err.strerror or err}; "
-                               "free space, then launch the same command again to resume from the last "
-                               "checkpoint") from None
+            raise StorageError(
+                f"{path}: writing step {row.get('step')}'s metrics failed: {err.strerror or err}; "
+                "free space, then launch the same command again to resume from the last "
+                "checkpoint"
+            ) from None
 
     def truncate_metrics(self, last_step: int) -> None:
         """Drop rows after `last_step` (a resumed run trains those steps again; no duplicates)."""

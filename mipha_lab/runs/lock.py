@@ -4,6 +4,7 @@ The operating system drops the lock when the holding process dies (kill -9 inclu
 file left by a dead process is stale: the next launch takes it over and says so. A live holder makes
 a second launch fail with its host, pid and start time.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -50,9 +51,9 @@ class RunLock:
             fcntl.flock(handle, fcntl.LOCK_UN)
         return False
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+")
+        handle = open(self.path, "a+")  # noqa: SIM115 - the lock lives as long as this handle (release closes it)
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -64,12 +65,24 @@ class RunLock:
             ) from None
         previous = self.holder()
         if previous:
-            log.warning("taking over a stale lock of %s (host %s, pid %s, since %s): that process is gone",
-                        self.path.parent, previous.get("host"), previous.get("pid"), previous.get("since"))
+            log.warning(
+                "taking over a stale lock of %s (host %s, pid %s, since %s): that process is gone",
+                self.path.parent,
+                previous.get("host"),
+                previous.get("pid"),
+                previous.get("since"),
+            )
         handle.seek(0)
         handle.truncate()
-        handle.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                                 "since": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}))
+        handle.write(
+            json.dumps(
+                {
+                    "host": socket.gethostname(),
+                    "pid": os.getpid(),
+                    "since": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                }
+            )
+        )
         handle.flush()
         self.handle = handle
         return self
@@ -82,7 +95,7 @@ class RunLock:
             self.handle.close()
             self.handle = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         return self.acquire()
 
     def __exit__(self, *exc: Any) -> None:

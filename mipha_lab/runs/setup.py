@@ -1,6 +1,7 @@
 """Before a run trains in a folder: every input it needs is there (preflight), and the folder is new or
 holds this very run - the same configuration on the same data (prepare_run, on the main rank under the
 lock). A resume after a non-finite stop may change the optimizer's hyperparameters."""
+
 from __future__ import annotations
 
 import os
@@ -55,13 +56,19 @@ def preflight(experiment: Experiment) -> None:
             wanted.append(("tokenizer", llm.tokenizer))
         for what, repo in wanted:
             if repo and not hub_available(repo):
-                missing.append(f"{what} '{repo}': not in the Hugging Face cache and HF_HUB_OFFLINE is set "
-                               f"(get them with `huggingface-cli download {repo}`, or point the card at a local folder)")
+                missing.append(
+                    f"{what} '{repo}': not in the Hugging Face cache and HF_HUB_OFFLINE is set "
+                    f"(get them with `huggingface-cli download {repo}`, or point the card at a local folder)"
+                )
     if missing:
-        raise ConfigError(f"{experiment.source or experiment.run_name}: cannot start, missing:\n  - " + "\n  - ".join(missing))
+        raise ConfigError(
+            f"{experiment.source or experiment.run_name}: cannot start, missing:\n  - " + "\n  - ".join(missing)
+        )
 
 
-def prepare_run(run: RunFolder, experiment: Experiment, world_size: int, allow_changed_data: bool = False) -> str | None:
+def prepare_run(
+    run: RunFolder, experiment: Experiment, world_size: int, allow_changed_data: bool = False
+) -> str | None:
     """On the main rank, holding the lock: a new folder is created; one holding this run resumes.
     Returns the state found ('done', 'failed', ...) or None for a new run."""
     state = (run.read_status() or {}).get("state")
@@ -75,7 +82,9 @@ def prepare_run(run: RunFolder, experiment: Experiment, world_size: int, allow_c
         run.create(experiment, data_files(experiment), world_size)
         run.status("running", stage=experiment.stages[0].name, step=0, total_steps=None)
         return None
-    check_same_configuration(run, experiment, after_nonfinite=state == "failed" and (run.path / "nonfinite.json").is_file())
+    check_same_configuration(
+        run, experiment, after_nonfinite=state == "failed" and (run.path / "nonfinite.json").is_file()
+    )
     if state != "done":
         check_same_data(run, experiment, allow_changed_data)
     return state
@@ -105,15 +114,20 @@ def check_same_data(run: RunFolder, experiment: Experiment, allow_changed_data: 
     the user says otherwise."""
     recorded = (run.read_json("manifest.json") or {}).get("data_files", [])
     current = [file_digest(p) if p.is_file() else {"path": str(p), "sha256": None} for p in data_files(experiment)]
-    changed = [f"{now['path']} (was {was['path']})" if was["path"] != now["path"] else now["path"]
-               for was, now in zip(recorded, current) if was["sha256"] != now["sha256"]]
+    changed = [
+        f"{now['path']} (was {was['path']})" if was["path"] != now["path"] else now["path"]
+        for was, now in zip(recorded, current, strict=False)
+        if was["sha256"] != now["sha256"]
+    ]
     if len(recorded) != len(current):
         changed.append(f"the list of annotation files ({len(recorded)} recorded, {len(current)} now)")
     if not changed:
         return
     if not allow_changed_data:
-        raise ConfigError(f"run folder {run.path}: the training data changed since the run started (sha256 in "
-                          f"manifest.json): {'; '.join(changed)}. Resuming would train on other data than the steps "
-                          "so far; restore the files, or launch with --allow-changed-data to resume anyway")
+        raise ConfigError(
+            f"run folder {run.path}: the training data changed since the run started (sha256 in "
+            f"manifest.json): {'; '.join(changed)}. Resuming would train on other data than the steps "
+            "so far; restore the files, or launch with --allow-changed-data to resume anyway"
+        )
     print(f"resuming on changed data (--allow-changed-data): {'; '.join(changed)}", file=sys.stderr)
     run.record_data(data_files(experiment))

@@ -5,17 +5,16 @@ from `job.json`, and the job's state from Slurm itself (`sacct`/`squeue`) when i
 run that has not started yet is pending, one whose job died without a word is failed. A failed run
 shows the last lines of its error.
 """
+
 from __future__ import annotations
 
 import datetime as dt
-import json
 import pickle
-import sys
 from pathlib import Path
 from typing import Any
 
 from mipha_lab.cluster.slurm_state import RUN_STATE, job_states
-from mipha_lab.errors import MiphaLabError, exit_status
+from mipha_lab.errors import MiphaLabError
 from mipha_lab.eval.benchmarks import headline_scores
 from mipha_lab.runs.folder import RunFolder
 from mipha_lab.runs.lock import RunLock
@@ -45,7 +44,7 @@ def job_outcome(job: dict[str, Any] | None) -> tuple[str | None, str]:
         return None, ""
     try:
         outcome, value = pickle.loads(result.read_bytes())
-    except Exception:  # noqa: BLE001 - a half-written or foreign file says nothing
+    except Exception:
         return None, ""
     return outcome, str(value)
 
@@ -83,13 +82,19 @@ def run_row(path: Path, slurm: dict[str, str], root: Path | None = None) -> dict
     gpus = len((manifest.get("hardware") or {}).get("gpus") or [])
     step_seconds = sum(sum(row.get("time", {}).values()) for row in metrics)
     return {
-        "run": str(path.relative_to(root)) if root and path.is_relative_to(root) else path.name, "path": str(path),
+        "run": str(path.relative_to(root)) if root and path.is_relative_to(root) else path.name,
+        "path": str(path),
         "state": state,
-        "slurm_state": slurm_state, "job_id": job["job_id"] if job else None,
-        "stage": status.get("stage") or last.get("stage"), "step": status.get("step") or last.get("step"),
-        "total_steps": total, "loss": last.get("loss"), "elapsed_s": elapsed,
+        "slurm_state": slurm_state,
+        "job_id": job["job_id"] if job else None,
+        "stage": status.get("stage") or last.get("stage"),
+        "step": status.get("step") or last.get("step"),
+        "total_steps": total,
+        "loss": last.get("loss"),
+        "elapsed_s": elapsed,
         "gpu_hours": step_seconds * manifest.get("world_size", 1) / 3600 if gpus else 0.0,
-        "scores": headline_scores(path / "eval"), "error": _error_tail(status, job, traceback) if state == "failed" else [],
+        "scores": headline_scores(path / "eval"),
+        "error": _error_tail(status, job, traceback) if state == "failed" else [],
     }
 
 
@@ -106,13 +111,18 @@ def _cell(value: Any, digits: int = 4) -> str:
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
-    lines = ["| run | state | stage | step | loss | elapsed | GPU-h | scores |", "|---|---|---|---:|---:|---:|---:|---|"]
+    lines = [
+        "| run | state | stage | step | loss | elapsed | GPU-h | scores |",
+        "|---|---|---|---:|---:|---:|---:|---|",
+    ]
     for row in rows:
         step = f"{_cell(row['step'])}/{_cell(row['total_steps'])}" if row["total_steps"] else _cell(row["step"])
         elapsed = f"{row['elapsed_s'] / 60:.1f} min" if row["elapsed_s"] is not None else "-"
         scores = ", ".join(f"{k} {v:g}" for k, v in row["scores"].items()) or "-"
-        lines.append(f"| {row['run']} | {row['state']} | {_cell(row['stage'])} | {step} | {_cell(row['loss'])} | {elapsed} "
-                     f"| {row['gpu_hours']:.2f} | {scores} |")
+        lines.append(
+            f"| {row['run']} | {row['state']} | {_cell(row['stage'])} | {step} | {_cell(row['loss'])} | {elapsed} "
+            f"| {row['gpu_hours']:.2f} | {scores} |"
+        )
     for row in rows:
         if row["error"]:
             lines += ["", f"{row['path']} failed:"] + [f"    {line}" for line in row["error"]]
@@ -132,5 +142,7 @@ def print_status(paths: list[Path], root: Path | None = None) -> list[dict[str, 
 def follow_hint(root: Path, cells: list[Any]) -> str:
     sweeps = sorted({c.run_name.split("/")[0] for c in cells if "/" in c.run_name})
     option = f" --sweep {sweeps[0]}" if len(sweeps) == 1 else ""
-    return (f"follow: python -m mipha_lab.runs status {root}{option}\n"
-            f"        squeue --me  |  tail -f {root}/.jobs/<job id>/<job id>_0_log.err")
+    return (
+        f"follow: python -m mipha_lab.runs status {root}{option}\n"
+        f"        squeue --me  |  tail -f {root}/.jobs/<job id>/<job id>_0_log.err"
+    )
