@@ -16,10 +16,7 @@ from pathlib import Path
 import submitit
 
 from mipha_lab.config import Experiment, load_experiment
-from mipha_lab.eval.runner import evaluate_run
-from mipha_lab.pipeline import train_and_evaluate
 from mipha_lab.registry.user_modules import import_modules
-from mipha_lab.runs.folder import RunFolder
 from mipha_lab.train import preemption
 
 
@@ -47,6 +44,9 @@ class TrainJob(submitit.helpers.Checkpointable):
 
     def __call__(self) -> str:
         _enter_job(self.environment)
+        # after the job's environment is set (a local executor runs no script): transformers reads HF_HOME on import
+        from mipha_lab.pipeline import train_and_evaluate
+
         import_modules(self.experiment.imports, "experiment key 'imports'")  # the experiment arrived pickled
         try:
             return str(train_and_evaluate(self.experiment, evaluate=self.evaluate).path)
@@ -63,6 +63,10 @@ class EvaluateRunJob(submitit.helpers.Checkpointable):
 
     def __call__(self) -> str:
         _enter_job(self.environment)
+        # after the job's environment is set (a local executor runs no script): transformers reads HF_HOME on import
+        from mipha_lab.eval.runner import evaluate_run
+        from mipha_lab.runs.folder import RunFolder
+
         experiment = load_experiment(Path(self.run_path) / "config.yaml")
         evaluate_run(experiment, RunFolder(self.run_path))
         return self.run_path

@@ -4,6 +4,7 @@ resource shape into job arrays; each run folder records its job in `job.json`.""
 from __future__ import annotations
 
 import datetime as dt
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -55,8 +56,11 @@ def executor_for(
             "constraint": profile.constraint,
             "exclusive": profile.exclusive or None,
         }
+        # the job's variables (caches: HF_HOME...) in its script, before Python starts: unpickling a job
+        # imports its modules, and transformers / huggingface_hub read HF_HOME when first imported
+        exports = [f"export {key}={shlex.quote(value)}" for key, value in profile.job_environment().items()]
         executor.update_parameters(
-            slurm_setup=profile.setup,
+            slurm_setup=[*profile.setup, *exports],
             slurm_signal_delay_s=profile.signal_delay_s,
             slurm_additional_parameters={
                 "requeue": True,

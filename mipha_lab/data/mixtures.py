@@ -11,9 +11,9 @@ import logging
 import random
 from pathlib import Path
 
+from mipha_lab.data import synthetic
 from mipha_lab.data.llava import Record, read_records
 from mipha_lab.data.problems import BadSamplePolicy, Skipped
-from mipha_lab.data.synthetic import generate, is_complete
 from mipha_lab.errors import ConfigError
 from mipha_lab.registry import Registry
 from mipha_lab.registry.cards import FirstN, MixtureCard, RandomN, SourceSpec, Weight
@@ -51,7 +51,7 @@ def ensure_generated(card: MixtureCard, data_root: Path) -> None:
         return
 
     def missing() -> bool:
-        return not is_complete(data_root / "shapes")
+        return not synthetic.is_complete(data_root / "shapes")
 
     if missing():
         # the jobs of a sweep may start together on a fresh data root: one generates, the others wait
@@ -60,7 +60,7 @@ def ensure_generated(card: MixtureCard, data_root: Path) -> None:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if missing():
                 log.info("generating the synthetic shapes data into %s", data_root / "shapes")
-                generate(data_root / "shapes")
+                synthetic.generate(data_root / "shapes")
 
 
 def load_mixture(
