@@ -101,6 +101,7 @@ from mipha_lab.train.stage import (
     sample_sizes,
     transformers_checkpointing,
 )
+from mipha_lab.train.step import batch_forward as forward
 from mipha_lab.train.step import global_counts, train_step
 
 RECIPE = REPO / "experiments" / "siglip_phi2_fullft.yaml"
@@ -259,20 +260,6 @@ def collated(
     """Micro-batches on the device before the clock starts (data loading is not what is measured)."""
     collate = collate_packed if batching == "packed" else collate_padded
     return [(on(device, batch), sample_sizes(batch)) for batch in (collate([items[i] for i in row]) for row in rows)]
-
-
-def forward(model: MultimodalModel, batch: dict[str, Any]):
-    """The trainer's call (stage.py), so the benchmark pays for the same checks and splicing."""
-    return model(
-        batch["input_ids"],
-        batch["attention_mask"],
-        batch["pixel_values"],
-        batch["labels"],
-        image_counts=batch["image_counts"],
-        sample_ids=batch["ids"],
-        segment_ids=batch["segment_ids"],
-        return_logits=False,
-    )
 
 
 def guarded(measure: Callable[[], dict[str, Any]], device: torch.device) -> dict[str, Any]:

@@ -75,6 +75,20 @@ def global_counts(
     return GlobalCounts(*dist.all_sum(local))
 
 
+def batch_forward(model: Any, batch: dict[str, Any]) -> Any:
+    """The model's training call on a collated batch (the loss only, no logits)."""
+    return model(
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["pixel_values"],
+        batch["labels"],
+        image_counts=batch["image_counts"],
+        sample_ids=batch["ids"],
+        segment_ids=batch["segment_ids"],
+        return_logits=False,
+    )
+
+
 def train_step(engine: Engine, micro: list[dict[str, Any]], counts: GlobalCounts, dist: Distributed) -> StepFigures:
     """Forward and backward of each micro-batch (on the device, under the engine's precision), then the
     engine's step (clipping, optimizer, schedule). Raises NonFiniteLoss before the update."""
@@ -82,16 +96,7 @@ def train_step(engine: Engine, micro: list[dict[str, Any]], counts: GlobalCounts
     loss_sum, loss = 0.0, math.nan
     for index, batch in enumerate(micro):
         with engine.autocast():
-            out = engine.model(
-                batch["input_ids"],
-                batch["attention_mask"],
-                batch["pixel_values"],
-                batch["labels"],
-                image_counts=batch["image_counts"],
-                sample_ids=batch["ids"],
-                segment_ids=batch["segment_ids"],
-                return_logits=False,
-            )
+            out = batch_forward(engine.model, batch)
         engine.backward(out.loss_sum * dist.world_size / max(counts.targets, 1.0))
         loss_sum += float(out.loss_sum.detach())
         if index == len(micro) - 1:
