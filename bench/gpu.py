@@ -4,16 +4,22 @@ one run of a few minutes, with no network: the figures a few minutes on a borrow
 Measured in one process, so every ratio compares like with like:
 - the card's bf16 matmul peak (8192^3 products timed with CUDA events), next to its datasheet peak;
 - training steps of the recipe `experiments/siglip_phi2_fullft.yaml`: stage 2 (everything trains) and
-  stage 1 (the projector only: quirk 1 off), each padded and packed, with the micro batch, gradient
-  accumulation (its global batch over 8 GPUs) and activation checkpointing the recipe gives the stage,
-  and packed once more without the recipe's LM recomputation (memory allowing, the faster choice).
-  Samples are synthetic: one image (729 tokens) and about 400 text tokens in stage 2 (the sample the
-  45% MFU target is stated for), the pretraining card's caption length in stage 1, the supervised
-  share of each stage's mixture card. About 15 optimizer steps after 2 of warm-up, at most 60 s per
-  configuration; an out-of-memory configuration is recorded and the run goes on. Reported: samples/s,
-  tokens/s, MFU (analytic FLOPs of train/flops.py, recomputation not counted) against the measured and
-  the datasheet peak, peak memory, the loss; and, on the same samples before training, the loss of a
-  packed row and of those samples padded (equal up to rounding);
+  stage 1 (the projector only: quirk 1 off), with the micro batch, gradient accumulation (its global batch
+  over 8 GPUs) and LM recomputation the recipe gives the stage, padded and packed, plain AdamW and loss:
+  the unoptimised path. Then, over packed rows, the levers of a stage's `speed` and
+  `activation_checkpointing` (train/speed.py): in stage 2 each alone (no recomputation, attention-only
+  recomputation, fused AdamW, the fused loss - Liger where it imports, else chunked -, regional
+  compilation) and all together (recomputation `auto` for the card's memory), also at twice the micro
+  batch; in stage 1 no recomputation, and all together. Every configuration starts from the same weights
+  on the same samples, so the first step's loss of each packed one must equal the recipe's (bf16
+  rounding). Samples are synthetic: one image (729 tokens) and about 400 text tokens in stage 2 (the
+  sample the 45% MFU target is stated for), the pretraining card's caption length in stage 1, the
+  supervised share of each stage's mixture card. About 8 optimizer steps after 2 of warm-up, at most
+  30 s per configuration; an out-of-memory configuration is recorded and the run goes on. Reported:
+  samples/s, tokens/s, MFU (analytic FLOPs of train/flops.py, recomputation not counted) against the
+  datasheet peak first, then the measured matmul peak, peak memory, the first step's loss and its
+  relative difference from the recipe's; and, on the same samples before training, the loss of a packed
+  row and of those samples padded (equal up to rounding);
 - greedy generation of 32 new tokens for 16 prompts with an image: batched vs one at a time, the
   speedup and whether the greedy tokens agree.
 
@@ -38,16 +44,16 @@ numpy, tqdm), not deepspeed, wandb, submitit, timm, open_clip or an installed pr
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
         -d .whl pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
-        typing-extensions==4.16.0
+        typing-extensions==4.16.0 liger-kernel
 
-then one device run with carry [".whl"] and timeout_s 480 (its caps bound it at about 6.5 minutes; on an H200 it
-took 168-193 s, bench/results/gpu-nvidia-h200-run*.json):
+then one device run with carry [".whl"] and timeout_s 540 (its caps bound it at about 9 minutes; about 5 are
+expected: the earlier six configurations took 168-193 s on an H200, bench/results/gpu-nvidia-h200-run*.json):
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .whl/*.whl && export PYTHONPATH=/tmp/site || exit; set -o pipefail;
     python3 bench/gpu.py --out $OUT 2>&1 | tee $OUT/gpu.log
 
-and copy gpu-<card>.json from what comes back into bench/results/.
+and copy gpu-<card>-<date>.json (and gpu.log) from what comes back into bench/results/.
 
     python bench/gpu.py [--cpu-smoke] [--out DIR]
 """
@@ -56,6 +62,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import math
 import os
 import random
@@ -87,22 +94,19 @@ from mipha_lab.data.batching import (
 )
 from mipha_lab.data.mixtures import MIXTURES
 from mipha_lab.distributed import Distributed
+from mipha_lab.errors import MiphaLabError
 from mipha_lab.model import (
     MultimodalModel,
     build_model,
 )
 from mipha_lab.registry.cards import SourceStats
 from mipha_lab.train.engine import make_engine
-from mipha_lab.train.flops import batch_flops, peak_flops
+from mipha_lab.train.flops import FlopModel, peak_flops
 from mipha_lab.train.policy import apply_policy
-from mipha_lab.train.stage import (
-    enable_checkpointing,
-    peak_memory_mb,
-    sample_sizes,
-    transformers_checkpointing,
-)
+from mipha_lab.train.speed import apply_speed
+from mipha_lab.train.stage import peak_memory_mb, sample_sizes
 from mipha_lab.train.step import batch_forward as forward
-from mipha_lab.train.step import global_counts, train_step
+from mipha_lab.train.step import global_counts, on_device, train_step
 
 RECIPE = REPO / "experiments" / "siglip_phi2_fullft.yaml"
 RECIPE_GPUS = 8  # the recipe's global batches are for 8 GPUs (its header): accumulation per GPU follows
@@ -134,9 +138,9 @@ REAL = Settings(
     tiny=False,
     stage2_text_tokens=400,
     warmup_steps=2,
-    steps=15,
-    cap_s=60.0,
-    generation_cap_s=30.0,
+    steps=8,
+    cap_s=30.0,
+    generation_cap_s=15.0,
     matmul_side=8192,
     matmul_repeats=20,
     prompts=16,
@@ -247,10 +251,6 @@ def mixture_stats(stage: StageConfig) -> SourceStats:
     return stats
 
 
-def on(device: torch.device, batch: dict[str, Any]) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
 Sizes = list[tuple[int, int, int]]  # (text tokens, images, supervised tokens) of each sample, for FLOPs
 
 
@@ -259,7 +259,9 @@ def collated(
 ) -> list[tuple[dict[str, Any], Sizes]]:
     """Micro-batches on the device before the clock starts (data loading is not what is measured)."""
     collate = collate_packed if batching == "packed" else collate_padded
-    return [(on(device, batch), sample_sizes(batch)) for batch in (collate([items[i] for i in row]) for row in rows)]
+    return [
+        (on_device(batch, device), sample_sizes(batch)) for batch in (collate([items[i] for i in row]) for row in rows)
+    ]
 
 
 def guarded(measure: Callable[[], dict[str, Any]], device: torch.device) -> dict[str, Any]:
@@ -268,7 +270,7 @@ def guarded(measure: Callable[[], dict[str, Any]], device: torch.device) -> dict
         return measure()
     except torch.cuda.OutOfMemoryError as err:
         message = f"out of memory: {str(err).splitlines()[0]}"
-    except (RuntimeError, NotImplementedError) as err:
+    except (RuntimeError, NotImplementedError, ImportError, MiphaLabError) as err:
         message = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
     gc.collect()
     if device.type == "cuda":
@@ -281,7 +283,7 @@ def guarded(measure: Callable[[], dict[str, Any]], device: torch.device) -> dict
 def packing_loss(model: MultimodalModel, items: list[dict[str, Any]], device: torch.device) -> dict[str, Any]:
     """One packed row and the same samples padded, before any step: packing must not change the loss."""
     losses = {
-        name: float(forward(model, on(device, collate(items))).loss)
+        name: float(forward(model, on_device(collate(items), device)).loss)
         for name, collate in (("padded", collate_padded), ("packed", collate_packed))
     }
     return {**losses, "samples": len(items), "abs_difference": abs(losses["packed"] - losses["padded"])}
@@ -297,6 +299,7 @@ def train(
     settings: Settings,
     peaks: dict[str, float | None],
     device: torch.device,
+    flop_model: FlopModel,
 ) -> dict[str, Any]:
     """Optimizer steps of `accumulation` micro-batches each through the trainer's own step function
     (train/step.py: the engine's precision, the global-token loss, clipping, AdamW) until the steps are done
@@ -336,7 +339,7 @@ def train(
     seconds = end - timed_from
     first = settings.warmup_steps * accumulation
     timed = [size for _, sizes in micro[first : first + done * accumulation] for size in sizes]
-    flops = batch_flops(model, timed, stage.activation_checkpointing.model_dump())
+    flops = flop_model.batch(timed)
     tokens = sum(text + images * model.num_image_tokens for text, images, _ in timed)
     achieved = flops.useful / seconds
     return {
@@ -348,9 +351,49 @@ def train(
         "tflops_per_s": achieved / 1e12,
         "useful_tflop_per_sample": flops.useful / len(timed) / 1e12,
         "recompute_share": flops.recompute / (flops.useful + flops.recompute),
-        "mfu_measured_peak": achieved / (peaks["measured"] * 1e12),
         "mfu_datasheet_peak": achieved / (peaks["datasheet"] * 1e12) if peaks["datasheet"] else None,
+        "mfu_measured_peak": achieved / (peaks["measured"] * 1e12),
     }
+
+
+def with_speed(stage: StageConfig, recompute: Any = None, micro_batch: int | None = None, **speed: Any) -> StageConfig:
+    """The stage with levers changed: the LM's recomputation, the micro batch, `speed` fields."""
+    checkpointing = stage.activation_checkpointing
+    if recompute is not None:
+        checkpointing = checkpointing.model_copy(update={"lm": recompute})
+    return StageConfig.model_validate(
+        {
+            **stage.model_dump(),
+            "activation_checkpointing": checkpointing.model_dump(),
+            "speed": {**stage.speed.model_dump(), **speed},
+            "micro_batch": micro_batch or stage.micro_batch,
+        }
+    )
+
+
+def variants(key: str, stage: StageConfig, fused_loss: str) -> list[tuple[str, str, StageConfig]]:
+    """(name, batching, settings) of a stage's configurations: the recipe as it runs (padded and packed,
+    its LM recomputation, the plain AdamW and loss), then over packed rows each lever alone, then all of
+    them together (recomputation `auto`: the least that fits the card)."""
+    recipe = with_speed(stage, fused_optimizer=False)
+    best = {"fused_optimizer": True, "fused_loss": fused_loss, "compile": {"lm": True, "vision": True}}
+    out = [("padded", "padded", recipe), ("packed", "packed", recipe)]
+    if key == "stage2":
+        out += [
+            ("packed-no-recompute", "packed", with_speed(recipe, False)),
+            ("packed-recompute-attention", "packed", with_speed(recipe, "attention")),
+            ("packed-fused-adamw", "packed", with_speed(recipe, False, fused_optimizer=True)),
+            ("packed-fused-loss", "packed", with_speed(recipe, False, fused_loss=fused_loss)),
+            ("packed-compiled", "packed", with_speed(recipe, False, compile={"lm": True, "vision": True})),
+            ("packed-all", "packed", with_speed(recipe, "auto", **best)),
+            ("packed-all-mb8", "packed", with_speed(recipe, "auto", 2 * stage.micro_batch, **best)),
+        ]
+    else:
+        out += [
+            ("packed-no-recompute", "packed", with_speed(recipe, False)),
+            ("packed-all", "packed", with_speed(recipe, "auto", **best)),
+        ]
+    return out
 
 
 def measure_stage(
@@ -363,65 +406,76 @@ def measure_stage(
     peaks: dict[str, float | None],
     device: torch.device,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    """Both batchings of one stage on the same samples: the timed steps of each, and the loss check."""
+    """A stage's configurations on the same samples, each from the same weights (so that the first step's
+    loss of every packed configuration must equal the recipe's packed one), and the packing loss check."""
     param_groups, _ = apply_policy(model, stage)
-    enable_checkpointing(model, stage)
+    trained = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
     stats = mixture_stats(stage)
     share = stats.supervised_tokens / stats.text_tokens
-    accumulation = max(1, stage.global_batch // (stage.micro_batch * RECIPE_GPUS))
-    micro_batches = (settings.warmup_steps + settings.steps) * accumulation
     side = model.vision_tower.image_size
     images = torch.randn(8, 3, side, side, generator=torch.Generator().manual_seed(1)).to(device)
     vocab = model.lm.vocab_size
+    fused_loss = "liger" if device.type == "cuda" and importlib.util.find_spec("liger_kernel") else "chunked"
+    configurations = variants(key, stage, fused_loss)
+    accumulation = max(1, stage.global_batch // (stage.micro_batch * RECIPE_GPUS))
+    micro_batches = (settings.warmup_steps + settings.steps) * accumulation
     items = make_samples(2 * micro_batches * stage.micro_batch, text_mean, share, vocab, images, seed=2)
     lengths = [len(item["input_ids"]) - 1 + model.num_image_tokens for item in items]
-    budget = stage.micro_batch * max(lengths)
-    plans = {
-        "padded": plan_padded(len(items), stage.micro_batch, seed=3, epoch=0),
-        "packed": plan_packed(lengths, budget, seed=3, epoch=0),
-    }
-    check = guarded(lambda: packing_loss(model, [items[i] for i in plans["packed"][0]], device), device)
-    note(f"{key}: packed vs padded loss on the same {len(plans['packed'][0])} samples: {check}")
-    results = {}
-    variants = [(batching, batching, plan, stage) for batching, plan in plans.items()]
-    if stage.activation_checkpointing.lm:  # the recipe recomputes the LM: packed rows without it too
-        no_recompute = stage.activation_checkpointing.model_copy(update={"lm": False})
-        variants.append(
-            (
-                "packed-no-recompute",
-                "packed",
-                plans["packed"],
-                stage.model_copy(update={"activation_checkpointing": no_recompute}),
-            )
+    apply_speed(model, with_speed(stage, False), experiment, device, 1)
+    check = guarded(
+        lambda: packing_loss(
+            model, [items[i] for i in plan_packed(lengths, stage.micro_batch * max(lengths), 3, 0)[0]], device
+        ),
+        device,
+    )
+    note(f"{key}: packed vs padded loss on the same samples: {check}")
+    results: dict[str, dict[str, Any]] = {}
+    for name, batching, setting in configurations:
+        per_step = setting.micro_batch * RECIPE_GPUS
+        steps_accumulation = max(1, stage.global_batch // per_step)
+        budget = setting.micro_batch * max(lengths)
+        plan = (
+            plan_packed(lengths, budget, seed=3, epoch=0)
+            if batching == "packed"
+            else plan_padded(len(items), setting.micro_batch, seed=3, epoch=0)
         )
-    for name, batching, plan, setting in variants:
-        if not setting.activation_checkpointing.lm:
-            transformers_checkpointing(model.language_model, enabled=False)
-        chosen = list(islice(cycle(plan), micro_batches))
+        count = (settings.warmup_steps + settings.steps) * steps_accumulation
+        chosen = list(islice(cycle(plan), count))
+        with torch.no_grad():
+            for param_name, param in model.named_parameters():
+                if param_name in trained:
+                    param.copy_(trained[param_name])
+        recompute = guarded(lambda setting=setting: apply_speed(model, setting, experiment, device, 1), device)
+        if isinstance(recompute, dict):  # the lever could not be set up here
+            results[f"{key}-{name}"] = {"stage": stage.name, **recompute}
+            continue
+        flop_model = FlopModel(model, {"vision": setting.activation_checkpointing.vision, "lm": recompute})
         note(
-            f"{key}-{name}: {micro_batches} micro-batches of {sum(map(len, chosen)) / len(chosen):.1f} samples, "
-            f"accumulation {accumulation}, checkpointing {setting.activation_checkpointing.model_dump()}"
+            f"{key}-{name}: {count} micro-batches of {sum(map(len, chosen)) / len(chosen):.1f} samples, "
+            f"accumulation {steps_accumulation}, LM recomputation {recompute}, speed {setting.speed.model_dump()}"
         )
         figures = guarded(
-            lambda setting=setting, chosen=chosen, batching=batching: train(
+            lambda setting=setting, chosen=chosen, batching=batching, acc=steps_accumulation, fm=flop_model: train(
                 model,
                 experiment,
                 setting,
                 param_groups,
                 collated(items, chosen, batching, device),
-                accumulation,
+                acc,
                 settings,
                 peaks,
                 device,
+                fm,
             ),
             device,
         )
         results[f"{key}-{name}"] = {
             "stage": stage.name,
             "batching": batching,
-            "micro_batch": stage.micro_batch,
-            "accumulation": accumulation,
-            "activation_checkpointing": setting.activation_checkpointing.model_dump(),
+            "micro_batch": setting.micro_batch,
+            "accumulation": steps_accumulation,
+            "lm_recompute": recompute,
+            "speed": setting.speed.model_dump(),
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "samples_per_micro_batch": sum(map(len, chosen)) / len(chosen),
             "real_token_fraction": real_token_fraction(chosen, lengths, budget if batching == "packed" else None),
@@ -429,6 +483,11 @@ def measure_stage(
             **figures,
         }
         note(f"{key}-{name}: {row_text(results[f'{key}-{name}'])}")
+    baseline = results.get(f"{key}-packed", {}).get("loss_first")
+    for result in results.values():  # the same first global batch from the same weights: the same loss
+        same_batches = result.get("batching") == "packed" and result.get("micro_batch") == stage.micro_batch
+        if same_batches and baseline and "loss_first" in result:
+            result["loss_first_vs_recipe"] = abs(result["loss_first"] - baseline) / abs(baseline)
     return results, check
 
 
@@ -452,7 +511,7 @@ def measure_generation(model: MultimodalModel, settings: Settings, device: torch
     eos = model.language_model.config.eos_token_id
 
     def generate(chosen: list[dict[str, Any]], new_tokens: int) -> torch.Tensor:
-        batch = on(device, collate_padded(chosen))
+        batch = on_device(collate_padded(chosen), device)
         return model.generate(
             batch["input_ids"],
             batch["attention_mask"],
@@ -494,9 +553,10 @@ def row_text(r: dict[str, Any]) -> str:
     if "samples_per_s" not in r:
         return f"{r.get('error')}"
     sheet = f"{r['mfu_datasheet_peak']:.1%}" if r["mfu_datasheet_peak"] is not None else "-"
+    same = f"{r['loss_first_vs_recipe']:.1e}" if "loss_first_vs_recipe" in r else "-"
     return (
-        f"{r['samples_per_s']:9.2f} {r['tokens_per_s']:10.0f} {r['mfu_measured_peak']:9.1%} {sheet:>10} "
-        f"{r['peak_memory_gib']:8.1f} {r['steps']:5d} {r['loss_last']:7.3f}"
+        f"{r['samples_per_s']:9.2f} {r['tokens_per_s']:10.0f} {sheet:>10} {r['mfu_measured_peak']:9.1%} "
+        f"{r['peak_memory_gib']:8.1f} {r['steps']:5d} {r['loss_first']:7.3f} {same:>8}"
     )
 
 
@@ -508,10 +568,10 @@ def summary(figures: dict[str, Any]) -> str:
         f"gpu: {figures['device']} ({figures['dtype']}, attention: LM {attention['lm']}, vision "
         f"{attention['vision']}); matmul peak {peaks['measured']:.3g} TFLOP/s measured, {sheet} datasheet; "
         f"build {figures['build_s']:.0f} s",
-        f"{'configuration':15} {'samples/s':>9} {'tokens/s':>10} {'MFU meas':>9} {'MFU sheet':>10} "
-        f"{'peak GiB':>8} {'steps':>5} {'loss':>7}",
+        f"{'configuration':33} {'samples/s':>9} {'tokens/s':>10} {'MFU sheet':>10} {'MFU meas':>9} "
+        f"{'peak GiB':>8} {'steps':>5} {'loss 1st':>7} {'vs recipe':>8}",
     ]
-    lines += [f"{name:15} {row_text(r)}" for name, r in figures["training"].items()]
+    lines += [f"{name:33} {row_text(r)}" for name, r in figures["training"].items()]
     lines.append(
         "packed vs padded loss on the same samples: "
         + ", ".join(
@@ -597,7 +657,9 @@ def main(argv: list[str] | None = None) -> int:
         "seconds_total": time.perf_counter() - STARTED,
     }
     out = args.out or (Path(tempfile.mkdtemp(prefix="gpu-smoke-")) if args.cpu_smoke else None)
-    path = write_result("gpu-cpu-smoke" if args.cpu_smoke else f"gpu-{card_slug(name)}", figures, out)
+    path = write_result(
+        "gpu-cpu-smoke" if args.cpu_smoke else f"gpu-{card_slug(name)}-{time.strftime('%Y-%m-%d')}", figures, out
+    )
     print(summary(figures))
     print(f"-> {path} ({figures['seconds_total']:.0f} s)")
     return 0

@@ -6,9 +6,18 @@ them, and deepspeed, submitit, wandb, timm, open_clip and peft only where they a
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 __version__ = "0.1.0"
+
+# PyTorch's CPU threads (libgomp) spin 300,000 times after each parallel region before sleeping: alone that
+# saves a wake-up, but next to another busy process the spinning threads hold the cores it needs and both
+# jobs slow 4-5x instead of 2x. 3,000 spins keep a job alone as fast and two jobs at about 2x each (1,000,
+# libgomp's own count for oversubscribed cores, cost 30% alone here; bench/contention.py, bench/NOTES.md).
+# It must be set before torch loads libgomp: importing mipha_lab first (every entry point does) is
+# enough; a value you set yourself wins.
+os.environ.setdefault("GOMP_SPINCOUNT", "3000")
 
 _LAZY = {
     "build_vlm": "mipha_lab.model.loader",

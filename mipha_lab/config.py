@@ -171,10 +171,32 @@ class ScheduleConfig(StrictModel):
 
 
 class CheckpointingConfig(StrictModel):
-    """Activation checkpointing per module (recomputation trades compute for memory)."""
+    """Activation checkpointing per module (recomputation trades compute for memory). The LM's is all or
+    part of each decoder layer: `true` (the whole layer), `attention` or `mlp` (that sub-block only), or
+    `auto`: the least recomputation whose estimated peak memory fits `memory_budget_gib` (default: 90% of
+    the GPU's memory; none on the CPU, where memory is not the limit)."""
 
     vision: bool = False
+    lm: bool | Literal["attention", "mlp", "auto"] = False
+    memory_budget_gib: float | None = Field(None, gt=0)
+
+
+class CompileConfig(StrictModel):
+    """Regional `torch.compile`: the MLP of every LM decoder layer and of every vision block, compiled
+    once for any number of tokens; attention stays on its fused kernel (packed rows included)."""
+
     lm: bool = False
+    vision: bool = False
+
+
+class SpeedConfig(StrictModel):
+    """Performance levers of a stage; none changes what is computed (each is tested against the plain path)."""
+
+    compile: CompileConfig = CompileConfig()
+    # the head and cross-entropy without all supervised logits at once: `chunked` (any device), `liger`
+    # (Liger-Kernel's fused linear + cross-entropy, CUDA)
+    fused_loss: Literal["off", "chunked", "liger"] = "off"
+    fused_optimizer: bool | None = None  # AdamW's fused kernel (default: on GPUs)
 
 
 class QuirksConfig(StrictModel):
@@ -211,6 +233,7 @@ class StageConfig(StrictModel):
     optimizer: OptimizerConfig
     schedule: ScheduleConfig = ScheduleConfig()
     activation_checkpointing: CheckpointingConfig = CheckpointingConfig()
+    speed: SpeedConfig = SpeedConfig()
     trainable: Trainable = Trainable()
     bad_samples: Literal["skip", "error"] = "skip"
     zero_stage: Literal[0, 1, 2, 3] | None = None  # this stage's ZeRO stage (default: engine.zero_stage)
@@ -302,6 +325,7 @@ class Experiment(StrictModel):
     seed: int = 0
     data_root: str = "./data"
     data_workers: int = 0  # DataLoader worker processes per rank
+    pin_memory: bool | None = None  # page-locked batches, copied to the GPU without blocking (default: on GPUs)
     # images with more pixels are skipped (reason image_too_large) before decoding; PIL's bomb guard by default
     max_image_pixels: int | None = Field(MAX_IMAGE_PIXELS, gt=0)
     runs_root: str = "./runs"

@@ -5,10 +5,9 @@ is applied to it, and the analytic FLOPs of train/flops.py give the compute per 
 come from the data when it is present, else from the mixture card's declared `stats`; token counts
 from the card's stats, else measured on the data with the model's tokenizer.
 
-Memory per GPU is an estimate: bf16 weights, bf16 gradients and fp32 AdamW states (master copy and
-two moments) of the trainable parameters, divided across GPUs as the ZeRO stage says, plus
-activations of one micro batch (34 bytes per token, layer and width; 2 under activation
-checkpointing - the usual transformer estimate with fused attention).
+Memory per GPU is train/memory.py's estimate for DeepSpeed in bf16 (bf16 weights and gradients, fp32
+AdamW states partitioned as the ZeRO stage says) and the activations of one micro batch under the
+stage's LM recomputation (`auto` resolved as training would on the planned GPU).
 """
 
 from __future__ import annotations
@@ -27,9 +26,9 @@ from mipha_lab.errors import ConfigError
 from mipha_lab.model import MultimodalModel, build_model
 from mipha_lab.model.language import LLM, load_tokenizer
 from mipha_lab.train.flops import PEAK_BF16, sample_flops
+from mipha_lab.train.memory import GPU_MEMORY_GIB, estimate_gib
 from mipha_lab.train.policy import apply_policy, module_parameters
-
-GIB = 2**30
+from mipha_lab.train.speed import lm_recompute
 
 
 def _count(module: torch.nn.Module) -> int:
@@ -93,30 +92,13 @@ def measured_tokens(stage: StageConfig, experiment: Experiment) -> tuple[float, 
     return text / len(sample), answers / len(sample)
 
 
-def memory_gib(
-    model: MultimodalModel, micro_batch: int, tokens: float, zero_stage: int, gpus: int, checkpointing: bool
-) -> float:
-    total = _count(model)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    weights, grads, optimizer = 2.0 * total, 2.0 * trainable, 12.0 * trainable
-    if zero_stage >= 1:
-        optimizer /= gpus
-    if zero_stage >= 2:
-        grads /= gpus
-    if zero_stage >= 3:
-        weights /= gpus
-    config = model.lm.config
-    per_token_layer = 2.0 if checkpointing else 34.0
-    activations = per_token_layer * micro_batch * tokens * config.hidden_size * config.num_hidden_layers
-    return (weights + grads + optimizer + activations) / GIB
-
-
 def plan_experiment(experiment: Experiment, gpu: str = "H100", num_gpus: int = 8, mfu: float = 0.4) -> dict[str, Any]:
     if gpu not in PEAK_BF16:
         raise ConfigError(f"unknown GPU '{gpu}'; known: {', '.join(PEAK_BF16)}")
     peak = PEAK_BF16[gpu]
     model = meta_model(experiment)
     lm = model.language_model
+    lm_width, lm_layers = model.lm.width, len(model.lm.layers)
     params = {"vision": _count(model.vision_tower), "projector": _count(model.projector), "llm": _count(lm)}
     params["total"] = sum(params.values())
     stages: list[dict[str, Any]] = []
@@ -129,12 +111,13 @@ def plan_experiment(experiment: Experiment, gpu: str = "H100", num_gpus: int = 8
         steps = (
             stage.max_steps if stage.max_steps is not None else max(1, math.floor((stage.epochs or 1.0) * per_epoch))
         )
+        recompute = lm_recompute(model, stage, experiment, num_gpus, GPU_MEMORY_GIB[gpu])
         flops = sample_flops(
             model,
             data["text_tokens"],
             data["images"],
             data["supervised_tokens"],
-            stage.activation_checkpointing.model_dump(),
+            {"vision": stage.activation_checkpointing.vision, "lm": recompute},
         )
         per_sample = flops.useful + flops.recompute
         tokens = data["text_tokens"] + data["images"] * model.num_image_tokens
@@ -149,14 +132,17 @@ def plan_experiment(experiment: Experiment, gpu: str = "H100", num_gpus: int = 8
                 "trainable": trainable,
                 "tokens_per_sample": round(tokens, 2),
                 "flops_per_sample": per_sample,
+                "lm_recompute": recompute,
                 "memory_per_gpu_gib": round(
-                    memory_gib(
+                    estimate_gib(
                         model,
-                        stage.micro_batch,
-                        tokens,
+                        lm_width,
+                        lm_layers,
+                        stage.micro_batch * tokens,
+                        recompute,
+                        "deepspeed",
                         experiment.zero_stage(stage),
                         num_gpus,
-                        stage.activation_checkpointing.lm,
                     ),
                     2,
                 ),

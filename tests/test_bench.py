@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-NAMES = ["dataloader", "eval_throughput", "flops", "packing", "splice"]
+NAMES = ["contention", "dataloader", "eval_throughput", "flops", "packing", "splice"]
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +97,12 @@ def test_a_failing_benchmark_fails_the_run_and_is_named(tmp_path, monkeypatch, c
     captured = capsys.readouterr()
     assert "good: 1.00x (this over that)" in captured.out and "| bad | FAILED |" in captured.out
     assert "bench: failed: bad" in captured.err
+
+
+def test_contention_times_both_spin_policies_alone_and_paired(smoke):
+    contention = result(smoke, "contention")
+    policies = contention["policies"]
+    assert policies["libgomp default"]["GOMP_SPINCOUNT"] == "300000"
+    assert policies["mipha-lab"]["GOMP_SPINCOUNT"] != "300000"
+    for figures in policies.values():
+        assert figures["alone_s_per_step"] > 0 and len(figures["paired_s_per_step"]) == 2 and figures["slowdown"] > 0

@@ -19,7 +19,11 @@ pytestmark = pytest.mark.slow  # two smoke runs of about 15 s each
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "gpu.py"
-CONFIGURATIONS = {f"stage{n}-{name}" for n in (1, 2) for name in ("padded", "packed", "packed-no-recompute")}
+LEVERS = ("recompute-attention", "fused-adamw", "fused-loss", "compiled", "all-mb8")
+CONFIGURATIONS = {
+    f"stage{n}-{name}" for n in (1, 2) for name in ("padded", "packed", "packed-no-recompute", "packed-all")
+}
+CONFIGURATIONS |= {f"stage2-packed-{lever}" for lever in LEVERS}
 MISSING_ON_THE_GPU_MACHINE = ("deepspeed", "wandb", "submitit", "timm", "open_clip")
 
 
@@ -51,11 +55,26 @@ def test_every_training_configuration_is_measured(smoke):
         for batching in ("padded", "packed"):
             result = train[f"{key}-{batching}"]
             assert result["stage"] == stage.name and result["micro_batch"] == stage.micro_batch
-            assert result["activation_checkpointing"] == stage.activation_checkpointing.model_dump()
+            assert result["lm_recompute"] == ("full" if stage.activation_checkpointing.lm else "none")
+            assert result["speed"]["fused_optimizer"] is False and result["speed"]["fused_loss"] == "off"
     for stage in ("stage1", "stage2"):  # a packed row holds at least the samples of a padded micro-batch
         packed, padded = train[f"{stage}-packed"], train[f"{stage}-padded"]
         assert packed["samples_per_micro_batch"] >= padded["samples_per_micro_batch"]
         assert packed["row_budget"] > 0 and padded["row_budget"] is None
+
+
+def test_every_lever_starts_from_the_recipes_loss(smoke):
+    """Each packed configuration starts from the same weights on the same rows: its first step's loss equals
+    the recipe's (fp32 on the CPU: up to rounding), and the levers were in effect."""
+    train = smoke["training"]
+    for name, result in train.items():
+        if result["batching"] == "packed" and result["micro_batch"] == train["stage2-packed"]["micro_batch"]:
+            assert result["loss_first_vs_recipe"] < 1e-4, name
+    assert train["stage2-packed-recompute-attention"]["lm_recompute"] == "attention"
+    assert train["stage2-packed-compiled"]["speed"]["compile"] == {"lm": True, "vision": True}
+    assert train["stage2-packed-fused-loss"]["speed"]["fused_loss"] == "chunked"  # Liger is CUDA-only
+    assert train["stage2-packed-all"]["lm_recompute"] == "none"  # auto on the CPU: memory is not the limit
+    assert train["stage2-packed-all-mb8"]["micro_batch"] == 2 * train["stage2-packed"]["micro_batch"]
 
 
 def test_packing_keeps_the_loss(smoke):
@@ -70,8 +89,9 @@ def test_mfu_against_both_peaks(smoke):
     assert smoke["peak_tflops"]["datasheet"] is None  # no datasheet for a CPU
     for result in smoke["training"].values():
         assert result["mfu_measured_peak"] > 0 and result["tflops_per_s"] > 0
-        recomputes = result["activation_checkpointing"]["lm"]
+        recomputes = result["lm_recompute"] != "none"
         assert "mfu_datasheet_peak" in result and (0 < result["recompute_share"] < 1) == recomputes
+        assert list(result).index("mfu_datasheet_peak") < list(result).index("mfu_measured_peak")
     assert smoke["machine"]["cores"] and smoke["smoke"] is True
 
 
@@ -131,5 +151,6 @@ def test_the_benchmark_times_the_trainers_step():
         settings.__class__(**{**settings.__dict__, "warmup_steps": 0, "steps": 1}),
         {"measured": 1.0, "datasheet": None},
         torch.device("cpu"),
+        gpu.FlopModel(model),
     )
     assert figures["loss_first"] == pytest.approx(expected, rel=1e-6)

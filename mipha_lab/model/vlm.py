@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
@@ -20,6 +19,7 @@ from mipha_lab.model.adapters import restore_adapters
 from mipha_lab.model.build import components_from_config
 from mipha_lab.model.embedding_scale import image_feature_factor, scale_features
 from mipha_lab.model.folder import read_model_folder
+from mipha_lab.model.fused_loss import FusedLoss, supervised_loss_sum
 from mipha_lab.model.image_processing import ImageProcessor
 from mipha_lab.model.lm_interface import LanguageModel
 from mipha_lab.model.packed_attention import PACKED_SDPA, PackedSegments, without_cudnn_attention
@@ -70,6 +70,7 @@ class MultimodalModel(nn.Module):
         self.tokenizer = tokenizer
         self.truncated_samples = 0
         self.truncated_tokens = 0
+        self.fused_loss: FusedLoss = "off"  # how the training loss runs the head (fused_loss.py); a stage sets it
         card = config.llm.card
         self.image_feature_factor = image_feature_factor(
             language_model, card.get("embedding_scale", "none") if card is not None else None, config.llm.name
@@ -180,8 +181,7 @@ class MultimodalModel(nn.Module):
         if spliced.labels is not None:
             targets = spliced.labels[:, 1:]
             supervised = targets != IGNORE_INDEX
-            logits_sup = head(hidden[:, :-1][supervised]).float()
-            loss_sum = F.cross_entropy(logits_sup, targets[supervised], reduction="sum")
+            loss_sum = supervised_loss_sum(head, hidden[:, :-1][supervised], targets[supervised], self.fused_loss)
             count = supervised.sum()
             loss = loss_sum / count.clamp(min=1)
         logits = head(hidden).float() if return_logits else None

@@ -59,8 +59,16 @@ def lr_lambda(schedule: ScheduleConfig, total_steps: int):
 
 
 def _optimizer(param_groups: list[dict[str, Any]], stage: StageConfig) -> torch.optim.Optimizer:
-    opt = stage.optimizer
-    return torch.optim.AdamW(param_groups, lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
+    """AdamW; its fused kernel (one kernel for every parameter, the same update) where asked, by default
+    on GPUs."""
+    opt, fused = stage.optimizer, stage.speed.fused_optimizer
+    if fused is None:
+        fused = all(p.is_cuda for group in param_groups for p in group["params"]) and any(
+            group["params"] for group in param_groups
+        )
+    return torch.optim.AdamW(
+        param_groups, lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay, fused=fused or None
+    )
 
 
 HYPERPARAMETERS = ("initial_lr", "betas", "eps", "weight_decay")

@@ -22,6 +22,7 @@ against torch's FLOP counter.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -39,11 +40,16 @@ class Flops:
 
 @dataclass(frozen=True)
 class _Unit:
-    dense: float  # forward FLOPs of the unit's matmuls
-    trained_dense: float  # the part whose weights train (their weight gradients cost as much)
-    attention: float  # forward FLOPs of attention
+    """A unit's matmul weights, read once: its FLOPs for a sample are these times the tokens it sees."""
+
+    tokens: str  # what it runs on: "patches", "tower" (tower tokens), "image" (projector input), "sequence",
+    # "supervised"
+    weights: float  # matmul weights (forward: 2 x weights per token)
+    trained_weights: float  # the part whose weights train (their weight gradients cost as much)
+    attention_width: int  # 0: no attention in the unit
     trains: bool  # any of its parameters (norms and biases too)
-    checkpointed: bool
+    recomputed_weights: float  # weights whose forward runs again under activation checkpointing
+    recomputes_attention: bool
     pixels_in: bool = False  # input is pixels: no input gradient ever
 
 
@@ -60,20 +66,29 @@ def _matmul_weights(module: nn.Module, trainable_only: bool = False) -> int:
 
 
 def _unit(
-    module: nn.Module, tokens: float, attention: float = 0.0, checkpointed: bool = False, pixels_in: bool = False
+    module: nn.Module,
+    tokens: str,
+    attention_width: int = 0,
+    recomputed: str = "none",
+    pixels_in: bool = False,
 ) -> _Unit:
+    """`recomputed`: "none", "all" (the whole unit is checkpointed), or a submodule's name (selective
+    checkpointing of a decoder layer's `self_attn` or `mlp`)."""
+    weights = _matmul_weights(module)
+    if recomputed in ("none", "all"):
+        again = weights if recomputed == "all" else 0
+    else:
+        again = _matmul_weights(getattr(module, recomputed))
     return _Unit(
-        2.0 * _matmul_weights(module) * tokens,
-        2.0 * _matmul_weights(module, True) * tokens,
-        attention,
+        tokens,
+        float(weights),
+        float(_matmul_weights(module, True)),
+        attention_width,
         any(p.requires_grad for p in module.parameters()),
-        checkpointed,
+        float(again),
+        attention_width > 0 and recomputed in ("all", "self_attn"),
         pixels_in,
     )
-
-
-def _attention(width: int, tokens: float) -> float:
-    return 4.0 * width * tokens * tokens
 
 
 def _attention_width(config) -> int:
@@ -81,19 +96,76 @@ def _attention_width(config) -> int:
     return heads * (getattr(config, "head_dim", None) or config.hidden_size // heads)
 
 
-def _tower_units(tower: VisionTower, images: float, checkpointed: bool) -> list[_Unit]:
-    """The units of `images` images through the tower, up to its feature layer."""
-    patches = tower.grid**2
-    tokens = patches + tower.num_prefix_tokens
+LM_RECOMPUTED = {False: "none", True: "all", "none": "none", "full": "all", "attention": "self_attn", "mlp": "mlp"}
+
+
+def _tower_units(tower: VisionTower, checkpointed: bool) -> list[_Unit]:
+    """The tower's units up to its feature layer."""
+    recomputed = "all" if checkpointed else "none"
     try:
         blocks = list(tower.blocks)
     except NotImplementedError:  # a tower that does not expose its layers: one dense unit, no attention
-        return [_unit(tower, images * tokens, checkpointed=checkpointed)]
+        return [_unit(tower, "tower", recomputed=recomputed)]
     patch_embeddings = [m for m in tower.modules() if isinstance(m, nn.Conv2d)]
-    units = [_unit(conv, images * patches, pixels_in=True) for conv in patch_embeddings]
+    units = [_unit(conv, "patches", pixels_in=True) for conv in patch_embeddings]
     used = tower.absolute_layer(len(blocks)) + 1
-    attention = images * _attention(tower.hidden_size, tokens)
-    return units + [_unit(block, images * tokens, attention, checkpointed) for block in blocks[:used]]
+    return units + [_unit(block, "tower", tower.hidden_size, recomputed) for block in blocks[:used]]
+
+
+class FlopModel:
+    """The model's units read once (after the training policy and checkpointing are set), so that a step's
+    FLOPs are arithmetic over its samples, not a walk over every module per sample."""
+
+    def __init__(self, model: MultimodalModel, checkpointing: dict[str, Any] | None = None) -> None:
+        checkpointing = checkpointing or {}
+        tower, lm = model.vision_tower, model.lm
+        self.image_tokens = model.num_image_tokens
+        self.tower_tokens = tower.grid**2 + tower.num_prefix_tokens
+        self.patches = tower.grid**2
+        self.projector_tokens = tower.num_tokens
+        lm_recomputed = LM_RECOMPUTED[checkpointing.get("lm", False)]
+        self.image_units = _tower_units(tower, bool(checkpointing.get("vision")))
+        self.image_units.append(_unit(model.projector, "image"))
+        width = _attention_width(lm.config)
+        self.text_units = [_unit(layer, "sequence", width, lm_recomputed) for layer in lm.layers]
+        self.text_units.append(_unit(lm.head, "supervised"))
+
+    def sample(self, text_tokens: float, images: float, supervised: float) -> Flops:
+        """FLOPs to train on one sample with `text_tokens` text positions (image placeholders excluded),
+        `images` images and `supervised` positions in the loss."""
+        sequence = text_tokens + images * self.image_tokens
+        tokens = {
+            "patches": images * self.patches,
+            "tower": images * self.tower_tokens,
+            "image": images * self.projector_tokens,
+            "sequence": sequence,
+            "supervised": supervised,
+        }
+        sequences = {"tower": (images, self.tower_tokens), "sequence": (1.0, sequence)}
+        units = (self.image_units if images else []) + self.text_units
+        useful = recompute = 0.0
+        upstream_trains = False
+        for unit in units:
+            count = tokens[unit.tokens]
+            dense, trained = 2.0 * unit.weights * count, 2.0 * unit.trained_weights * count
+            attention = 0.0
+            if unit.attention_width:
+                copies, length = sequences[unit.tokens]
+                attention = copies * 4.0 * unit.attention_width * length * length
+            flows = unit.trains or upstream_trains
+            backward = trained
+            if flows:
+                backward += (0.0 if unit.pixels_in else dense) + 2.0 * attention
+                recompute += 2.0 * unit.recomputed_weights * count + (attention if unit.recomputes_attention else 0.0)
+            useful += dense + attention + backward
+            upstream_trains = flows
+        return Flops(useful, recompute)
+
+    def batch(self, samples: list[tuple[int, int, int]]) -> Flops:
+        """Sum over samples given as (text tokens, images, supervised tokens): attention is quadratic in
+        each sample's own length, never in the batch's total."""
+        parts = [self.sample(text, images, supervised) for text, images, supervised in samples]
+        return Flops(sum(f.useful for f in parts), sum(f.recompute for f in parts))
 
 
 def sample_flops(
@@ -101,30 +173,10 @@ def sample_flops(
     text_tokens: float,
     images: float,
     supervised: float,
-    checkpointing: dict[str, bool] | None = None,
+    checkpointing: dict[str, Any] | None = None,
 ) -> Flops:
-    """FLOPs to train on one sample with `text_tokens` text positions (image placeholders excluded),
-    `images` images and `supervised` positions in the loss."""
-    checkpointing = checkpointing or {}
-    tower, lm = model.vision_tower, model.lm
-    sequence = text_tokens + images * model.num_image_tokens
-    units = _tower_units(tower, images, bool(checkpointing.get("vision"))) if images else []
-    if images:
-        units.append(_unit(model.projector, images * tower.num_tokens))
-    attention = _attention(_attention_width(lm.config), sequence)
-    units += [_unit(layer, sequence, attention, bool(checkpointing.get("lm"))) for layer in lm.layers]
-    units.append(_unit(lm.head, supervised))
-    useful = recompute = 0.0
-    upstream_trains = False
-    for unit in units:
-        flows = unit.trains or upstream_trains
-        backward = unit.trained_dense
-        if flows:
-            backward += (0.0 if unit.pixels_in else unit.dense) + 2.0 * unit.attention
-            recompute += (unit.dense + unit.attention) if unit.checkpointed else 0.0
-        useful += unit.dense + unit.attention + backward
-        upstream_trains = flows
-    return Flops(useful, recompute)
+    """One sample's FLOPs (see FlopModel.sample)."""
+    return FlopModel(model, checkpointing).sample(text_tokens, images, supervised)
 
 
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12}
@@ -138,9 +190,7 @@ def peak_flops(device_name: str | None) -> float | None:
 
 
 def batch_flops(
-    model: MultimodalModel, samples: list[tuple[int, int, int]], checkpointing: dict[str, bool] | None = None
+    model: MultimodalModel, samples: list[tuple[int, int, int]], checkpointing: dict[str, Any] | None = None
 ) -> Flops:
-    """Sum over samples given as (text tokens, images, supervised tokens): attention is quadratic in
-    each sample's own length, never in the batch's total."""
-    parts = [sample_flops(model, text, images, supervised, checkpointing) for text, images, supervised in samples]
-    return Flops(sum(f.useful for f in parts), sum(f.recompute for f in parts))
+    """A batch's FLOPs (see FlopModel.batch)."""
+    return FlopModel(model, checkpointing).batch(samples)

@@ -27,9 +27,10 @@ from mipha_lab.runs.folder import RunFolder
 from mipha_lab.train import faults, preemption
 from mipha_lab.train.checkpoint import CheckpointWriter, TrainState, load_model_state, load_rng
 from mipha_lab.train.engine import Engine, make_engine
-from mipha_lab.train.flops import batch_flops, peak_flops
+from mipha_lab.train.flops import FlopModel, peak_flops
 from mipha_lab.train.policy import apply_policy, table_markdown
 from mipha_lab.train.preemption import Preempted
+from mipha_lab.train.speed import apply_speed
 from mipha_lab.train.step import NonFiniteLoss, global_counts, on_device, train_step
 from mipha_lab.train.tracking import Tracker
 
@@ -50,30 +51,6 @@ def stage_dataset(model: MultimodalModel, stage: StageConfig, experiment: Experi
         max_image_pixels=experiment.max_image_pixels,
     )
     return dataset, skipped
-
-
-def transformers_checkpointing(module: torch.nn.Module, enabled: bool = True) -> bool:
-    """Switch a transformers model's activation checkpointing (non-reentrant); False if it has none.
-    transformers 5.2x renamed `gradient_checkpointing_*` to `activation_checkpointing_*`; both are served."""
-    verb = "enable" if enabled else "disable"
-    for name in (f"activation_checkpointing_{verb}", f"gradient_checkpointing_{verb}"):
-        if hasattr(module, name):
-            kwargs = {name.replace(verb, "kwargs"): {"use_reentrant": False}} if enabled else {}
-            getattr(module, name)(**kwargs)
-            return True
-    return False
-
-
-def enable_checkpointing(model: MultimodalModel, stage: StageConfig) -> None:
-    if stage.activation_checkpointing.lm:
-        transformers_checkpointing(model.language_model)
-    if stage.activation_checkpointing.vision:
-        backbone = getattr(model.vision_tower, "backbone", None)  # the library model a card's tower wraps
-        if backbone is not None and transformers_checkpointing(backbone):
-            return
-        if backbone is None or not hasattr(backbone, "set_grad_checkpointing"):
-            raise ConfigError(f"vision tower '{model.vision_tower.name}' has no activation checkpointing")
-        backbone.set_grad_checkpointing(True)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -128,12 +105,18 @@ class StageRunner:
         self.zero3 = experiment.zero_stage(stage) == 3 and dist.world_size > 1
         self.writer = CheckpointWriter(run.path, dist.rank, experiment.checkpoint.keep_last, dist.barrier)
         self.dataset, self.read_skips = stage_dataset(model, stage, experiment)
+        pin = experiment.pin_memory
+        self.pin_memory = dist.device.type == "cuda" if pin is None else pin and dist.device.type == "cuda"
         self.accumulation = stage.global_batch // (stage.micro_batch * dist.world_size)
         if self.accumulation < 1 or stage.global_batch % (stage.micro_batch * dist.world_size):
             raise ConfigError(
                 f"stage '{stage.name}': global_batch {stage.global_batch} is not a multiple of micro_batch "
                 f"{stage.micro_batch} x {dist.world_size} processes"
             )
+
+    def checkpointing(self) -> dict[str, Any]:
+        """The stage's activation checkpointing as resolved (`auto` chosen), for FLOPs and metrics."""
+        return {"vision": self.stage.activation_checkpointing.vision, "lm": self.recompute}
 
     def plan(self, epoch: int) -> list[list[int]]:
         return plan_epoch(
@@ -175,10 +158,13 @@ class StageRunner:
             load_model_state(resume, self.model)
             load_rng(resume, dist.rank)
         param_groups, rows = apply_policy(self.model, stage, self.experiment.model.llm, self.experiment.quirks)
-        enable_checkpointing(self.model, stage)
+        self.recompute = apply_speed(self.model, stage, self.experiment, dist.device, dist.world_size)
+        self.flop_model = FlopModel(self.model, self.checkpointing())
         markdown = table_markdown(stage.name, rows)
         if dist.main:
             print(markdown)
+            if stage.activation_checkpointing.lm == "auto":
+                print(f"stage {stage.name}: activation_checkpointing.lm auto -> {self.recompute}")
             self.run.write_params(stage.name, rows, markdown)
         steps_per_epoch = len(RankBatchSampler(self.plan(0), dist.rank, dist.world_size)) // self.accumulation
         if steps_per_epoch < 1:
@@ -241,6 +227,7 @@ class StageRunner:
                 batch_sampler=sampler,
                 collate_fn=collator(stage.batching),
                 num_workers=self.experiment.data_workers,
+                pin_memory=self.pin_memory,
                 generator=torch.Generator().manual_seed(self.experiment.seed + epoch),
             )
             batches = iter(loader)
@@ -294,7 +281,7 @@ class StageRunner:
         self.last_loss = figures.loss
         elapsed = data_time + figures.compute_s + figures.optimizer_s
         sizes = [size for batch in micro for size in sample_sizes(batch)]
-        flops = batch_flops(model, sizes, self.stage.activation_checkpointing.model_dump())
+        flops = self.flop_model.batch(sizes)
         flops_useful, flops_recompute = self.dist.all_sum([flops.useful, flops.recompute])
         peak = peak_flops(torch.cuda.get_device_name(dist.device) if dist.device.type == "cuda" else None)
         global_step = self.state.global_step - self.state.stage_step + step + 1

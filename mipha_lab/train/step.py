@@ -93,14 +93,15 @@ def train_step(engine: Engine, micro: list[dict[str, Any]], counts: GlobalCounts
     """Forward and backward of each micro-batch (on the device, under the engine's precision), then the
     engine's step (clipping, optimizer, schedule). Raises NonFiniteLoss before the update."""
     start = time.perf_counter()
-    loss_sum, loss = 0.0, math.nan
+    loss_sum: torch.Tensor | float = 0.0  # summed on the device: one host sync per step, not per micro-batch
+    loss = math.nan
     for index, batch in enumerate(micro):
         with engine.autocast():
             out = batch_forward(engine.model, batch)
         engine.backward(out.loss_sum * dist.world_size / max(counts.targets, 1.0))
-        loss_sum += float(out.loss_sum.detach())
+        loss_sum = loss_sum + out.loss_sum.detach().double()
         if index == len(micro) - 1:
-            (global_loss,) = dist.all_sum([loss_sum])
+            (global_loss,) = dist.all_sum([float(loss_sum)])
             loss = global_loss / max(counts.targets, 1.0)
             if not math.isfinite(loss):
                 raise NonFiniteLoss(loss)
@@ -112,4 +113,5 @@ def train_step(engine: Engine, micro: list[dict[str, Any]], counts: GlobalCounts
 
 
 def on_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    """A collated batch on the device; page-locked tensors (the loader's `pin_memory`) copy without blocking."""
+    return {k: v.to(device, non_blocking=v.is_pinned()) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
