@@ -6,8 +6,8 @@ for 300,000 iterations before it sleeps. Alone, that saves a wake-up; next to an
 spinning threads hold the cores the other process needs, and both slow far beyond the 2x of sharing
 them. Each job here is the demo's stage-2 step (its tiny model, 32 samples of an image and ~100 text
 tokens, forward, backward and AdamW) in its own process, timed alone and then two at once, first with
-libgomp's default and then with mipha-lab's (alone: the two interleaved, twice, the best of each). Reported: seconds per step alone and paired, and the
-slowdown (paired over alone) of each.
+libgomp's default and then with mipha-lab's (alone: the two interleaved, twice, the best of each).
+Reported: seconds per step alone and paired, and the slowdown (paired over alone) of each.
 
     python bench/contention.py [--smoke] [--out DIR]
 """

@@ -483,6 +483,7 @@ def measure_stage(
             **figures,
         }
         note(f"{key}-{name}: {row_text(results[f'{key}-{name}'])}")
+    apply_speed(model, with_speed(stage, False), experiment, device, 1)  # levers off (generation follows)
     baseline = results.get(f"{key}-packed", {}).get("loss_first")
     for result in results.values():  # the same first global batch from the same weights: the same loss
         same_batches = result.get("batching") == "packed" and result.get("micro_batch") == stage.micro_batch

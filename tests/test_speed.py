@@ -71,7 +71,7 @@ def loss_and_grads(model, batch) -> tuple[float, dict[str, torch.Tensor]]:
     out.loss_sum.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
-    return float(out.loss_sum), grads
+    return float(out.loss_sum.detach()), grads
 
 
 def assert_same(got, want, tol: float = 1e-5) -> None:
@@ -81,37 +81,44 @@ def assert_same(got, want, tol: float = 1e-5) -> None:
         torch.testing.assert_close(got[1][name], grad, rtol=tol, atol=tol * max(1.0, float(grad.abs().max())))
 
 
-def count_calls(modules) -> list[int]:
-    calls = [0]
+def count_calls(cls: type, monkeypatch) -> list[int]:
+    """Calls of a module class's forward, recomputation included (checkpointing calls the forward itself,
+    past the module's hooks)."""
+    calls, original = [0], cls.forward
 
-    def hook(*_):
+    def forward(self, *args, **kwargs):
         calls[0] += 1
+        return original(self, *args, **kwargs)
 
-    for module in modules:
-        module.register_forward_hook(hook)
+    monkeypatch.setattr(cls, "forward", forward)
     return calls
 
 
+def checkpointing_on(lm) -> bool:
+    """transformers 5.2x renamed `is_gradient_checkpointing` (kept, deprecated)."""
+    name = "is_activation_checkpointing" if hasattr(lm, "is_activation_checkpointing") else "is_gradient_checkpointing"
+    return bool(getattr(lm, name))
+
+
 @pytest.mark.parametrize("collate", [collate_padded, collate_packed], ids=["padded", "packed"])
-def test_recomputation_whole_or_selective_leaves_loss_and_gradients_unchanged(setup, collate):
+def test_recomputation_whole_or_selective_leaves_loss_and_gradients_unchanged(setup, collate, monkeypatch):
     _, model, stage = setup
     batch = collate(items(model))
     set_layers(model, stage, "none")
     plain = loss_and_grads(model, batch)
+    layers = len(model.lm.layers)
     for option, sub_block, runs in (("attention", "self_attn", 2), ("mlp", "mlp", 2), ("none", "mlp", 1)):
-        set_layers(model, stage, option)
-        modules = [getattr(layer, sub_block) for layer in model.lm.layers]
-        calls = count_calls(modules)
-        assert_same(loss_and_grads(model, batch), plain)
+        with monkeypatch.context() as patch:
+            calls = count_calls(type(getattr(model.lm.layers[0], sub_block)), patch)
+            set_layers(model, stage, option)
+            assert_same(loss_and_grads(model, batch), plain)
         # recomputed sub-blocks run again in backward; switching back to none undoes the previous stage's choice
-        assert calls[0] == runs * len(modules), (option, calls[0])
-        for module in modules:
-            module._forward_hooks.clear()
+        assert calls[0] == runs * layers, (option, calls[0])
     set_layers(model, stage, "full")
-    assert model.language_model.is_gradient_checkpointing
+    assert checkpointing_on(model.language_model)
     assert_same(loss_and_grads(model, batch), plain)
     set_layers(model, stage, "none")
-    assert not model.language_model.is_gradient_checkpointing
+    assert not checkpointing_on(model.language_model)
 
 
 def test_auto_recomputation_is_the_least_that_fits_the_budget(setup):
@@ -188,10 +195,12 @@ def test_liger_loss_equals_pytorch_cross_entropy():
 
 
 def test_fused_adamw_updates_as_adamw(setup):
+    """After one step (the same gradients) the updates agree to rounding; after three, to a small share
+    of the learning rate (the gradients differ by that rounding, and Adam divides by their size)."""
     _, model, stage = setup
     batch = collate_padded(items(model))
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
-    finals = []
+    after: dict[bool, list[dict[str, torch.Tensor]]] = {}
     for fused in (False, True):
         with torch.no_grad():
             for name, param in model.named_parameters():
@@ -200,17 +209,19 @@ def test_fused_adamw_updates_as_adamw(setup):
         groups = [{"params": [p for p in model.parameters() if p.requires_grad], "name": "all"}]
         engine = TorchEngine(model, groups, fused_stage, total_steps=3)
         assert engine.optimizer.defaults["fused"] == (True if fused else None)
+        after[fused] = []
         for _ in range(3):
             batch_forward(model, batch).loss.backward()
             engine.step()
-        finals.append({n: p.detach().clone() for n, p in model.named_parameters()})
+            after[fused].append({n: p.detach() - start[n] for n, p in model.named_parameters()})
     with torch.no_grad():
         for name, param in model.named_parameters():
             param.copy_(start[name])
-    moved = max(float((finals[0][n] - start[n]).abs().max()) for n in start)
-    assert moved > 1e-4
+    lr = stage.optimizer.lr
+    assert max(float(u.abs().max()) for u in after[False][0].values()) > 0.5 * lr  # the step moved the weights
     for name in start:
-        torch.testing.assert_close(finals[1][name], finals[0][name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(after[True][0][name], after[False][0][name], rtol=1e-4, atol=1e-4 * lr)
+        torch.testing.assert_close(after[True][2][name], after[False][2][name], rtol=1e-2, atol=1e-2 * lr)
 
 
 def test_regional_compilation_matches_eager_without_graph_breaks(setup):
@@ -228,7 +239,8 @@ def test_regional_compilation_matches_eager_without_graph_breaks(setup):
         for batch, want in zip(batches, plain, strict=True):  # two lengths: one graph for any number of tokens
             assert_same(loss_and_grads(model, batch), want, tol=1e-4)
         assert not counters["graph_break"], dict(counters["graph_break"])
-        assert counters["stats"]["unique_graphs"] >= 1
+        # one graph per batch shape class (a packed row is one row), shared by every layer: not one per layer
+        assert 1 <= counters["stats"]["unique_graphs"] <= len(batches) < 2 * len(model.lm.layers)
     finally:
         set_layers(model, stage, "none")
     assert not any("forward" in vars(layer.mlp) for layer in model.lm.layers)
@@ -243,10 +255,14 @@ def test_frozen_tower_runs_without_autograd_in_bf16():
     apply_policy(model, stage, exp.model.llm, exp.quirks)
     apply_speed(model, stage, exp, torch.device("cpu"), 1)
     size = model.vision_tower.image_spec.size
+    dtypes = set()
+    for module in model.vision_tower.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_hook(lambda _m, _i, out: dtypes.add(out.dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         features = model.vision_tower(torch.randn(2, 3, size, size))
     assert features.grad_fn is None and not features.requires_grad
-    assert features.dtype == torch.bfloat16
+    assert dtypes == {torch.bfloat16}
 
 
 def test_importing_mipha_lab_shortens_openmps_spin_unless_set():
