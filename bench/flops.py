@@ -37,7 +37,7 @@ from mipha_lab.registry.cards import Card
 from mipha_lab.registry.core import Registry
 from mipha_lab.train.flops import Flops, sample_flops
 from mipha_lab.train.policy import apply_policy
-from mipha_lab.train.stage import enable_checkpointing
+from mipha_lab.train.speed import set_layers
 
 FULL = {"vision": "full", "projector": "full", "lm_body": "full", "lm_embeddings": "full", "lm_head": "full"}
 STAGES = {"stage 1": {"projector": "full"}, "stage 2": FULL}
@@ -109,8 +109,7 @@ def case(
 ) -> dict[str, Any]:
     config = stage(STAGES[stage_name], lm_checkpointing)
     apply_policy(model, config, name, RELEASED_QUIRKS)
-    if lm_checkpointing:
-        enable_checkpointing(model, config)
+    set_layers(model, config, "full" if lm_checkpointing else "none")
     measured, supervised = measure(model, text)
     ours: Flops = sample_flops(model, text, 1, supervised, config.activation_checkpointing.model_dump())
     return {

@@ -193,8 +193,7 @@ def test_tiny_tokenizer_merges_the_space_into_the_next_word():
     "name", ["tiny-siglip-so400m-384", "tiny-timm-siglip-so400m-384", "tiny-openclip-vit-b-16-laion2b"]
 )
 def test_vision_activation_checkpointing_recomputes_with_equal_gradients(name):
-    from mipha_lab.config import CheckpointingConfig
-    from mipha_lab.train.stage import enable_checkpointing
+    from mipha_lab.train.speed import tower_checkpointing
 
     tower = build_vision_tower(VISION.get(name)).train()
     calls = []
@@ -203,8 +202,7 @@ def test_vision_activation_checkpointing_recomputes_with_equal_gradients(name):
     x, grads = pixels(tower), []
     for checkpointing in (False, True):
         if checkpointing:
-            stage = SimpleNamespace(activation_checkpointing=CheckpointingConfig(vision=True))
-            enable_checkpointing(SimpleNamespace(vision_tower=tower), stage)
+            tower_checkpointing(SimpleNamespace(vision_tower=tower), True)
         calls.clear()
         tower.zero_grad()
         tower(x).square().sum().backward()

@@ -30,7 +30,7 @@ from mipha_lab.errors import ConfigError
 from mipha_lab.model import build_vlm
 from mipha_lab.model.image_processing import ImageProcessor
 from mipha_lab.registry.cards import MixtureCard
-from mipha_lab.train.stage import transformers_checkpointing
+from mipha_lab.train.speed import transformers_checkpointing
 
 
 @pytest.fixture(scope="module")

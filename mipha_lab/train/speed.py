@@ -128,10 +128,11 @@ def set_layers(model: MultimodalModel, stage: StageConfig, lm: Recompute) -> Non
         raise ConfigError(f"stage '{stage.name}': speed.compile.vision: tower '{tower.name}' exposes no MLP blocks")
     for mlp in mlps:
         wrap_forward(cast(nn.Module, mlp), compiled=wanted.vision)
-    _tower_checkpointing(model, stage.activation_checkpointing.vision)
+    tower_checkpointing(model, stage.activation_checkpointing.vision)
 
 
-def _tower_checkpointing(model: MultimodalModel, enabled: bool) -> None:
+def tower_checkpointing(model: Any, enabled: bool) -> None:
+    """Switch the vision tower's activation checkpointing (its library's own switch: transformers, timm, open_clip)."""
     backbone = getattr(model.vision_tower, "backbone", None)  # the library model a card's tower wraps
     if backbone is not None and transformers_checkpointing(backbone, enabled):
         return
