@@ -210,3 +210,26 @@ def test_vision_activation_checkpointing_recomputes_with_equal_gradients(name):
         assert len(calls) == (2 if checkpointing else 1)  # the block's forward runs again in backward
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_pixel_shuffle_matches_idefics3_and_a_hand_written_reference():
+    """Idefics3's own pixel shuffle (transformers) and the definition: token (i, j) of the reduced grid is
+    the concatenation, row by row, of the features of the r x r block at (i r, j r)."""
+    from transformers.models.idefics3.modeling_idefics3 import Idefics3Connector
+
+    from mipha_lab.model.projectors import pixel_shuffle
+
+    x = torch.randn(2, 36, 5)
+    for ratio in (2, 3):
+        ours = pixel_shuffle(x, 6, ratio)
+        torch.testing.assert_close(ours, Idefics3Connector.pixel_shuffle(None, x, ratio), rtol=0, atol=0)
+        side = 6 // ratio
+        grid = x.reshape(2, 6, 6, 5)
+        for i in range(side):
+            for j in range(side):
+                block = [grid[:, i * ratio + a, j * ratio + c] for a in range(ratio) for c in range(ratio)]
+                torch.testing.assert_close(ours[:, i * side + j], torch.cat(block, dim=-1), rtol=0, atol=0)
+    projector = PROJECTORS.build("pixel-shuffle", in_dim=24, out_dim=16, grid=27, ratio=3)
+    assert projector.num_tokens(729) == 81 and projector(torch.randn(1, 729, 24)).shape == (1, 81, 16)
+    with pytest.raises(ValueError, match=r"ratio 2 .* 27 x 27"):
+        PROJECTORS.build("pixel-shuffle", in_dim=24, out_dim=16, grid=27, ratio=2)

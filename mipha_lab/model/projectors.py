@@ -135,6 +135,37 @@ class LDPv2Projector(Projector):
         return x + self.peg(grid).flatten(2).transpose(1, 2)
 
 
+def pixel_shuffle(x: torch.Tensor, grid: int, ratio: int) -> torch.Tensor:
+    """(N, g*g, C) -> (N, (g/r)^2, r*r*C): each r x r block of the grid becomes one token, its patches'
+    features concatenated row by row (Idefics3's order)."""
+    n, _t, c = x.shape
+    side = grid // ratio
+    blocks = x.reshape(n, side, ratio, side, ratio, c).permute(0, 1, 3, 2, 4, 5)
+    return blocks.reshape(n, side * side, ratio * ratio * c)
+
+
+@PROJECTORS.register("pixel-shuffle")
+class PixelShuffleProjector(Projector):
+    """Idefics3 / SmolVLM / nanoVLM's token compression: space-to-depth by `ratio` on the patch grid (tokens
+    / ratio^2, each ratio^2 times wider), then an MLP of `depth` layers (1: one linear layer, as Idefics3)."""
+
+    def __init__(self, in_dim: int, out_dim: int, grid: int | None = None, ratio: int = 2, depth: int = 1):
+        super().__init__()
+        self.grid, self.ratio = _require_grid("pixel-shuffle", grid), ratio
+        if ratio < 1 or self.grid % ratio:
+            raise ValueError(
+                f"projector 'pixel-shuffle': ratio {ratio} does not divide the tower's {self.grid} x {self.grid} "
+                "patch grid"
+            )
+        self.mlp = gelu_mlp(in_dim * ratio * ratio, out_dim, depth)
+
+    def num_tokens(self, num_input_tokens: int) -> int:
+        return num_input_tokens // (self.ratio * self.ratio)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(pixel_shuffle(x, self.grid, self.ratio))
+
+
 def grid_side(num_tokens: int, square: bool) -> int | None:
     side = math.isqrt(num_tokens)
     return side if square and side * side == num_tokens else None
