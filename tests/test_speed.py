@@ -246,6 +246,28 @@ def test_regional_compilation_matches_eager_without_graph_breaks(setup):
     assert not any("forward" in vars(layer.mlp) for layer in model.lm.layers)
 
 
+def test_a_forward_another_library_set_is_kept_under_the_wrapper(setup):
+    _, model, stage = setup
+    mlp = model.lm.layers[0].mlp
+    seen = []
+    class_forward = mlp.forward
+
+    def library_forward(*args, **kwargs):  # as accelerate's hooks replace an instance's forward
+        seen.append(1)
+        return class_forward(*args, **kwargs)
+
+    mlp.forward = library_forward
+    try:
+        batch = collate_padded(items(model))
+        set_layers(model, stage, "mlp")
+        loss_and_grads(model, batch)
+        assert len(seen) == 2  # forward, and again when backward recomputes it
+        set_layers(model, stage, "none")
+        assert vars(mlp)["forward"] is library_forward
+    finally:
+        del mlp.forward
+
+
 def test_frozen_tower_runs_without_autograd_in_bf16():
     """Stage 1 (the tower frozen): its features carry no autograd graph, and under the engine's bf16 autocast
     its matmuls run in bf16."""

@@ -39,16 +39,27 @@ def _checkpointed(forward: Any, *args: Any, **kwargs: Any) -> Any:
     return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
+WRAPPED = "_mipha_lab_unwrapped"  # on a module whose forward we wrapped: the forward it had before
+
+
 def wrap_forward(module: nn.Module, compiled: bool = False, checkpointed: bool = False) -> None:
-    """Set a module's forward to its class's, compiled and/or recomputed in backward, replacing what an
-    earlier stage set. The module's own call is wrapped, so its parameters keep their names."""
-    vars(module).pop("forward", None)
+    """Wrap a module's forward, compiled and/or recomputed in backward, replacing what an earlier stage set
+    (a forward another library set on the instance is kept underneath). The module's own call is wrapped,
+    so its parameters keep their names."""
+    if WRAPPED in vars(module):
+        previous = vars(module).pop(WRAPPED)
+        if previous is None:
+            del module.forward  # back to the class's
+        else:
+            module.forward = previous
+    instance = vars(module).get("forward")  # a forward another library set on this module, or None
     forward = module.forward
     if compiled:
         forward = torch.compile(forward, dynamic=True)
     if checkpointed:
         forward = functools.partial(_checkpointed, forward)
     if compiled or checkpointed:
+        setattr(module, WRAPPED, instance)
         module.forward = forward
 
 
