@@ -63,16 +63,13 @@ def wrap_forward(module: nn.Module, compiled: bool = False, checkpointed: bool =
         module.forward = forward
 
 
-def _set_sub_block(block: nn.Module, name: str, where: str, compiled: bool = False, checkpointed: bool = False) -> bool:
-    """Wrap a block's sub-block as asked (an error naming it if it is missing and something is asked);
-    False when the block has none."""
+def _set_sub_block(block: nn.Module, name: str, where: str, compiled: bool = False, checkpointed: bool = False) -> None:
+    """Wrap a block's sub-block as asked; an error naming it if it is missing and something is asked."""
     module = getattr(block, name, None)
-    if not isinstance(module, nn.Module):
-        if compiled or checkpointed:
-            raise ConfigError(f"{where} has no '{name}' sub-block")
-        return False
-    wrap_forward(module, compiled, checkpointed)
-    return True
+    if isinstance(module, nn.Module):
+        wrap_forward(module, compiled, checkpointed)
+    elif compiled or checkpointed:
+        raise ConfigError(f"{where} has no '{name}' sub-block")
 
 
 def micro_batch_tokens(stage: StageConfig, model: MultimodalModel) -> float:
