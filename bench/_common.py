@@ -15,6 +15,7 @@ import torch
 
 from mipha_lab.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from mipha_lab.model import MultimodalModel, build_vlm
+from mipha_lab.train.step import batch_forward
 
 GRID = 27  # SigLIP-SO400M/14 at 384 px: a 27 x 27 grid of visual tokens
 IMAGE_TOKENS = GRID * GRID
@@ -100,14 +101,6 @@ def synthetic_items(model: MultimodalModel, shapes: list[Shape], seed: int = 0) 
 
 def train_pass(model: MultimodalModel, batch: dict[str, Any]) -> tuple[float, int]:
     """One micro-batch's forward and backward (gradients accumulate); its loss sum and supervised count."""
-    out = model(
-        batch["input_ids"],
-        batch["attention_mask"],
-        batch["pixel_values"],
-        batch["labels"],
-        image_counts=batch["image_counts"],
-        segment_ids=batch["segment_ids"],
-        return_logits=False,
-    )
+    out = batch_forward(model, batch)
     out.loss_sum.backward()
     return float(out.loss_sum.detach()), int(out.num_supervised)
