@@ -29,6 +29,7 @@ from mipha_lab.train.checkpoint import (
     rng_state,
     set_rng_state,
 )
+from mipha_lab.train.host import keep_freed_memory
 from mipha_lab.train.preemption import Preempted
 from mipha_lab.train.stage import StageRunner, gathered_state
 from mipha_lab.train.tracking import Tracker
@@ -117,6 +118,7 @@ def train(experiment: Experiment, run: RunFolder, dist: Distributed) -> None:
                 file=sys.stderr,
             )
         run.truncate_metrics(state.global_step)  # steps after the checkpoint are trained again
+    keep_freed_memory()
     model = build_model(experiment).to(dist.device)
     tracker = Tracker(experiment, run.path, dist.main)
     zero3 = False  # parameters stay partitioned once a ZeRO-3 stage has run
