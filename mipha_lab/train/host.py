@@ -1,9 +1,10 @@
 """The training process's host memory policy.
 
-glibc returns a freed block larger than its mmap threshold (it grows with use, up to 32 MiB) to the kernel at once, and trims the heap's
-free top beyond its trim threshold; a training step frees and re-allocates the same activation-sized
-blocks every step, so each step faults its memory in again page by page (the demo's stage 2 on the CPU:
-about 13,000 page faults and a fifth of its time in the kernel per step). Keeping freed memory in the
+glibc returns a freed block larger than its mmap threshold (it grows with use, up to 32 MiB) to the
+kernel at once, and trims the heap's free top beyond its trim threshold; a training step frees and
+re-allocates the same activation-sized blocks every step, so each step faults its memory in again
+page by page (the demo's stage 2 on the CPU: about 13,000 page faults and a fifth of its time in the
+kernel per step). Keeping freed memory in the
 process ends that; the process's resident size stays at its peak, which is what a training job holds
 anyway. bench/NOTES.md has the measurement.
 """
@@ -30,4 +31,5 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+    mmap_set = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    return mmap_set and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
