@@ -103,3 +103,39 @@ def test_packed_row_truncates_each_sample_alone(max_length):
     assert int(got.truncated) == int(alone.truncated.sum())
     expected = count_targets(ids, torch.ones_like(ids), labs, 5, max_length, segment_ids=segments)
     assert int(expected) == int((got.labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def variable_features(count: int, seed: int, dim: int = 4) -> list[torch.Tensor]:
+    """Images with different token counts, as tiling gives them (1 to 9 tokens)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(int(torch.randint(1, 10, (1,), generator=gen)), dim, generator=gen) for _ in range(count)]
+
+
+@pytest.mark.parametrize("counts", [[1, 1, 1], [0, 2, 1, 3], [2], [1, 0, 0, 4]])
+@pytest.mark.parametrize("max_length", [None, 9])
+def test_images_with_different_token_counts_splice_as_the_per_sample_loop(counts, max_length):
+    input_ids, mask, embeds, _, labels = random_batch(counts, seed=sum(counts))
+    feats = variable_features(sum(counts), seed=len(counts))
+    got = splice(input_ids, mask, embeds, feats, labels, max_length=max_length)
+    want = splice_reference(input_ids, mask, embeds, feats, labels, max_length=max_length)
+    for field in ("attention_mask", "inputs_embeds", "labels", "truncated"):
+        assert torch.equal(getattr(got, field), getattr(want, field)), field
+    real = got.attention_mask == 1
+    assert torch.equal(got.position_ids[real], want.position_ids[want.attention_mask == 1])
+    tokens = torch.tensor([f.shape[0] for f in feats])
+    expected = count_targets(input_ids, mask, labels, tokens, max_length)
+    assert int(expected) == int((got.labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def test_packed_row_of_images_with_different_token_counts():
+    input_ids, mask, embeds, _, labels = random_batch([1, 0, 2, 1], seed=13)
+    feats = variable_features(4, seed=5)
+    real = mask.bool()
+    ids, labs, row_embeds = input_ids[real][None], labels[real][None], embeds[real][None]
+    segments = torch.arange(4)[:, None].expand_as(mask)[real][None]
+    got = splice(ids, torch.ones_like(ids), row_embeds, feats, labs, max_length=8, segment_ids=segments)
+    alone = splice(input_ids, mask, embeds, feats, labels, max_length=8)
+    n = alone.lengths.tolist()
+    for field in ("inputs_embeds", "labels", "position_ids"):
+        want = torch.cat([getattr(alone, field)[b, : n[b]] for b in range(4)])
+        assert torch.equal(getattr(got, field)[0], want), field

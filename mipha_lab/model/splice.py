@@ -45,16 +45,19 @@ def sample_starts(values: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tens
 def spliced_positions(
     is_image: torch.Tensor,
     valid: torch.Tensor,
-    tokens_per_image: int,
+    tokens_per_image: int | torch.Tensor,
     max_length: int | None = None,
     segment_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Where each input token starts once every image placeholder becomes `tokens_per_image` positions
-    (padding takes none), how many of its positions are kept, and each row's untruncated length.
+    """Where each input token starts once every image placeholder becomes its image's positions (an int for
+    all, or one count per placeholder in row-major order: tiled images differ), padding none; how many of
+    its positions are kept, and each row's untruncated length.
 
     Truncation to `max_length` applies to each row, or with `segment_ids` (packed rows) to each sample,
     so that one long sample never cuts the samples packed after it."""
-    width = torch.where(is_image, tokens_per_image, 1) * valid
+    width = torch.ones_like(is_image, dtype=torch.long)
+    width[is_image] = torch.as_tensor(tokens_per_image, device=width.device)
+    width = width * valid
     full_start = width.cumsum(1) - width
     lengths = width.sum(1)
     if max_length is None:
@@ -97,7 +100,7 @@ def splice(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     text_embeds: torch.Tensor,
-    image_features: torch.Tensor | None,
+    image_features: torch.Tensor | Sequence[torch.Tensor] | None,
     labels: torch.Tensor | None = None,
     *,
     padding_side: Literal["right", "left"] = "right",
@@ -105,7 +108,8 @@ def splice(
     image_token_index: int = IMAGE_TOKEN_INDEX,
     segment_ids: torch.Tensor | None = None,
 ) -> Spliced:
-    """Build the LM's input embeddings; `image_features` is (num_images, T, D) in row-major order.
+    """Build the LM's input embeddings; `image_features` in row-major order: (num_images, T, D), or one
+    (T_i, D) tensor per image when images have different token counts (tiling).
 
     With `segment_ids` (packed rows: the index of the sample each token belongs to), image tokens take
     their placeholder's segment and position ids restart at 0 for every sample."""
@@ -113,11 +117,16 @@ def splice(
     device = input_ids.device
     valid = attention_mask.bool()
     is_image = (input_ids == image_token_index) & valid
-    num_images = 0 if image_features is None else image_features.shape[0]
+    num_images = 0 if image_features is None else len(image_features)
     check_image_counts(is_image, num_images)
-    tokens_per_image = 0 if image_features is None else image_features.shape[1]
+    counts = image_token_counts(image_features, device)
+    flat = None
+    if isinstance(image_features, torch.Tensor) and num_images:
+        flat = image_features.flatten(0, 1)
+    elif image_features is not None and num_images:
+        flat = torch.cat(list(image_features))
 
-    start, kept_width, lengths = spliced_positions(is_image, valid, tokens_per_image, max_length, segment_ids)
+    start, kept_width, lengths = spliced_positions(is_image, valid, counts, max_length, segment_ids)
     kept = kept_width.sum(1)
     if padding_side == "left" and bool((kept < lengths).any()):
         raise InputError(f"prompt of {int(lengths.max())} positions exceeds the model's {max_length} positions")
@@ -138,18 +147,16 @@ def splice(
     if out_segments is not None and segment_ids is not None:
         out_segments[rows, pos] = segment_ids[rows, cols]
 
-    if num_images:
-        assert image_features is not None
+    if flat is not None:
         img_rows, img_cols = is_image.nonzero(as_tuple=True)
-        inside = torch.arange(tokens_per_image, device=device)
-        img_pos = (start[img_rows, img_cols] + offset[img_rows])[:, None] + inside
-        keep = inside < kept_width[img_rows, img_cols][:, None]
-        img_rows = img_rows[:, None].expand_as(img_pos)
-        out = out.index_put((img_rows[keep], img_pos[keep]), image_features.to(out.dtype)[keep])
+        image = torch.repeat_interleave(torch.arange(num_images, device=device), counts)  # per feature token
+        inside = torch.arange(flat.shape[0], device=device) - (counts.cumsum(0) - counts)[image]
+        rows_of, cols_of = img_rows[image], img_cols[image]
+        keep = inside < kept_width[rows_of, cols_of]
+        img_pos = start[rows_of, cols_of] + offset[rows_of] + inside
+        out = out.index_put((rows_of[keep], img_pos[keep]), flat.to(out.dtype)[keep])
         if out_segments is not None and segment_ids is not None:
-            out_segments[img_rows[keep], img_pos[keep]] = segment_ids[img_rows, img_cols[:, None].expand_as(img_pos)][
-                keep
-            ]
+            out_segments[rows_of[keep], img_pos[keep]] = segment_ids[rows_of, cols_of][keep]
 
     arange = torch.arange(length, device=device)[None, :]
     mask = ((arange >= offset[:, None]) & (arange < (offset + kept)[:, None])).long()
@@ -159,11 +166,22 @@ def splice(
     return Spliced(out, mask, position_ids, out_labels, lengths - kept, out_segments)
 
 
+def image_token_counts(
+    image_features: torch.Tensor | Sequence[torch.Tensor] | None, device: torch.device
+) -> torch.Tensor:
+    """Tokens of each image, in order."""
+    if image_features is None:
+        return torch.zeros(0, dtype=torch.long, device=device)
+    if isinstance(image_features, torch.Tensor):
+        return torch.full((image_features.shape[0],), image_features.shape[1], dtype=torch.long, device=device)
+    return torch.tensor([f.shape[0] for f in image_features], dtype=torch.long, device=device)
+
+
 def count_targets(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     labels: torch.Tensor,
-    tokens_per_image: int,
+    tokens_per_image: int | torch.Tensor,
     max_length: int | None = None,
     image_token_index: int = IMAGE_TOKEN_INDEX,
     segment_ids: torch.Tensor | None = None,
@@ -192,7 +210,7 @@ def splice_reference(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     text_embeds: torch.Tensor,
-    image_features: torch.Tensor | None,
+    image_features: torch.Tensor | Sequence[torch.Tensor] | None,
     labels: torch.Tensor | None = None,
     *,
     max_length: int | None = None,
