@@ -16,7 +16,15 @@ from transformers.image_processing_utils import select_best_resolution
 from transformers.models.llava_next.modeling_llava_next import LlavaNextModel
 
 from mipha_lab.model.image_processing import ImageProcessor
-from mipha_lab.model.tiling import arrange_features, best_resolution, feature_count, fitted_size, tile_image
+from mipha_lab.model.tiling import (
+    arrange_features,
+    best_resolution,
+    feature_count,
+    fitted_size,
+    longest_edge_size,
+    split_image,
+    tile_image,
+)
 from mipha_lab.model.vision import VISION
 
 OLD_TRANSFORMERS = int(transformers.__version__.split(".")[0]) < 5
@@ -96,3 +104,38 @@ def test_arranged_features_equal_llava_next_packing():
         ours = arrange_features(features, size, PINPOINTS, TILE, newline)
         assert ours.shape[0] == lengths[0] == feature_count(size, PINPOINTS, TILE, SIDE), size
         torch.testing.assert_close(ours, packed, atol=0, rtol=0)
+
+
+def idefics3_pil_processor():
+    """transformers' PIL Idefics3 processor: `Idefics3ImageProcessorPil` in 5.x, the plain class in 4.x."""
+    try:
+        from transformers import Idefics3ImageProcessorPil
+    except ImportError:
+        from transformers import Idefics3ImageProcessor as Idefics3ImageProcessorPil
+    return Idefics3ImageProcessorPil
+
+
+@pytest.mark.parametrize("tiles_per_side", [1, 2, 3])
+def test_split_frames_equal_transformers_idefics3_processor(tiles_per_side):
+    spec = VISION.get("tiny-siglip-so400m-384").image.model_copy(update={"size": TILE, "resize_size": TILE})
+    ours = ImageProcessor(spec)
+    theirs = idefics3_pil_processor()(
+        size={"longest_edge": tiles_per_side * TILE},
+        max_image_size={"longest_edge": TILE},
+        image_mean=list(spec.mean),
+        image_std=list(spec.std),
+        resample=3,
+        do_pad=False,
+    )
+    rng = np.random.default_rng(tiles_per_side)
+    for height, width in sizes(12, seed=4 + tiles_per_side):
+        fitted = longest_edge_size((height, width), tiles_per_side * TILE)
+        if OLD_TRANSFORMERS and min(fitted) <= 4:
+            continue  # transformers 4.x takes an image 3 pixels high for channels-first (as above)
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        expected = theirs(image, return_tensors="pt", return_row_col_info=True)
+        frames, rows, columns = split_image(image, tiles_per_side * TILE, TILE, Image.Resampling.BICUBIC)
+        assert (rows, columns) == (expected["rows"][0][0], expected["cols"][0][0]), (height, width)
+        want = torch.as_tensor(np.asarray(expected["pixel_values"][0]))
+        got = torch.stack([ours(frame) for frame in frames])
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0, msg=str((height, width)))

@@ -1,10 +1,15 @@
-"""Any-resolution tiling, LLaVA-NeXT's `anyres`: which grid of encoder-sized tiles an image gets, how it is
-resized and padded onto that grid, how it is cut, and how the tiles' features go back into reading order
-with the padding's features removed and a learned newline vector after each row.
+"""Tiling an image into encoder-sized tiles, two ways.
 
-The rules are transformers' LlavaNext ones (`LlavaNextImageProcessor`, `LlavaNextModel.pack_image_features`),
-owned here so that no transformers release changes them under a trained model; `tests/test_tiling.py`
-checks them against the installed transformers on many image sizes. Sizes are (height, width).
+`anyres` (LLaVA-NeXT): which grid of tiles an image gets, how it is resized and padded onto that grid, how
+it is cut, and how the tiles' features go back into reading order with the padding's features removed and
+a learned newline vector after each row; the whole image squashed to one tile comes first.
+`split` (Idefics3 / SmolVLM): the image resized so its longest edge is a given size, then up to multiples of
+the tile, cut into tiles, the whole image squashed to one tile last.
+
+The rules are transformers' (`LlavaNextImageProcessor` and `LlavaNextModel.pack_image_features`,
+`Idefics3ImageProcessor`), owned here so that no transformers release changes them under a trained model;
+`tests/test_tiling.py` checks them against the installed transformers on many image sizes. Sizes are
+(height, width).
 """
 
 from __future__ import annotations
@@ -61,12 +66,14 @@ def tile_image(
     canvas = Image.new(image.mode, (target_width, target_height), 0)
     left, top = (target_width - fitted_width) // 2, (target_height - fitted_height) // 2
     canvas.paste(image.resize((fitted_width, fitted_height), resample), (left, top))
-    tiles = [
-        canvas.crop((x, y, x + tile, y + tile))
-        for y in range(0, target_height, tile)
-        for x in range(0, target_width, tile)
-    ]
+    tiles = grid_tiles(canvas, target_height // tile, target_width // tile, tile)
     return [image.resize((tile, tile), resample), *tiles]
+
+
+def grid_tiles(image: Image.Image, rows: int, columns: int, tile: int) -> list[Image.Image]:
+    """The rows x columns tiles of tile x tile pixels from the top left, row by row."""
+    corners = [(c * tile, r * tile) for r in range(rows) for c in range(columns)]
+    return [image.crop((x, y, x + tile, y + tile)) for x, y in corners]
 
 
 def unpadded_span(rows: int, columns: int, image: Size) -> tuple[slice, slice]:
@@ -108,3 +115,61 @@ def arrange_features(
     kept = stitched[rows, columns]
     ends = newline.to(kept.dtype).expand(kept.shape[0], 1, channels)
     return torch.cat([whole, torch.cat([kept, ends], dim=1).reshape(-1, channels)])
+
+
+LARGEST_SIDE = 4096  # Idefics3's cap on any side after the longest-edge resize
+
+
+def longest_edge_size(image: Size, longest_edge: int) -> Size:
+    """The size with the longest side at `longest_edge`, the other side scaled, truncated and rounded up to
+    even, then both capped at LARGEST_SIDE (aspect kept)."""
+    height, width = image
+    aspect = width / height
+    if width >= height:
+        width = longest_edge
+        height = int(width / aspect)
+        height += height % 2
+    else:
+        height = longest_edge
+        width = int(height * aspect)
+        width += width % 2
+    height, width = max(height, 1), max(width, 1)
+    aspect = width / height  # of the size just computed, as Idefics3 does
+    if max(height, width) > LARGEST_SIDE:
+        if width >= height:
+            width, height = LARGEST_SIDE, int(LARGEST_SIDE / aspect)
+        else:
+            height, width = LARGEST_SIDE, int(LARGEST_SIDE * aspect)
+    return max(height, 1), max(width, 1)
+
+
+def tile_multiple_size(image: Size, tile: int) -> Size:
+    """The size rounded up to multiples of the tile: the longer side first, the other from the aspect ratio."""
+    height, width = image
+    aspect = width / height
+    if width >= height:
+        width = math.ceil(width / tile) * tile
+        height = math.ceil(int(width / aspect) / tile) * tile
+    else:
+        height = math.ceil(height / tile) * tile
+        width = math.ceil(int(height * aspect) / tile) * tile
+    return height, width
+
+
+def split_image(
+    image: Image.Image, longest_edge: int, tile: int, resample: Image.Resampling
+) -> tuple[list[Image.Image], int, int]:
+    """(frames, rows, columns): the tiles row by row, then the whole image squashed to tile x tile; an image
+    that fits one tile is that one frame (0 rows, 0 columns)."""
+    width, height = image.size
+    first_height, first_width = longest_edge_size((height, width), longest_edge)
+    image = image.resize((first_width, first_height), resample)
+    tiled_height, tiled_width = tile_multiple_size((first_height, first_width), tile)
+    image = image.resize((tiled_width, tiled_height), resample)
+    if tiled_height <= tile and tiled_width <= tile:
+        return [image], 0, 0
+    rows, columns = tiled_height // tile, tiled_width // tile
+    tiles = [
+        image.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)) for r in range(rows) for c in range(columns)
+    ]
+    return [*tiles, image.resize((tile, tile), resample)], rows, columns
