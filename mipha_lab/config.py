@@ -144,13 +144,26 @@ ModulePolicy = Annotated[
 
 
 class Trainable(StrictModel):
-    """How each of the five modules trains in a stage."""
+    """How each of the five modules trains in a stage; a fused vision encoder's towers may each have their
+    own policy, written `vision.<tower>: frozen` (they override `vision` for that tower)."""
 
     vision: ModulePolicy = Frozen()
     projector: ModulePolicy = Full()
     lm_body: ModulePolicy = Frozen()
     lm_embeddings: ModulePolicy = Frozen()
     lm_head: ModulePolicy = Frozen()
+    vision_towers: dict[str, ModulePolicy] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tower_keys(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        towers = {key.removeprefix("vision."): v for key, v in value.items() if key.startswith("vision.")}
+        if not towers:
+            return value
+        rest = {key: v for key, v in value.items() if not key.startswith("vision.")}
+        return {**rest, "vision_towers": {**rest.get("vision_towers", {}), **towers}}
 
 
 class OptimizerConfig(StrictModel):

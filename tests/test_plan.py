@@ -96,7 +96,7 @@ def measured_training_flops(model, stage: StageConfig, text: int, images: int) -
     ids[0, 1 : 1 + images] = -200
     labels = ids.clone()
     labels[0, : text // 2 + images] = -100
-    pixels = torch.randn(images, 3, 32, 32) if images else None
+    pixels = torch.randn(images, model.vision_tower.in_channels, 32, 32) if images else None
     with FlopCounterMode(display=False) as counter:
         out = model(ids, torch.ones_like(ids), pixels, labels, return_logits=False)
         out.loss.backward()
@@ -105,20 +105,24 @@ def measured_training_flops(model, stage: StageConfig, text: int, images: int) -
 
 
 @pytest.mark.parametrize(
-    "trainable,text,images",
+    "vision,trainable,text,images",
     [
         (
+            "tiny-siglip-so400m-384",
             {"vision": "full", "projector": "full", "lm_body": "full", "lm_embeddings": "full", "lm_head": "full"},
             200,
             1,
         ),
-        ({"projector": "full"}, 120, 1),
-        ({"projector": "full", "lm_body": "full", "lm_head": "full"}, 300, 0),
+        ("tiny-siglip-so400m-384", {"projector": "full"}, 120, 1),
+        ("tiny-siglip-so400m-384", {"projector": "full", "lm_body": "full", "lm_head": "full"}, 300, 0),
+        # a fused encoder, one tower trained: the frozen tower's input gradients are not computed
+        ("tiny-dinosiglip-384", {"vision.dinov2": "full", "projector": "full"}, 150, 2),
+        ("tiny-dinosiglip-384", {"vision.siglip": "full", "projector": "full"}, 150, 1),
     ],
 )
-def test_analytic_flops_match_the_flop_counter(trainable, text, images):
+def test_analytic_flops_match_the_flop_counter(vision, trainable, text, images):
     torch.manual_seed(0)
-    model = build_vlm("tiny-siglip-so400m-384", "tiny-phi-2", attn_implementation="eager")
+    model = build_vlm(vision, "tiny-phi-2", attn_implementation="eager")
     stage = StageConfig(
         name="s",
         mixture="shapes-instruct",

@@ -22,7 +22,7 @@ from mipha_lab.data.image_files import ImageTooLarge, open_rgb
 from mipha_lab.data.problems import BadSamplePolicy, SampleError, Skipped
 from mipha_lab.data.templates import MaskError, Template, check_tokenizer, encode
 from mipha_lab.errors import ConfigError, InputError
-from mipha_lab.model.image_processing import ImageProcessor
+from mipha_lab.model.image_processing import ImageProcessor, StackedProcessor
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -169,7 +169,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         records: Sequence[Record],
         template: Template,
         tokenizer: Any,
-        processor: ImageProcessor | None,
+        processor: ImageProcessor | StackedProcessor | None,
         *,
         max_length: int,
         image_tokens: int,

@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from mipha_lab.data.templates import Template, encode_prompt
-from mipha_lab.model.image_processing import ImageProcessor, Strategy
+from mipha_lab.model.image_processing import Strategy, image_processor
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def answer_questions(
     """Answers in question order: {question_id, prompt, text, answer_id, model_id, metadata}.
     `questions` are eval.benchmarks.Question objects; an unreadable image is counted, reported and
     answered with an empty string; `partial` receives each batch's answers as soon as they exist."""
-    processor = ImageProcessor(model.vision_tower.image_spec, strategy)
+    processor = image_processor(model.vision_tower.image_specs, strategy)
     tokenizer = model.tokenizer
     done: dict[str, dict[str, Any]] = {}
     todo = list(questions)

@@ -3,12 +3,13 @@ rebuild them from a saved config; each comes with the spec that rebuilds it."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from mipha_lab.errors import ConfigError
+from mipha_lab.model.fused_vision import FusedVisionTower
 from mipha_lab.model.language import LLM, build_language_model, load_tokenizer, transformers_attention
 from mipha_lab.model.lm_interface import LanguageModel
 from mipha_lab.model.projectors import PROJECTORS, grid_side
@@ -16,10 +17,10 @@ from mipha_lab.model.spec import ComponentSpec, VLMConfig
 from mipha_lab.model.vision import VISION, VisionTower
 from mipha_lab.model.vision_backends import build_vision_tower
 from mipha_lab.registry import Registry
-from mipha_lab.registry.cards import Card, FeatureSpec, LLMCard, VisionCard
+from mipha_lab.registry.cards import Card, FeatureSpec, FusedVisionCard, LLMCard, SubTower, VisionCard, card_schema
 from mipha_lab.validation import validate
 
-VisionSpec = str | VisionCard | VisionTower
+VisionSpec = str | VisionCard | FusedVisionCard | VisionTower
 LLMSpec = str | LLMCard | nn.Module
 
 
@@ -68,6 +69,8 @@ def build_vision(
         for k, v in {"feature_layer": feature_layer, "select": select, "image_size": image_size}.items()
         if v is not None
     }
+    if isinstance(found, FusedVisionCard):
+        return _fused_tower(found, pretrained, feature_layer, select, image_size)
     if not isinstance(found, VisionCard):
         name = spec if isinstance(spec, str) else type(found).__name__
         return _python_tower(name, found, overrides), ComponentSpec(name=name, args=overrides)
@@ -79,6 +82,28 @@ def build_vision(
         update["image"] = found.image.model_copy(update={"resize_size": image_size, **side})
     card = found.model_copy(update=update).named(found.name, found.source)
     return build_vision_tower(card, pretrained), ComponentSpec(name=card.name, card=card.to_dict())
+
+
+def _fused_tower(
+    card: FusedVisionCard, pretrained: bool, feature_layer: int | None, select: str | None, image_size: int | None
+) -> tuple[VisionTower, ComponentSpec]:
+    """Each sub-tower built from its own card (at the card's or the given input side); the spec keeps the
+    resolved sub-cards, so config.json rebuilds it without the registry."""
+    if feature_layer is not None or select is not None:
+        raise ConfigError(
+            f"fused vision encoder '{card.name}': set the feature layer of each tower in its own card, not "
+            "for the fused one"
+        )
+    towers, resolved = {}, {}
+    for key, sub in card.towers.items():
+        side = image_size if image_size is not None else sub.image_size
+        towers[key], spec = build_vision(sub.card, pretrained=pretrained, image_size=side)
+        if spec.card is None:
+            raise ConfigError(f"fused vision encoder '{card.name}': tower '{key}' must be a card, got {sub.card!r}")
+        resolved[key] = SubTower(card=validate(VisionCard, spec.card, f"{card.name}: towers.{key}"))
+    tower = FusedVisionTower(towers, card.grid, card.name)
+    fused = card.model_copy(update={"towers": resolved}).named(card.name, card.source)
+    return tower, ComponentSpec(name=card.name, card=fused.to_dict())
 
 
 def build_llm(
@@ -125,7 +150,11 @@ def components_from_config(config: VLMConfig) -> tuple[VisionTower, nn.Module, n
     """The tower, projector and LM a VLMConfig describes, with fresh weights (loading places them after)."""
     vision: VisionSpec = config.vision.name
     if config.vision.card is not None:
-        vision = validate(VisionCard, config.vision.card, "config.json: vision.card").named(config.vision.name)
+        schema = card_schema("vision", config.vision.card)
+        vision = cast(
+            VisionCard | FusedVisionCard,
+            validate(schema, config.vision.card, "config.json: vision.card").named(config.vision.name),
+        )
     tower, _ = build_vision(vision, **config.vision.args)
     lm = _rebuild_llm(config.llm, config.attn_implementation)
     proj, _ = build_projector(config.projector.name, tower, LanguageModel(lm).width, config.projector.args)

@@ -11,7 +11,7 @@ Strategies (Prismatic's study adds the last two as an ablation axis):
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Literal
 
 import numpy as np
@@ -132,6 +132,22 @@ class ImageProcessor:
                 crop_size={"height": spec.size, "width": spec.size},
             )
         return config
+
+
+class StackedProcessor:
+    """One image through each tower's own preprocessing of a fused encoder, stacked on the channel axis
+    (3 channels per tower, in the towers' order)."""
+
+    def __init__(self, specs: Sequence[ImageSpec], strategy: Strategy = "square") -> None:
+        self.parts = [ImageProcessor(spec, strategy) for spec in specs]
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return torch.cat([part(image) for part in self.parts])
+
+
+def image_processor(specs: Sequence[ImageSpec], strategy: Strategy = "square") -> ImageProcessor | StackedProcessor:
+    """The processor of a tower's `image_specs`: one spec, or a fused tower's several."""
+    return ImageProcessor(specs[0], strategy) if len(specs) == 1 else StackedProcessor(specs, strategy)
 
 
 def spec_from_hf_config(config: dict, fallback_size: int) -> ImageSpec:

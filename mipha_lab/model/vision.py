@@ -49,6 +49,17 @@ class VisionTower(nn.Module):
             resize="square", resize_size=image_size, mean=(0.5,) * 3, std=(0.5,) * 3
         )
         self.name = name or type(self).__name__
+        self.in_channels = 3  # a fused tower takes its towers' images stacked on this axis
+
+    @property
+    def image_specs(self) -> tuple[ImageSpec, ...]:
+        """The preprocessing of each image the tower takes (several for a fused tower)."""
+        return (self.image_spec,)
+
+    @property
+    def parts(self) -> list[VisionTower]:
+        """The towers that run (a fused tower's own towers; otherwise itself)."""
+        return [self]
 
     @property
     def grid(self) -> int:
@@ -74,7 +85,7 @@ class VisionTower(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} does not expose its layers")
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        expected = (3, self.image_size, self.image_size)
+        expected = (self.in_channels, self.image_size, self.image_size)
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
             raise InputError(
                 f"vision encoder '{self.name}' expects images of shape (N, {', '.join(map(str, expected))}), "

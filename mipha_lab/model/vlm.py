@@ -126,7 +126,7 @@ class MultimodalModel(nn.Module):
         if features is None and self.training and torch.is_grad_enabled():
             # Every rank runs the tower on every step (ZeRO-3 gathers its weights collectively).
             size = self.vision_tower.image_size
-            dummy = self.encode_images(text.new_zeros(1, 3, size, size))
+            dummy = self.encode_images(text.new_zeros(1, self.vision_tower.in_channels, size, size))
             out.inputs_embeds = out.inputs_embeds + 0.0 * dummy.sum()
         self._count_truncation(out.truncated)
         return out
@@ -267,9 +267,9 @@ class MultimodalModel(nn.Module):
         save_file(self.weights_to_save(), str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(folder)
-        spec = getattr(self.vision_tower, "image_spec", None)
-        if spec is not None:
-            processor = ImageProcessor(spec).hf_config()
+        specs = self.vision_tower.image_specs
+        if len(specs) == 1:  # transformers has no processor for a fused tower's several
+            processor = ImageProcessor(specs[0]).hf_config()
             (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
         return folder
 

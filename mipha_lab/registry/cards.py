@@ -85,6 +85,24 @@ class VisionCard(Card):
     features: FeatureSpec = FeatureSpec()
 
 
+class SubTower(StrictModel):
+    """One tower of a fused encoder: a vision card (its name, or the card itself once the model is built, as
+    config.json keeps it) and, optionally, another input side (its position embeddings are interpolated)."""
+
+    card: str | VisionCard
+    image_size: int | None = None
+
+
+class FusedVisionCard(Card):
+    """Several vision towers on the same image, their patch features concatenated channel-wise (Prismatic's
+    DINOv2 + SigLIP). Each tower keeps its own preprocessing and feature layer. Towers whose grids differ
+    are an error (`grid: equal`), or average-pooled to the smallest grid (`grid: pool`)."""
+
+    builder: Literal["fused"]
+    towers: dict[str, SubTower]
+    grid: Literal["equal", "pool"] = "equal"
+
+
 class SpecialTokens(StrictModel):
     """The special tokens a language model's template relies on."""
 
@@ -170,10 +188,18 @@ def card_dirs() -> list[Path]:
     return [builtin_card_dir(), *from_env, *_extra_dirs]
 
 
+def card_schema(kind: str, raw: Any) -> type[Card]:
+    """The schema of a card of this kind: a vision card with `builder: fused` composes other vision cards."""
+    if kind == "vision" and isinstance(raw, dict) and raw.get("builder") == "fused":
+        return FusedVisionCard
+    return CARD_SCHEMAS[kind]
+
+
 def read_card(path: str | Path, kind: str) -> Card:
     """Read and validate one card file; errors name the file and the field."""
     path = Path(path)
-    card = validate(CARD_SCHEMAS[kind], load_yaml(path), source=path)
+    raw = load_yaml(path)
+    card = validate(card_schema(kind, raw), raw, source=path)
     return card.named(path.stem, str(path))
 
 

@@ -16,7 +16,7 @@ from PIL import Image
 from mipha_lab.data.image_files import open_rgb
 from mipha_lab.data.templates import Template, encode_prompt
 from mipha_lab.errors import InputError
-from mipha_lab.model.image_processing import ImageProcessor, Strategy
+from mipha_lab.model.image_processing import Strategy, image_processor
 
 
 def open_image(source: str) -> Image.Image:
@@ -87,7 +87,7 @@ class Conversation:
     ) -> None:
         self.model, self.template = model, template
         self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
-        self.processor = ImageProcessor(model.vision_tower.image_spec, image_strategy)
+        self.processor = image_processor(model.vision_tower.image_specs, image_strategy)
         self.image: Image.Image | None = None
         self.messages: list[dict[str, str]] = []
 

@@ -42,8 +42,8 @@ class Flops:
 class _Unit:
     """A unit's matmul weights, read once: its FLOPs for a sample are these times the tokens it sees."""
 
-    tokens: str  # what it runs on: "patches", "tower" (tower tokens), "image" (projector input), "sequence",
-    # "supervised"
+    tokens: str  # what it runs on: "patches{i}", "tower{i}" (tower i's patches and tokens), "image" (projector
+    # input), "sequence", "supervised"
     weights: float  # matmul weights (forward: 2 x weights per token)
     trained_weights: float  # the part whose weights train (their weight gradients cost as much)
     attention_width: int  # 0: no attention in the unit
@@ -100,16 +100,21 @@ LM_RECOMPUTED = {False: "none", True: "all", "none": "none", "full": "all", "att
 
 
 def _tower_units(tower: VisionTower, checkpointed: bool) -> list[_Unit]:
-    """The tower's units up to its feature layer."""
+    """The units of each tower that runs (a fused encoder's towers side by side), up to its feature layer;
+    tower `i` runs on the token kinds `patches{i}` and `tower{i}`."""
     recomputed = "all" if checkpointed else "none"
-    try:
-        blocks = list(tower.blocks)
-    except NotImplementedError:  # a tower that does not expose its layers: one dense unit, no attention
-        return [_unit(tower, "tower", recomputed=recomputed)]
-    patch_embeddings = [m for m in tower.modules() if isinstance(m, nn.Conv2d)]
-    units = [_unit(conv, "patches", pixels_in=True) for conv in patch_embeddings]
-    used = tower.absolute_layer(len(blocks)) + 1
-    return units + [_unit(block, "tower", tower.hidden_size, recomputed) for block in blocks[:used]]
+    units: list[_Unit] = []
+    for index, part in enumerate(tower.parts):
+        try:
+            blocks = list(part.blocks)
+        except NotImplementedError:  # a tower that does not expose its layers: one dense unit, no attention
+            units.append(_unit(part, f"tower{index}", recomputed=recomputed))
+            continue
+        patch_embeddings = [m for m in part.modules() if isinstance(m, nn.Conv2d)]
+        units += [_unit(conv, f"patches{index}", pixels_in=True) for conv in patch_embeddings]
+        used = part.absolute_layer(len(blocks)) + 1
+        units += [_unit(block, f"tower{index}", part.hidden_size, recomputed) for block in blocks[:used]]
+    return units
 
 
 class FlopModel:
@@ -120,8 +125,9 @@ class FlopModel:
         checkpointing = checkpointing or {}
         tower, lm = model.vision_tower, model.lm
         self.image_tokens = model.num_image_tokens
-        self.tower_tokens = tower.grid**2 + tower.num_prefix_tokens
-        self.patches = tower.grid**2
+        parts = tower.parts
+        self.tower_tokens = {f"tower{i}": part.grid**2 + part.num_prefix_tokens for i, part in enumerate(parts)}
+        self.patches = {f"patches{i}": part.grid**2 for i, part in enumerate(parts)}
         self.projector_tokens = tower.num_tokens
         lm_recomputed = LM_RECOMPUTED[checkpointing.get("lm", False)]
         self.image_units = _tower_units(tower, bool(checkpointing.get("vision")))
@@ -135,13 +141,14 @@ class FlopModel:
         `images` images and `supervised` positions in the loss."""
         sequence = text_tokens + images * self.image_tokens
         tokens = {
-            "patches": images * self.patches,
-            "tower": images * self.tower_tokens,
+            **{kind: images * count for kind, count in self.patches.items()},
+            **{kind: images * count for kind, count in self.tower_tokens.items()},
             "image": images * self.projector_tokens,
             "sequence": sequence,
             "supervised": supervised,
         }
-        sequences = {"tower": (images, self.tower_tokens), "sequence": (1.0, sequence)}
+        sequences: dict[str, tuple[float, float]] = {kind: (images, count) for kind, count in self.tower_tokens.items()}
+        sequences["sequence"] = (1.0, sequence)
         units = (self.image_units if images else []) + self.text_units
         useful = recompute = 0.0
         upstream_trains = False
@@ -152,7 +159,7 @@ class FlopModel:
             if unit.attention_width:
                 copies, length = sequences[unit.tokens]
                 attention = copies * 4.0 * unit.attention_width * length * length
-            flows = unit.trains or upstream_trains
+            flows = unit.trains or (upstream_trains and not unit.pixels_in)  # a tower starts from pixels
             backward = trained
             if flows:
                 backward += (0.0 if unit.pixels_in else dense) + 2.0 * attention

@@ -7,14 +7,16 @@ Qwen2.5, SmolLM2), the two are one matrix and must share one policy.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
 from mipha_lab.config import MODULES, Frozen, Full, Lora, ModulePolicy, QuirksConfig, StageConfig, Trainable
 from mipha_lab.errors import ConfigError
 from mipha_lab.model.adapters import add_lora
+from mipha_lab.model.vision import VisionTower
 from mipha_lab.model.vlm import MultimodalModel
 
 
@@ -29,11 +31,14 @@ class ModuleRow:
     lr: float | None
 
 
-def module_parameters(model: MultimodalModel) -> dict[str, list[tuple[str, nn.Parameter]]]:
-    """Each parameter in exactly one module group (a tied head counts under lm_embeddings)."""
+def module_parameters(
+    model: MultimodalModel, vision_towers: Sequence[str] = ()
+) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """Each parameter in exactly one module group (a tied head counts under lm_embeddings; a fused tower's
+    towers named in `vision_towers` are groups `vision.<tower>` of their own)."""
     lm = model.lm
     embeddings, head = lm.embeddings, lm.head
-    groups: dict[str, list[tuple[str, nn.Parameter]]] = {name: [] for name in MODULES}
+    groups: dict[str, list[tuple[str, nn.Parameter]]] = {name: [] for name in module_names(vision_towers)}
     seen: set[int] = set()
 
     def add(group: str, module: nn.Module, prefix: str) -> None:
@@ -42,12 +47,37 @@ def module_parameters(model: MultimodalModel) -> dict[str, list[tuple[str, nn.Pa
                 seen.add(id(param))
                 groups[group].append((name, param))
 
+    for tower in vision_towers:
+        add(f"vision.{tower}", sub_tower(model, tower), f"vision_tower.towers.{tower}")
     add("vision", model.vision_tower, "vision_tower")
     add("projector", model.projector, "projector")
     add("lm_embeddings", embeddings, "lm.embeddings")
     add("lm_head", head, "lm.head")
     add("lm_body", lm.module, "language_model")
     return groups
+
+
+def module_names(vision_towers: Sequence[str] = ()) -> list[str]:
+    """The modules in table order: `vision`, its towers with their own policy, then the rest."""
+    return [MODULES[0], *(f"vision.{tower}" for tower in vision_towers), *MODULES[1:]]
+
+
+def sub_tower(model: MultimodalModel, tower: str) -> VisionTower:
+    """A fused vision encoder's tower by name; other names (or a single tower) are a clear error."""
+    towers = getattr(model.vision_tower, "towers", None)
+    if not isinstance(towers, nn.ModuleDict) or tower not in towers:
+        available = f"its towers are {', '.join(towers)}" if isinstance(towers, nn.ModuleDict) else "it has one tower"
+        raise ConfigError(
+            f"trainable.vision.{tower}: the vision encoder '{model.vision_tower.name}' has no tower '{tower}' "
+            f"({available})"
+        )
+    return cast(VisionTower, towers[tower])
+
+
+def policy_of(trainable: Trainable, module: str) -> ModulePolicy:
+    if module.startswith("vision."):
+        return trainable.vision_towers[module.removeprefix("vision.")]
+    return getattr(trainable, module)
 
 
 def is_tied(model: MultimodalModel) -> bool:
@@ -60,6 +90,8 @@ def blocks(model: MultimodalModel, module: str) -> nn.ModuleList:
         return model.lm.layers
     if module == "vision":
         return model.vision_tower.blocks
+    if module.startswith("vision."):
+        return sub_tower(model, module.removeprefix("vision.")).blocks
     raise ConfigError(f"mode 'partial' applies to vision and lm_body, not {module}")
 
 
@@ -100,18 +132,27 @@ def apply_policy(
     quirks = quirks or QuirksConfig()
     trainable = with_quirks(stage.trainable, model, quirks)
     check_tied(trainable, model, llm_name)
-    for module in MODULES:
-        policy = getattr(trainable, module)
+    towers = list(trainable.vision_towers)
+    for module in module_names(towers):
+        policy = policy_of(trainable, module)
         if isinstance(policy, Lora):
+            if module.startswith("vision."):
+                raise ConfigError(
+                    f"stage '{stage.name}', trainable.{module}: LoRA applies to the whole vision encoder "
+                    "(trainable.vision), not to one of its towers"
+                )
             add_lora(model, module, policy.r, policy.alpha, policy.dropout, policy.target_modules)
-    groups = module_parameters(model)
+    try:
+        groups = module_parameters(model, towers)
+    except ConfigError as err:
+        raise ConfigError(f"stage '{stage.name}', {err}") from None
     param_groups: list[dict[str, Any]] = []
     rows: list[ModuleRow] = []
-    for module in MODULES:
-        policy = getattr(trainable, module)
+    for module in module_names(towers):
+        policy = policy_of(trainable, module)
         params = groups[module]
         try:
-            policy.apply(params, lambda: blocks(model, module))  # noqa: B023 - called at once
+            policy.apply(params, lambda: list(blocks(model, module)))  # noqa: B023 - called at once
         except ConfigError as err:
             raise ConfigError(f"stage '{stage.name}', trainable.{module}: {err}") from None
         chosen = [(n, p) for n, p in params if p.requires_grad]

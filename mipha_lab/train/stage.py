@@ -22,7 +22,7 @@ from mipha_lab.data.templates import get_template
 from mipha_lab.distributed import Distributed, gather_objects, whole_parameters
 from mipha_lab.errors import ConfigError
 from mipha_lab.model import MultimodalModel
-from mipha_lab.model.image_processing import ImageProcessor
+from mipha_lab.model.image_processing import image_processor
 from mipha_lab.runs.folder import RunFolder
 from mipha_lab.train import faults, preemption
 from mipha_lab.train.checkpoint import CheckpointWriter, TrainState, load_model_state, load_rng
@@ -43,7 +43,7 @@ def stage_dataset(model: MultimodalModel, stage: StageConfig, experiment: Experi
         records,
         get_template(stage.template),
         model.tokenizer,
-        ImageProcessor(model.vision_tower.image_spec, stage.image_strategy),
+        image_processor(model.vision_tower.image_specs, stage.image_strategy),
         max_length=stage.max_length,
         image_tokens=model.num_image_tokens,
         policy=stage.bad_samples,
