@@ -211,6 +211,12 @@ class SpeedConfig(StrictModel):
     fused_loss: Literal["off", "chunked", "liger"] = "off"
     fused_optimizer: bool | None = None  # AdamW's fused kernel (default: on GPUs)
 
+    @field_validator("fused_loss", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        """YAML reads a bare `off` as false."""
+        return "off" if value is False else value
+
 
 class QuirksConfig(StrictModel):
     """Behaviours of the original that changed what the released models learned (mipha-reference.md

@@ -329,3 +329,14 @@ def test_training_keeps_freed_memory_instead_of_faulting_it_in_every_step():
         for mode in ("default", "keep")
     }
     assert kept["default"] < 20 << 20 <= kept["keep"]
+
+
+def test_fused_loss_under_zero3_is_refused_by_name():
+    """DeepSpeed ZeRO-3 keeps the head's weight partitioned outside the head's forward; the chunked loss's
+    recomputation in backward then sees an empty weight (a CheckpointError deep in the step), so the stage
+    refuses the combination before training."""
+    exp = experiment("engine.zero_stage=3", "stages.1.speed.fused_loss=chunked")
+    model = build_model(exp, with_tokenizer=False)
+    with pytest.raises(ConfigError, match=r"stage 'instruct': speed.fused_loss: chunked does not work under ZeRO-3"):
+        apply_speed(model, exp.stages[1], exp, torch.device("cpu"), 2)
+    apply_speed(model, exp.stages[1], exp, torch.device("cpu"), 1)  # one process trains without DeepSpeed

@@ -154,6 +154,12 @@ def apply_speed(
     model: MultimodalModel, stage: StageConfig, experiment: Experiment, device: torch.device, gpus: int
 ) -> Recompute:
     """Everything a stage's settings ask of the model before its engine is made; the LM recomputation chosen."""
+    if stage.speed.fused_loss != "off" and experiment.zero_stage(stage) == 3 and gpus > 1:
+        raise ConfigError(
+            f"stage '{stage.name}': speed.fused_loss: {stage.speed.fused_loss} does not work under ZeRO-3, which "
+            "partitions the head's weight outside the head's own forward (the chunked loss recomputes it in "
+            "backward, Liger reads it directly); use fused_loss: off with ZeRO-3, or ZeRO-2"
+        )
     recompute = lm_recompute(model, stage, experiment, gpus, device_memory_gib(device))
     set_layers(model, stage, recompute)
     model.fused_loss = stage.speed.fused_loss
