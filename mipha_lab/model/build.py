@@ -100,7 +100,7 @@ def _fused_tower(
         towers[key], spec = build_vision(sub.card, pretrained=pretrained, image_size=side)
         if spec.card is None:
             raise ConfigError(f"fused vision encoder '{card.name}': tower '{key}' must be a card, got {sub.card!r}")
-        resolved[key] = SubTower(card=validate(VisionCard, spec.card, f"{card.name}: towers.{key}"))
+        resolved[key] = SubTower.model_validate({"card": spec.card})
     tower = FusedVisionTower(towers, card.grid, card.name)
     fused = card.model_copy(update={"towers": resolved}).named(card.name, card.source)
     return tower, ComponentSpec(name=card.name, card=fused.to_dict())
