@@ -30,6 +30,7 @@ from mipha_lab.constants import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from mipha_lab.data.batching import collate_padded
 from mipha_lab.data.llava import LlavaDataset, read_records
 from mipha_lab.data.templates import PHI_SYSTEM, get_template
+from mipha_lab.model.image_layout import ImageLayout
 from mipha_lab.model.image_processing import ImageProcessor
 from mipha_lab.model.language import (
     LLM,
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             tokenizer,
             ImageProcessor(VISION.get("siglip-so400m-384").image, "pad"),
             max_length=4096,
-            image_tokens=729,
+            layout=ImageLayout(None, 384, 729),
         )
         reference = ReferenceDataset(path, Path(tmp) / "images", tokenizer)
         for a, b in zip(loader(ours, 0), loader(reference, 0), strict=True):

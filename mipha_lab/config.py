@@ -31,6 +31,39 @@ if TYPE_CHECKING:  # the policies' apply() sets flags on torch parameters; the s
 MODULES = ("vision", "projector", "lm_body", "lm_embeddings", "lm_head")
 
 
+LLAVA_NEXT_GRIDS = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))  # LLaVA-NeXT's image_grid_pinpoints, in tiles
+
+
+class AnyresTiling(StrictModel):
+    """LLaVA-NeXT's any-resolution tiling: the image on the grid of tiles that keeps the most of it, each tile
+    and the whole image through the encoder, a learned newline after each row (model/tiling.py)."""
+
+    kind: Literal["anyres"] = "anyres"
+    # the allowed grids as (rows, columns) of encoder-sized tiles: the visual-token budget
+    grids: list[tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]]] = Field(
+        default_factory=lambda: [tuple(grid) for grid in LLAVA_NEXT_GRIDS], min_length=1
+    )
+
+    @property
+    def max_tiles(self) -> int:
+        return max(rows * columns for rows, columns in self.grids)
+
+
+class SplitTiling(StrictModel):
+    """Idefics3 / SmolVLM image splitting: the image resized so its longest edge is `max_side` tiles (then up
+    to whole tiles), cut into tiles framed by row/column text markers, plus the whole image as one tile."""
+
+    kind: Literal["split"] = "split"
+    max_side: int = Field(4, ge=1)  # the longest edge in tiles: at most max_side^2 tiles + the global view
+
+    @property
+    def max_tiles(self) -> int:
+        return self.max_side**2
+
+
+Tiling = Annotated[AnyresTiling | SplitTiling, Field(discriminator="kind")]
+
+
 class ModelConfig(StrictModel):
     """Which components the model is built from, and how (feature layer, resolution, attention, weights)."""
 
@@ -47,6 +80,7 @@ class ModelConfig(StrictModel):
     pretrained: bool = True  # load the cards' hub weights (tiny cards have none: random init)
     max_positions: int | None = None
     card_dirs: list[str] = Field(default_factory=list)
+    tiling: Tiling | None = None  # high resolution by tiles (`anyres` or `split`); none: one square image
 
 
 class _Policy(StrictModel):

@@ -112,15 +112,17 @@ def plan_experiment(experiment: Experiment, gpu: str = "H100", num_gpus: int = 8
             stage.max_steps if stage.max_steps is not None else max(1, math.floor((stage.epochs or 1.0) * per_epoch))
         )
         recompute = lm_recompute(model, stage, experiment, num_gpus, GPU_MEMORY_GIB[gpu])
+        layout = model.layout  # a tiled image is counted at its budget: the most frames and tokens it can take
         flops = sample_flops(
             model,
             data["text_tokens"],
-            data["images"],
+            data["images"] * layout.max_frames,
             data["supervised_tokens"],
             {"vision": stage.activation_checkpointing.vision, "lm": recompute},
+            data["images"] * layout.max_visual_tokens,
         )
         per_sample = flops.useful + flops.recompute
-        tokens = data["text_tokens"] + data["images"] * model.num_image_tokens
+        tokens = data["text_tokens"] + data["images"] * layout.max_visual_tokens
         groups = module_parameters(model)
         trainable = {name: sum(p.numel() for _, p in group if p.requires_grad) for name, group in groups.items()}
         gpu_hours = steps * stage.global_batch * per_sample / (peak * mfu) / 3600
@@ -153,7 +155,8 @@ def plan_experiment(experiment: Experiment, gpu: str = "H100", num_gpus: int = 8
     return {
         "experiment": experiment.source or experiment.run_name,
         "params": params,
-        "visual_tokens": model.num_image_tokens,
+        "visual_tokens": model.layout.max_visual_tokens,
+        "frames_per_image": model.layout.max_frames,
         "assumptions": {"gpu": gpu, "num_gpus": num_gpus, "mfu": mfu, "peak_tflops": peak / 1e12},
         "stages": stages,
         "total_gpu_hours": round(sum(s["gpu_hours"] for s in stages), 4),
@@ -166,7 +169,8 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"plan of {plan['experiment']} on {a['num_gpus']} x {a['gpu']} at {a['mfu']:.0%} MFU "
         f"({a['peak_tflops']:.0f} TFLOP/s peak bf16)",
         f"parameters: vision {p['vision']:,}, projector {p['projector']:,}, LM {p['llm']:,}, total {p['total']:,}; "
-        f"{plan['visual_tokens']} visual tokens per image",
+        f"{plan['visual_tokens']} visual tokens per image"
+        + (f" at most ({plan['frames_per_image']} encoder frames, counted at that budget)" if plan["frames_per_image"] > 1 else ""),
         "| stage | samples | steps | trainable | tokens/sample | TFLOP/sample | GiB/GPU | GPU hours |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]

@@ -53,7 +53,7 @@ def dataset(model, records, policy="skip", max_length=2048, strategy="pad"):
         model.tokenizer,
         ImageProcessor(model.vision_tower.image_spec, strategy),
         max_length=max_length,
-        image_tokens=model.num_image_tokens,
+        layout=model.layout,
         policy=policy,
     )
 

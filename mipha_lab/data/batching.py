@@ -139,10 +139,18 @@ def _split_skipped(items: Sequence[dict | Skipped]) -> tuple[list[dict], list[Sk
     return good, [item for item in items if isinstance(item, Skipped)]
 
 
-def _images(good: list[dict]) -> tuple[torch.Tensor | None, torch.Tensor]:
+def _images(good: list[dict]) -> dict[str, Any]:
+    """The batch's frames in order, the <image> placeholders per sample, and at each placeholder its visual
+    tokens, its encoder frames and (tiled models) its image's (height, width)."""
     pixels = [item["pixel_values"] for item in good if item["pixel_values"] is not None]
-    counts = torch.tensor([0 if item["pixel_values"] is None else len(item["pixel_values"]) for item in good])
-    return (torch.cat(pixels) if pixels else None), counts
+    empty = torch.zeros(0, dtype=torch.long)
+    return {
+        "pixel_values": torch.cat(pixels) if pixels else None,
+        "image_counts": torch.tensor([len(item["image_tokens"]) for item in good], dtype=torch.long),
+        "image_tokens": torch.cat([item["image_tokens"] for item in good]) if good else empty,
+        "image_frames": torch.cat([item["image_frames"] for item in good]) if good else empty,
+        "image_sizes": torch.cat([item["image_sizes"] for item in good]) if good else empty.reshape(0, 2),
+    }
 
 
 def collate_padded(items: Sequence[dict | Skipped]) -> dict[str, Any]:
@@ -155,13 +163,11 @@ def collate_padded(items: Sequence[dict | Skipped]) -> dict[str, Any]:
     for row, item in enumerate(good):
         n = len(item["input_ids"])
         input_ids[row, :n], labels[row, :n], mask[row, :n] = item["input_ids"], item["labels"], 1
-    pixels, counts = _images(good)
     return {
         "input_ids": input_ids,
         "attention_mask": mask,
         "labels": labels,
-        "pixel_values": pixels,
-        "image_counts": counts,
+        **_images(good),
         "ids": [item["id"] for item in good],
         "skipped": skipped,
         "segment_ids": None,
@@ -171,7 +177,7 @@ def collate_padded(items: Sequence[dict | Skipped]) -> dict[str, Any]:
 def collate_packed(items: Sequence[dict | Skipped]) -> dict[str, Any]:
     """All samples of the micro-batch in one row; `segment_ids` keep them apart in attention."""
     good, skipped = _split_skipped(items)
-    pixels, counts = _images(good)
+    images = _images(good)
 
     def cat(key: str) -> torch.Tensor:
         return torch.cat([item[key] for item in good]).unsqueeze(0) if good else torch.zeros(1, 0, dtype=torch.long)
@@ -187,8 +193,8 @@ def collate_packed(items: Sequence[dict | Skipped]) -> dict[str, Any]:
         "input_ids": input_ids,
         "attention_mask": torch.ones_like(input_ids),
         "labels": labels,
-        "pixel_values": pixels,
-        "image_counts": counts.sum().reshape(1),
+        **images,
+        "image_counts": images["image_counts"].sum().reshape(1),
         "ids": [item["id"] for item in good],
         "skipped": skipped,
         "segment_ids": segments.long().unsqueeze(0),

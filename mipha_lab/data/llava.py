@@ -22,7 +22,10 @@ from mipha_lab.data.image_files import ImageTooLarge, open_rgb
 from mipha_lab.data.problems import BadSamplePolicy, SampleError, Skipped
 from mipha_lab.data.templates import MaskError, Template, check_tokenizer, encode
 from mipha_lab.errors import ConfigError, InputError
+from mipha_lab.data.image_placement import header_size, image_markup, placeholders
+from mipha_lab.model.image_layout import ImageLayout, TiledProcessor
 from mipha_lab.model.image_processing import ImageProcessor, StackedProcessor
+from mipha_lab.model.tiling import Size
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -158,10 +161,12 @@ def load_image(path: Path, sample_id: str, max_pixels: int | None = MAX_IMAGE_PI
 
 
 class LlavaDataset(torch.utils.data.Dataset):
-    """Records -> {input_ids, labels, pixel_values, id}; images open only in __getitem__.
+    """Records -> {input_ids, labels, pixel_values, image_sizes, image_tokens, id}; images open only in
+    __getitem__.
 
     `lengths` (words + image tokens, signed by modality like the original's `modality_lengths`) are
-    available without decoding any image, for the samplers.
+    available without decoding any image, for the samplers. `layout` says how many visual tokens each image
+    takes (tiled images: from the size in the file's header).
     """
 
     def __init__(
@@ -169,10 +174,10 @@ class LlavaDataset(torch.utils.data.Dataset):
         records: Sequence[Record],
         template: Template,
         tokenizer: Any,
-        processor: ImageProcessor | StackedProcessor | None,
+        processor: ImageProcessor | StackedProcessor | TiledProcessor | None,
         *,
         max_length: int,
-        image_tokens: int,
+        layout: ImageLayout,
         policy: BadSamplePolicy = "skip",
         mask_first_answer_token: bool = False,
         max_image_pixels: int | None = MAX_IMAGE_PIXELS,
@@ -182,7 +187,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         check_tokenizer(template, tokenizer)
         self.records = list(records)
         self.template, self.tokenizer, self.processor = template, tokenizer, processor
-        self.max_length, self.image_tokens, self.policy = max_length, image_tokens, policy
+        self.max_length, self.layout, self.policy = max_length, layout, policy
         self.mask_first_answer_token = mask_first_answer_token
         self.max_image_pixels = max_image_pixels
         self._token_lengths: list[int] | None = None
@@ -193,7 +198,34 @@ class LlavaDataset(torch.utils.data.Dataset):
     @property
     def lengths(self) -> list[int]:
         """Approximate lengths, positive for samples with images and negative for text-only ones."""
-        return [r.words + len(r.images) * self.image_tokens if r.has_image else -max(r.words, 1) for r in self.records]
+        per_image = self.layout.max_visual_tokens
+        return [r.words + len(r.images) * per_image if r.has_image else -max(r.words, 1) for r in self.records]
+
+    def _sizes(self, record: Record) -> list[Size]:
+        """The images' (height, width) from their headers, where the tiling needs them (else empty)."""
+        if self.layout.tiling is None:
+            return []
+        try:
+            return [header_size(Path(record.root) / name) for name in record.images]
+        except (OSError, UnidentifiedImageError, ValueError) as err:
+            raise SampleError(record.sample_id, "unreadable_image", str(err)) from None
+
+    def _encoded(self, record: Record, sizes: list[Size]) -> tuple[Any, int, tuple[list[int], list[int], list[Size]]]:
+        """(token ids and labels, positions after splicing, the placeholders' visual tokens, frames and sizes)."""
+        encoded = encode(
+            self.template,
+            self.tokenizer,
+            record.messages,
+            sample_id=record.sample_id,
+            mask_first_answer_token=self.mask_first_answer_token,
+            image_markup=image_markup(self.layout, self.template, sizes) if sizes else None,
+        )
+        if sizes:
+            placed = placeholders(self.layout, sizes)
+        else:
+            placed = [self.layout.frame_tokens] * len(record.images), [1] * len(record.images), []
+        tokens = placed[0]
+        return encoded, len(encoded.input_ids) + sum(tokens) - len(tokens), placed
 
     def token_lengths(self) -> list[int]:
         """Exact positions per sample after splicing (tokenizes every conversation once, opens no image);
@@ -203,9 +235,8 @@ class LlavaDataset(torch.utils.data.Dataset):
         lengths = []
         for record in self.records:
             try:
-                ids = encode(self.template, self.tokenizer, record.messages, sample_id=record.sample_id).input_ids
-                lengths.append(len(ids) + len(record.images) * (self.image_tokens - 1))
-            except InputError:
+                lengths.append(self._encoded(record, self._sizes(record))[1])
+            except (InputError, SampleError):
                 lengths.append(0)
         self._token_lengths = lengths
         return lengths
@@ -214,18 +245,11 @@ class LlavaDataset(torch.utils.data.Dataset):
         """The sample, or SampleError."""
         record = self.records[index]
         try:
-            encoded = encode(
-                self.template,
-                self.tokenizer,
-                record.messages,
-                sample_id=record.sample_id,
-                mask_first_answer_token=self.mask_first_answer_token,
-            )
+            encoded, length, (tokens, frames, sizes) = self._encoded(record, self._sizes(record))
         except MaskError as err:
             raise SampleError(record.sample_id, "mask_error", str(err)) from None
         except InputError as err:
             raise SampleError(record.sample_id, "bad_conversation", str(err)) from None
-        length = len(encoded.input_ids) + len(record.images) * (self.image_tokens - 1)
         if length > self.max_length:
             raise SampleError(record.sample_id, "too_long", f"{length} positions > max length {self.max_length}")
         pixels = None
@@ -236,12 +260,18 @@ class LlavaDataset(torch.utils.data.Dataset):
                 load_image(Path(record.root) / name, record.sample_id, self.max_image_pixels) for name in record.images
             ]
             processed = [self.processor(image) for image in images]
-            pixels = processed[0][None] if len(processed) == 1 else torch.stack(processed)
+            if self.layout.tiling is None:
+                pixels = processed[0][None] if len(processed) == 1 else torch.stack(processed)
+            else:  # each image's frames, images in order
+                pixels = processed[0] if len(processed) == 1 else torch.cat(processed)
         return {
             "id": record.sample_id,
             "input_ids": torch.tensor(encoded.input_ids),
             "labels": torch.tensor(encoded.labels),
             "pixel_values": pixels,
+            "image_sizes": torch.tensor(sizes, dtype=torch.long).reshape(-1, 2),
+            "image_tokens": torch.tensor(tokens, dtype=torch.long),
+            "image_frames": torch.tensor(frames, dtype=torch.long),
             "length": length,
         }
 

@@ -78,10 +78,24 @@ class Template:
     end: str  # ends each answer; supervised with it
     after_end: str = ""  # masked text after the end token (e.g. chatml's newline)
     bos: str | None = None
+    tile_marker: str = "<row_{row}_col_{column}>"  # split tiling: before each tile's <image>
+    global_marker: str = "<global-img>"  # split tiling: before the whole image's <image>
 
     @property
     def stop_strings(self) -> list[str]:
         return [self.end]
+
+    def split_markup(self, rows: int, columns: int) -> str:
+        """A split image's text (Idefics3's layout): each tile's marker and <image>, a newline after each row,
+        then a newline, the whole image's marker and its <image>; an untiled image is the last part alone."""
+        whole = self.global_marker + IMAGE_TOKEN
+        if not rows:
+            return whole
+        tiles = "".join(
+            "".join(self.tile_marker.format(row=r + 1, column=c + 1) + IMAGE_TOKEN for c in range(columns)) + "\n"
+            for r in range(rows)
+        )
+        return f"{tiles}\n{whole}"
 
     def split_assistant_tag(self) -> tuple[str, str]:
         """(the tag as the inference prompt ends it, the rest that the model generates)."""
@@ -267,9 +281,11 @@ def encode(
     *,
     sample_id: str = "?",
     mask_first_answer_token: bool = False,
+    image_markup: Sequence[str] | None = None,
 ) -> Encoded:
-    """Tokenize the rendered conversation once and build labels from the offset mapping."""
-    segments = template.render(messages)
+    """Tokenize the rendered conversation once and build labels from the offset mapping. `image_markup`
+    replaces the conversation's images in order (a split image's tiles and markers)."""
+    segments = expand_images(template.render(messages), image_markup)
     text = "".join(s.text for s in segments)
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = np.asarray(encoding["input_ids"], dtype=np.int64)
@@ -305,7 +321,23 @@ def encode(
     return Encoded(input_ids.tolist(), labels.tolist())
 
 
-def encode_prompt(template: Template, tokenizer: Any, messages: Sequence[Message]) -> list[int]:
-    """Token ids of an inference prompt (with IMAGE_TOKEN_INDEX at images)."""
-    ids = np.asarray(tokenizer(template.prompt(messages), add_special_tokens=False)["input_ids"], dtype=np.int64)
+def expand_images(segments: list[Segment], image_markup: Sequence[str] | None) -> list[Segment]:
+    """The segments with the k-th <image> replaced by `image_markup[k]` (unchanged without markup)."""
+    if image_markup is None:
+        return segments
+    markup = iter(image_markup)
+    expanded = []
+    for segment in segments:
+        pieces = segment.text.split(IMAGE_TOKEN)
+        text = pieces[0] + "".join(next(markup) + piece for piece in pieces[1:])
+        expanded.append(Segment(text, segment.supervised))
+    return expanded
+
+
+def encode_prompt(
+    template: Template, tokenizer: Any, messages: Sequence[Message], image_markup: Sequence[str] | None = None
+) -> list[int]:
+    """Token ids of an inference prompt (with IMAGE_TOKEN_INDEX at images, expanded by `image_markup`)."""
+    (prompt,) = expand_images([Segment(template.prompt(messages))], image_markup)
+    ids = np.asarray(tokenizer(prompt.text, add_special_tokens=False)["input_ids"], dtype=np.int64)
     return np.where(ids == tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), IMAGE_TOKEN_INDEX, ids).tolist()

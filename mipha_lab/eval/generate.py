@@ -14,8 +14,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from mipha_lab.data.image_placement import image_markup
 from mipha_lab.data.templates import Template, encode_prompt
-from mipha_lab.model.image_processing import Strategy, image_processor
+from mipha_lab.model.image_processing import Strategy
 
 log = logging.getLogger(__name__)
 
@@ -41,25 +42,30 @@ def answer_questions(
     """Answers in question order: {question_id, prompt, text, answer_id, model_id, metadata}.
     `questions` are eval.benchmarks.Question objects; an unreadable image is counted, reported and
     answered with an empty string; `partial` receives each batch's answers as soon as they exist."""
-    processor = image_processor(model.vision_tower.image_specs, strategy)
+    processor = model.image_processor(strategy)
     tokenizer = model.tokenizer
     done: dict[str, dict[str, Any]] = {}
     todo = list(questions)
-    prompts = {
-        id(q): encode_prompt(
-            template, tokenizer, [{"role": "user", "content": ("<image>\n" if q.image else "") + q.text}]
-        )
-        for q in todo
-    }
+
+    def messages(q: Any) -> list[dict[str, str]]:
+        return [{"role": "user", "content": ("<image>\n" if q.image else "") + q.text}]
+
+    prompts = {id(q): encode_prompt(template, tokenizer, messages(q)) for q in todo}
     todo.sort(key=lambda q: len(prompts[id(q)]))  # similar lengths batch together: little padding
     unreadable = []
     bar = tqdm(total=len(todo), desc=desc, unit="question", dynamic_ncols=True, disable=not progress)
     for start in range(0, len(todo), batch_size):
         chunk = list(todo[start : start + batch_size])
-        pixels = []
+        pixels, sizes = [], []
         for q in [q for q in chunk if q.image is not None]:
             try:
-                pixels.append(processor(q.image()))
+                image = q.image()
+                frames = processor(image)
+                pixels.append(frames if model.config.tiling else frames[None])
+                sizes.append((image.height, image.width))
+                markup = image_markup(model.layout, template, sizes[-1:])
+                if markup is not None:  # a split image's tiles and markers
+                    prompts[id(q)] = encode_prompt(template, tokenizer, messages(q), markup)
             except (OSError, ValueError) as err:
                 unreadable.append(f"{q.question_id} ({err})")
                 done[answer_key(q.question_id, q.text)] = _record(q, "", model_id, {"error": "unreadable image"})
@@ -69,7 +75,9 @@ def answer_questions(
                         handle.write(json.dumps(done[answer_key(q.question_id, q.text)]) + "\n")
         if chunk:
             for q, text in zip(
-                chunk, _generate(model, template, [prompts[id(q)] for q in chunk], pixels, max_new_tokens), strict=False
+                chunk,
+                _generate(model, template, [prompts[id(q)] for q in chunk], pixels, sizes, max_new_tokens),
+                strict=False,
             ):
                 done[answer_key(q.question_id, q.text)] = _record(q, text, model_id)
             if partial is not None:
@@ -94,8 +102,14 @@ def _record(question: Any, text: str, model_id: str, metadata: dict | None = Non
 
 
 def _generate(
-    model: Any, template: Template, prompts: list[list[int]], pixels: list[torch.Tensor], max_new_tokens: int
+    model: Any,
+    template: Template,
+    prompts: list[list[int]],
+    pixels: list[torch.Tensor],
+    sizes: list[tuple[int, int]],
+    max_new_tokens: int,
 ) -> list[str]:
+    """Answers to a batch of prompts; `pixels` holds each image's frames, `sizes` each image's (height, width)."""
     width = max(map(len, prompts))
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -105,8 +119,9 @@ def _generate(
     out = model.generate(
         ids.to(device),
         mask.to(device),
-        torch.stack(pixels).to(device) if pixels else None,
+        torch.cat(pixels).to(device) if pixels else None,
         max_new_tokens=max_new_tokens,
+        image_sizes=sizes,
         stop_strings=template.stop_strings,
     )
     texts = []

@@ -22,7 +22,7 @@ from mipha_lab.registry.cards import ImageSpec
 
 Strategy = Literal["square", "pad", "resize-naive", "resize-crop"]
 STRATEGIES = ("square", "pad", "resize-naive", "resize-crop")
-_RESAMPLE = {
+RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,
     "bilinear": Image.Resampling.BILINEAR,
     "nearest": Image.Resampling.NEAREST,
@@ -52,7 +52,7 @@ class ImageProcessor:
         self._std = np.asarray(spec.std, dtype=np.float32)[:, None, None]
 
     def _resize(self, image: Image.Image, mode: str, size: int) -> Image.Image:
-        resample = _RESAMPLE[self.spec.resample]
+        resample = RESAMPLE[self.spec.resample]
         if mode == "square":
             return image.resize((size, size), resample)
         width, height = image.size
@@ -86,7 +86,7 @@ class ImageProcessor:
         two separable passes (horizontal first), so the pixels are identical (tested) at a quarter less
         work and no full-size padded copy."""
         width, height = image.size
-        target, resample = self.spec.resize_size, _RESAMPLE[self.spec.resample]
+        target, resample = self.spec.resize_size, RESAMPLE[self.spec.resample]
         if width <= height:
             return expand_to_square(image, self.spec.fill_color).resize((target, target), resample)
         rows = image.resize((target, height), resample)
@@ -111,7 +111,7 @@ class ImageProcessor:
         config = {
             "do_convert_rgb": True,
             "do_resize": True,
-            "resample": int(_RESAMPLE[spec.resample]),
+            "resample": int(RESAMPLE[spec.resample]),
             "do_rescale": True,
             "rescale_factor": spec.rescale_factor,
             "do_normalize": True,
@@ -154,7 +154,7 @@ def spec_from_hf_config(config: dict, fallback_size: int) -> ImageSpec:
     """The ImageSpec a transformers `preprocessor_config.json` describes (SigLIP: a square resize; CLIP and
     DINOv2: shortest edge, then a centre crop), so a released checkpoint keeps its own preprocessing."""
     size = config.get("size", fallback_size)
-    names = {int(v): k for k, v in _RESAMPLE.items()}
+    names = {int(v): k for k, v in RESAMPLE.items()}
     crop = config.get("crop_size") if config.get("do_center_crop", "crop_size" in config) else None
     crop_side = crop if isinstance(crop, int) or crop is None else crop.get("height", crop.get("shortest_edge"))
     if isinstance(size, dict) and "shortest_edge" in size:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mipha_lab.config import Experiment
+from mipha_lab.config import Experiment, Tiling
 from mipha_lab.model.build import LLMSpec, VisionSpec, build_llm, build_projector, build_vision
 from mipha_lab.model.language import resolve_attn_implementation
 from mipha_lab.model.lm_interface import LanguageModel
@@ -36,10 +36,12 @@ def build_vlm(
     with_tokenizer: bool = True,
     image_size: int | None = None,
     imports: list[str] | None = None,
+    tiling: Tiling | None = None,
 ) -> MultimodalModel:
     """Build a model from registry names (`build_vlm("tiny-siglip-so400m-384", "tiny-phi-2")`), cards
     or objects. `pretrained` loads the cards' hub weights (the tiny cards have none: random init);
-    `imports` records the modules that registered Python components (config.json's `imports`)."""
+    `imports` records the modules that registered Python components (config.json's `imports`); `tiling`
+    cuts each image into encoder-sized tiles (config.py's AnyresTiling / SplitTiling)."""
     tower, vision_spec = build_vision(
         vision, pretrained=pretrained, feature_layer=feature_layer, select=select, image_size=image_size
     )
@@ -56,6 +58,7 @@ def build_vlm(
         max_positions=max_positions or LanguageModel(lm).config.max_position_embeddings,
         attn_implementation=attn_implementation,
         imports=list(imports or []),
+        tiling=tiling,
     )
     return MultimodalModel(tower, proj, lm, config, tokenizer if tokenizer is not None else card_tokenizer)
 
@@ -77,6 +80,7 @@ def build_model(experiment: Experiment, with_tokenizer: bool = True) -> Multimod
         with_tokenizer=with_tokenizer,
         image_size=m.image_size,
         imports=experiment.imports,
+        tiling=m.tiling,
     )
 
 

@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from mipha_lab.config import Tiling
 from mipha_lab.constants import IMAGE_TOKEN_INDEX
 from mipha_lab.validation import StrictModel
 
@@ -47,3 +48,4 @@ class VLMConfig(StrictModel):
     attn_implementation: str = "sdpa"
     adapters: list[LoraSpec] = Field(default_factory=list)  # LoRA adapters held unmerged in the weights
     imports: list[str] = Field(default_factory=list)  # modules that registered its Python components (recorded only)
+    tiling: Tiling | None = None  # how an image becomes tiles (config.py); none: one square image

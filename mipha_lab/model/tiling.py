@@ -156,6 +156,14 @@ def tile_multiple_size(image: Size, tile: int) -> Size:
     return height, width
 
 
+def split_grid(image: Size, longest_edge: int, tile: int) -> Size:
+    """(rows, columns) of tiles `split_image` cuts an image of this size into; (0, 0) when it fits one tile."""
+    height, width = tile_multiple_size(longest_edge_size(image, longest_edge), tile)
+    if height <= tile and width <= tile:
+        return 0, 0
+    return height // tile, width // tile
+
+
 def split_image(
     image: Image.Image, longest_edge: int, tile: int, resample: Image.Resampling
 ) -> tuple[list[Image.Image], int, int]:
@@ -166,10 +174,7 @@ def split_image(
     image = image.resize((first_width, first_height), resample)
     tiled_height, tiled_width = tile_multiple_size((first_height, first_width), tile)
     image = image.resize((tiled_width, tiled_height), resample)
-    if tiled_height <= tile and tiled_width <= tile:
+    rows, columns = split_grid((height, width), longest_edge, tile)
+    if not rows:
         return [image], 0, 0
-    rows, columns = tiled_height // tile, tiled_width // tile
-    tiles = [
-        image.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)) for r in range(rows) for c in range(columns)
-    ]
-    return [*tiles, image.resize((tile, tile), resample)], rows, columns
+    return [*grid_tiles(image, rows, columns, tile), image.resize((tile, tile), resample)], rows, columns

@@ -14,16 +14,19 @@ from safetensors.torch import save_file
 from torch import nn
 
 from mipha_lab.constants import IGNORE_INDEX
+from mipha_lab.config import AnyresTiling
 from mipha_lab.errors import ConfigError, UnknownNameError
 from mipha_lab.model.adapters import restore_adapters
 from mipha_lab.model.build import components_from_config
 from mipha_lab.model.embedding_scale import image_feature_factor, scale_features
 from mipha_lab.model.folder import read_model_folder
 from mipha_lab.model.fused_loss import FusedLoss, supervised_loss_sum
-from mipha_lab.model.image_processing import ImageProcessor
+from mipha_lab.model.image_layout import AnyresArranger, ImageLayout, TiledProcessor
+from mipha_lab.model.image_processing import ImageProcessor, StackedProcessor, Strategy, image_processor
 from mipha_lab.model.lm_interface import LanguageModel
 from mipha_lab.model.packed_attention import PACKED_SDPA, PackedSegments, without_cudnn_attention
 from mipha_lab.model.spec import VLMConfig
+from mipha_lab.model.tiling import Size
 from mipha_lab.model.splice import Spliced, block_causal_mask, check_image_counts, splice
 from mipha_lab.model.vision import VisionTower
 from mipha_lab.model.weights import WEIGHTS_NAME, place_weights
@@ -71,6 +74,9 @@ class MultimodalModel(nn.Module):
         self.truncated_samples = 0
         self.truncated_tokens = 0
         self.fused_loss: FusedLoss = "off"  # how the training loss runs the head (fused_loss.py); a stage sets it
+        self.layout = ImageLayout(config.tiling, vision_tower.image_size, self.num_image_tokens)
+        # anyres: the learned newline after each row of tiles' features (trained with the projector)
+        self.tiles = AnyresArranger(self.layout, self.lm.width) if isinstance(config.tiling, AnyresTiling) else None
         card = config.llm.card
         self.image_feature_factor = image_feature_factor(
             language_model, card.get("embedding_scale", "none") if card is not None else None, config.llm.name
@@ -84,15 +90,36 @@ class MultimodalModel(nn.Module):
     # ----------------------------------------------------------------- inputs
     @property
     def num_image_tokens(self) -> int:
+        """Visual tokens of one frame (the projector's output); a tiled image has several (`layout`)."""
         return self.projector.num_tokens(self.vision_tower.num_tokens)
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(N, 3, S, S) pixels -> (N, T, D_lm) projected features in the LM's dtype, scaled as the LM's text
-        embeddings are when looked up (Gemma under transformers 5; see embedding_scale.py)."""
+    def image_processor(self, strategy: Strategy = "square") -> ImageProcessor | StackedProcessor | TiledProcessor:
+        """PIL image -> what `pixel_values` holds for it: one frame, or a tiled image's frames (whose tiles and
+        whole view are squashed, never padded, so `strategy` applies only without tiling)."""
+        specs = self.vision_tower.image_specs
+        if self.config.tiling is None:
+            return image_processor(specs, strategy)
+        return TiledProcessor(image_processor(specs, "square"), self.layout)
+
+    def frame_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(frames, C, S, S) pixels -> (frames, T, D_lm): tower, projector, the LM's dtype and scale."""
         dtype = next(self.vision_tower.parameters()).dtype
         features = self.projector(self.vision_tower(pixel_values.to(dtype)))
-        features = features.to(self.lm.dtype)
-        return scale_features(features, self.image_feature_factor)
+        return scale_features(features.to(self.lm.dtype), self.image_feature_factor)
+
+    def encode_images(
+        self, pixel_values: torch.Tensor, image_sizes: Sequence[Size] | torch.Tensor | None = None
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """(frames, C, S, S) pixels -> (N, T, D_lm) projected features in the LM's dtype, scaled as the LM's text
+        embeddings are when looked up (Gemma under transformers 5; see embedding_scale.py). Under anyres the
+        frames of each image (of (height, width) `image_sizes`) become its own (T_i, D_lm) tokens."""
+        features = self.frame_features(pixel_values)
+        if self.tiles is None:
+            return features
+        if image_sizes is None:
+            raise ValueError("an anyres model needs each image's size (image_sizes) to place its tiles")
+        sizes = [(int(h), int(w)) for h, w in (image_sizes.tolist() if torch.is_tensor(image_sizes) else image_sizes)]
+        return self.tiles(features, sizes)
 
     def embed(
         self,
@@ -105,13 +132,16 @@ class MultimodalModel(nn.Module):
         image_counts: Sequence[int] | torch.Tensor | None = None,
         sample_ids: Sequence[str] | None = None,
         segment_ids: torch.Tensor | None = None,
+        image_sizes: Sequence[Size] | torch.Tensor | None = None,
     ) -> Spliced:
         """Token ids + images -> the LM's input embeddings (with labels, mask and positions)."""
         idx = self.config.image_token_index
         num_images = 0 if pixel_values is None else pixel_values.shape[0]
+        if self.tiles is not None and pixel_values is not None:
+            num_images = 0 if image_sizes is None else len(image_sizes)
         check_image_counts((input_ids == idx) & attention_mask.bool(), num_images, image_counts, sample_ids)
         text = self.lm.embeddings(input_ids.clamp(min=0))
-        features = self.encode_images(pixel_values) if pixel_values is not None and num_images else None
+        features = self.encode_images(pixel_values, image_sizes) if pixel_values is not None and num_images else None
         out = splice(
             input_ids,
             attention_mask,
@@ -126,8 +156,10 @@ class MultimodalModel(nn.Module):
         if features is None and self.training and torch.is_grad_enabled():
             # Every rank runs the tower on every step (ZeRO-3 gathers its weights collectively).
             size = self.vision_tower.image_size
-            dummy = self.encode_images(text.new_zeros(1, self.vision_tower.in_channels, size, size))
-            out.inputs_embeds = out.inputs_embeds + 0.0 * dummy.sum()
+            dummy = self.frame_features(text.new_zeros(1, self.vision_tower.in_channels, size, size)).sum()
+            if self.tiles is not None:
+                dummy = dummy + self.tiles.newline.sum()
+            out.inputs_embeds = out.inputs_embeds + 0.0 * dummy
         self._count_truncation(out.truncated)
         return out
 
@@ -160,6 +192,7 @@ class MultimodalModel(nn.Module):
         return_logits: bool = True,
         padding_side: Literal["right", "left"] = "right",
         segment_ids: torch.Tensor | None = None,
+        image_sizes: Sequence[Size] | torch.Tensor | None = None,
     ) -> VLMOutput:
         """Loss over supervised tokens (the head runs only on those) and, if asked, all logits.
 
@@ -174,6 +207,7 @@ class MultimodalModel(nn.Module):
             image_counts=image_counts,
             sample_ids=sample_ids,
             segment_ids=segment_ids,
+            image_sizes=image_sizes,
         )
         hidden = self.lm.hidden_states(spliced.inputs_embeds, spliced.position_ids, **self._attention_inputs(spliced))
         head = self.lm.head
@@ -224,6 +258,7 @@ class MultimodalModel(nn.Module):
         eos_token_id: int | Sequence[int] | None = None,
         streamer: Any = None,
         output_scores: bool = False,
+        image_sizes: Sequence[Size] | torch.Tensor | None = None,
     ) -> Any:
         """Batched generation with KV cache: greedy when `temperature` is 0, else sampling with top-p.
 
@@ -231,7 +266,7 @@ class MultimodalModel(nn.Module):
         Returns the new tokens (B, T) padded with the pad/eos id, or the full generate output when
         `output_scores` is set.
         """
-        spliced = self.embed(input_ids, attention_mask, pixel_values, padding_side="left")
+        spliced = self.embed(input_ids, attention_mask, pixel_values, padding_side="left", image_sizes=image_sizes)
         tok = self.tokenizer
         eos = eos_token_id if eos_token_id is not None else (tok.eos_token_id if tok is not None else None)
         pad = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else eos

@@ -14,9 +14,10 @@ import torch
 from PIL import Image
 
 from mipha_lab.data.image_files import open_rgb
+from mipha_lab.data.image_placement import image_markup
 from mipha_lab.data.templates import Template, encode_prompt
 from mipha_lab.errors import InputError
-from mipha_lab.model.image_processing import Strategy, image_processor
+from mipha_lab.model.image_processing import Strategy
 
 
 def open_image(source: str) -> Image.Image:
@@ -87,7 +88,7 @@ class Conversation:
     ) -> None:
         self.model, self.template = model, template
         self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
-        self.processor = image_processor(model.vision_tower.image_specs, image_strategy)
+        self.processor = model.image_processor(image_strategy)
         self.image: Image.Image | None = None
         self.messages: list[dict[str, str]] = []
 
@@ -104,10 +105,14 @@ class Conversation:
         first = not self.messages and self.image is not None
         self.messages.append({"role": "user", "content": ("<image>\n" if first else "") + text})
         device = next(self.model.parameters()).device
-        ids = torch.tensor([encode_prompt(self.template, self.model.tokenizer, self.messages)], device=device)
+        sizes = [] if self.image is None else [(self.image.height, self.image.width)]
+        markup = image_markup(self.model.layout, self.template, sizes) if sizes else None
+        prompt = encode_prompt(self.template, self.model.tokenizer, self.messages, markup)
+        ids = torch.tensor([prompt], device=device)
         pixels = None
         if self.image is not None:
-            pixels = self.processor(self.image)[None].to(device, next(self.model.parameters()).dtype)
+            frames = self.processor(self.image)
+            pixels = (frames if self.model.config.tiling else frames[None]).to(device, next(self.model.parameters()).dtype)
         started = [False]
 
         def emit_stripped(piece: str) -> None:  # the reply as printed equals the stripped answer
@@ -122,6 +127,7 @@ class Conversation:
             ids,
             torch.ones_like(ids),
             pixels,
+            image_sizes=sizes,
             max_new_tokens=self.max_new_tokens,
             temperature=self.temperature,
             top_p=self.top_p,

@@ -21,6 +21,7 @@ against torch's FLOP counter.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,10 +137,11 @@ class FlopModel:
         self.text_units = [_unit(layer, "sequence", width, lm_recomputed) for layer in lm.layers]
         self.text_units.append(_unit(lm.head, "supervised"))
 
-    def sample(self, text_tokens: float, images: float, supervised: float) -> Flops:
+    def sample(self, text_tokens: float, images: float, supervised: float, visual_tokens: float | None = None) -> Flops:
         """FLOPs to train on one sample with `text_tokens` text positions (image placeholders excluded),
-        `images` images and `supervised` positions in the loss."""
-        sequence = text_tokens + images * self.image_tokens
+        `images` encoder frames (a tiled image has several), `supervised` positions in the loss and
+        `visual_tokens` positions of image features in the LM (one frame's tokens per frame by default)."""
+        sequence = text_tokens + (images * self.image_tokens if visual_tokens is None else visual_tokens)
         tokens = {
             **{kind: images * count for kind, count in self.patches.items()},
             **{kind: images * count for kind, count in self.tower_tokens.items()},
@@ -168,10 +170,10 @@ class FlopModel:
             upstream_trains = flows
         return Flops(useful, recompute)
 
-    def batch(self, samples: list[tuple[int, int, int]]) -> Flops:
-        """Sum over samples given as (text tokens, images, supervised tokens): attention is quadratic in
-        each sample's own length, never in the batch's total."""
-        parts = [self.sample(text, images, supervised) for text, images, supervised in samples]
+    def batch(self, samples: Sequence[Sequence[float]]) -> Flops:
+        """Sum over samples given as (text tokens, frames, supervised tokens[, visual tokens]): attention is
+        quadratic in each sample's own length, never in the batch's total."""
+        parts = [self.sample(*sizes) for sizes in samples]
         return Flops(sum(f.useful for f in parts), sum(f.recompute for f in parts))
 
 
@@ -181,9 +183,10 @@ def sample_flops(
     images: float,
     supervised: float,
     checkpointing: dict[str, Any] | None = None,
+    visual_tokens: float | None = None,
 ) -> Flops:
     """One sample's FLOPs (see FlopModel.sample)."""
-    return FlopModel(model, checkpointing).sample(text_tokens, images, supervised)
+    return FlopModel(model, checkpointing).sample(text_tokens, images, supervised, visual_tokens)
 
 
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12}
@@ -194,10 +197,3 @@ def peak_flops(device_name: str | None) -> float | None:
     if not device_name:
         return None
     return next((value for key, value in PEAK_BF16.items() if key in device_name), None)
-
-
-def batch_flops(
-    model: MultimodalModel, samples: list[tuple[int, int, int]], checkpointing: dict[str, Any] | None = None
-) -> Flops:
-    """A batch's FLOPs (see FlopModel.batch)."""
-    return FlopModel(model, checkpointing).batch(samples)

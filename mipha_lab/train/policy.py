@@ -51,6 +51,8 @@ def module_parameters(
         add(f"vision.{tower}", sub_tower(model, tower), f"vision_tower.towers.{tower}")
     add("vision", model.vision_tower, "vision_tower")
     add("projector", model.projector, "projector")
+    if model.tiles is not None:  # anyres' newline trains with the projector, as in LLaVA-NeXT
+        add("projector", model.tiles, "tiles")
     add("lm_embeddings", embeddings, "lm.embeddings")
     add("lm_head", head, "lm.head")
     add("lm_body", lm.module, "language_model")

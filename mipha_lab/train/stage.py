@@ -22,7 +22,6 @@ from mipha_lab.data.templates import get_template
 from mipha_lab.distributed import Distributed, gather_objects, whole_parameters
 from mipha_lab.errors import ConfigError
 from mipha_lab.model import MultimodalModel
-from mipha_lab.model.image_processing import image_processor
 from mipha_lab.runs.folder import RunFolder
 from mipha_lab.train import faults, preemption
 from mipha_lab.train.checkpoint import CheckpointWriter, TrainState, load_model_state, load_rng
@@ -43,9 +42,9 @@ def stage_dataset(model: MultimodalModel, stage: StageConfig, experiment: Experi
         records,
         get_template(stage.template),
         model.tokenizer,
-        image_processor(model.vision_tower.image_specs, stage.image_strategy),
+        model.image_processor(stage.image_strategy),
         max_length=stage.max_length,
-        image_tokens=model.num_image_tokens,
+        layout=model.layout,
         policy=stage.bad_samples,
         mask_first_answer_token=experiment.quirks.mask_first_answer_token,
         max_image_pixels=experiment.max_image_pixels,
@@ -65,24 +64,21 @@ def gathered_state(model: MultimodalModel, dist: Distributed, zero3: bool) -> di
         return model.weights_to_save() if dist.main else None
 
 
-def sample_sizes(batch: dict[str, Any]) -> list[tuple[int, int, int]]:
-    """(text tokens without image placeholders, images, supervised tokens) of each sample of a batch;
-    a packed row is split at its segment boundaries."""
+def sample_sizes(batch: dict[str, Any]) -> list[tuple[int, int, int, int]]:
+    """(text tokens without image placeholders, encoder frames, supervised tokens, visual tokens) of each sample
+    of a batch; a packed row is split at its segment boundaries."""
     supervised = batch["labels"] != IGNORE_INDEX
-    if batch["segment_ids"] is None:
-        rows = zip(
-            batch["attention_mask"].sum(1).tolist(),
-            batch["image_counts"].tolist(),
-            supervised.sum(1).tolist(),
-            strict=True,
-        )
-        return [(int(n) - int(i), int(i), int(s)) for n, i, s in rows]
-    segments, ids = batch["segment_ids"][0], batch["input_ids"][0]
+    ids, valid = batch["input_ids"], batch["attention_mask"].bool()
+    is_image = (ids == IMAGE_TOKEN_INDEX) & valid
+    owner = batch["segment_ids"] if batch["segment_ids"] is not None else torch.arange(len(ids))[:, None].expand_as(ids)
+    owners = owner[is_image]  # the sample of each placeholder, in the batch's order of placeholders
+    frames, tokens = batch["image_frames"], batch["image_tokens"]
     sizes = []
-    for segment in segments.unique().tolist():
-        where = segments == segment
-        images = int((ids[where] == IMAGE_TOKEN_INDEX).sum())
-        sizes.append((int(where.sum()) - images, images, int(supervised[0][where].sum())))
+    for sample in owner[valid].unique().tolist():
+        mine, where = owners == sample, (owner == sample) & valid
+        placed = int(mine.sum())
+        text = int(where.sum()) - placed
+        sizes.append((text, int(frames[mine].sum()), int(supervised[where].sum()), int(tokens[mine].sum())))
     return sizes
 
 
@@ -267,7 +263,7 @@ class StageRunner:
         data_time = time.perf_counter() - start
         for batch in micro:
             report.add(batch["skipped"])
-        counts = global_counts(micro, model.num_image_tokens, model.config.max_positions, dist)
+        counts = global_counts(micro, model.config.max_positions, dist)
         if counts.samples == 0:
             raise ConfigError(
                 f"stage '{self.stage.name}', step {step + 1}: every sample of the global batch was skipped "

@@ -49,10 +49,9 @@ class StepFigures:
     optimizer_s: float  # clipping and the update
 
 
-def global_counts(
-    micro: list[dict[str, Any]], image_tokens: int, max_positions: int, dist: Distributed
-) -> GlobalCounts:
-    """Counted on every rank and summed, before any forward: the normalisation needs the global total."""
+def global_counts(micro: list[dict[str, Any]], max_positions: int, dist: Distributed) -> GlobalCounts:
+    """Counted on every rank and summed, before any forward: the normalisation needs the global total.
+    Each <image> placeholder becomes the visual tokens the batch records for it (`image_tokens`)."""
     local = [
         sum(
             float(
@@ -60,7 +59,7 @@ def global_counts(
                     b["input_ids"],
                     b["attention_mask"],
                     b["labels"],
-                    image_tokens,
+                    b["image_tokens"],
                     max_positions,
                     segment_ids=b.get("segment_ids"),
                 )
@@ -68,7 +67,7 @@ def global_counts(
             for b in micro
             if b["input_ids"].numel()
         ),
-        sum(float(b["attention_mask"].sum()) + float(b["image_counts"].sum()) * (image_tokens - 1) for b in micro),
+        sum(float(b["attention_mask"].sum()) + float((b["image_tokens"] - 1).sum()) for b in micro),
         sum(float(len(b["ids"])) for b in micro),
         sum(float(b["image_counts"].sum()) for b in micro),
     ]
@@ -83,6 +82,7 @@ def batch_forward(model: Any, batch: dict[str, Any]) -> Any:
         batch["pixel_values"],
         batch["labels"],
         image_counts=batch["image_counts"],
+        image_sizes=batch["image_sizes"],
         sample_ids=batch["ids"],
         segment_ids=batch["segment_ids"],
         return_logits=False,
