@@ -23,8 +23,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from transformers import GenerationConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+from transformers import (
+    GenerationConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextProcessor,
+    LlavaProcessor,
+)
 
+from mipha_lab.config import AnyresTiling, SplitTiling
 from mipha_lab.constants import IMAGE_TOKEN
 from mipha_lab.data.templates import PlainTemplate, get_template
 from mipha_lab.errors import ConfigError, exit_status
@@ -129,15 +138,30 @@ def llava_tokenizer(tokenizer: Any) -> Any:
     return tokenizer
 
 
-def to_llava(model: Any) -> tuple[Any, Any]:
-    """(LlavaForConditionalGeneration with our weights, LlavaProcessor) for a MultimodalModel."""
-    try:  # transformers 5 names the PIL processor apart; transformers 4's LlavaImageProcessor is the PIL one
+def _pil_image_processor(anyres: bool) -> Any:
+    """Llava's or LlavaNext's PIL image processor class: transformers 5 names it apart, transformers 4's
+    default class is the PIL one."""
+    if anyres:
+        try:
+            from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+        except ImportError:
+            from transformers import LlavaNextImageProcessor as LlavaNextImageProcessorPil  # type: ignore[assignment]  # 4.x
+        return LlavaNextImageProcessorPil
+    try:
         from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
     except ImportError:
-        from transformers import LlavaImageProcessor as LlavaImageProcessorPil  # type: ignore[assignment]  # 4.x: the same class
+        from transformers import LlavaImageProcessor as LlavaImageProcessorPil  # type: ignore[assignment]  # 4.x
+    return LlavaImageProcessorPil
 
+
+def to_llava(model: Any) -> tuple[Any, Any]:
+    """(LlavaForConditionalGeneration with our weights, LlavaProcessor) for a MultimodalModel; an anyres model
+    becomes LlavaNextForConditionalGeneration + LlavaNextProcessor (the same grids, newline and unpadding)."""
     merge_lora(model)
     strategy, extra, template = _checked(model)
+    if isinstance(model.config.tiling, SplitTiling):
+        raise ConfigError("hf-llava export: transformers' Llava models have no split tiling (Idefics3's); this model has it")
+    anyres = isinstance(model.config.tiling, AnyresTiling)
     tower, lm, tokenizer = model.vision_tower, model.lm, model.tokenizer
     if tokenizer is None:
         raise ConfigError("hf-llava export needs the model's tokenizer (saved with the model)")
@@ -147,7 +171,8 @@ def to_llava(model: Any) -> tuple[Any, Any]:
             f"the tokenizer's {IMAGE_TOKEN} id {image_id} is outside the LM's {lm.config.vocab_size} "
             "embeddings; Llava looks it up there, so this model cannot be exported as is"
         )
-    config = LlavaConfig(
+    config_class = LlavaNextConfig if anyres else LlavaConfig
+    config = config_class(
         vision_config=tower.backbone.config.to_dict(),
         text_config=lm.config.to_dict(),
         image_token_index=image_id,
@@ -157,10 +182,14 @@ def to_llava(model: Any) -> tuple[Any, Any]:
         vision_feature_layer=tower.feature_layer,
         multimodal_projector_bias=True,
         tie_word_embeddings=bool(lm.config.tie_word_embeddings),
+        **({"image_grid_pinpoints": [list(pinpoint) for pinpoint in model.layout.pinpoints]} if anyres else {}),
     )
     end_id = tokenizer.convert_tokens_to_ids(template.end)
-    llava = LlavaForConditionalGeneration(config).eval()
+    llava = (LlavaNextForConditionalGeneration if anyres else LlavaForConditionalGeneration)(config).eval()
     parts = llava.model
+    if anyres:
+        with torch.no_grad():
+            parts.image_newline.copy_(model.tiles.newline)
     parts.vision_tower.load_state_dict(tower.backbone.state_dict())
     parts.multi_modal_projector.linear_1.load_state_dict(model.projector[0].state_dict())
     parts.multi_modal_projector.linear_2.load_state_dict(model.projector[2].state_dict())
@@ -179,8 +208,14 @@ def to_llava(model: Any) -> tuple[Any, Any]:
     )
     images = ImageProcessor(tower.image_spec).hf_config()
     images.pop("image_processor_type")
-    processor = LlavaProcessor(
-        image_processor=LlavaImageProcessorPil(**images, do_pad=True),
+    if anyres:  # tiles and the whole view are squashed, never padded to a square (model/tiling.py)
+        side = tower.image_size  # LlavaNext's processor cuts tiles of crop_size, cropping or not
+        images.update(image_grid_pinpoints=config.image_grid_pinpoints, do_pad=True)
+        images.setdefault("crop_size", {"height": side, "width": side})
+    else:
+        images.update(do_pad=True)  # LLaVA's expand-to-square
+    processor = (LlavaNextProcessor if anyres else LlavaProcessor)(
+        image_processor=_pil_image_processor(anyres)(**images),
         tokenizer=llava_tokenizer(tokenizer),
         patch_size=tower.patch_size,
         vision_feature_select_strategy=strategy,

@@ -13,7 +13,6 @@ from safetensors.torch import save_file
 
 from mipha_lab.data.templates import encode_prompt, get_template
 from mipha_lab.model import MultimodalModel
-from mipha_lab.model.image_processing import ImageProcessor
 from mipha_lab.model.language import LLM
 from mipha_lab.serve.cli import EXAMPLE_IMAGE
 
@@ -124,22 +123,30 @@ QUESTION = "What color is the shape on the left?"
 
 
 def inputs(model: MultimodalModel, image: Image.Image | None = None):
+    """(ids, mask, pixels) of the example question for our model; a tiled model's pixels are the image's frames
+    (its size: `EXAMPLE_SIZE`)."""
     image = image or Image.open(EXAMPLE_IMAGE).convert("RGB")
     messages = [{"role": "user", "content": "<image>\n" + QUESTION}]
     ids = torch.tensor([encode_prompt(get_template(model.config.template), model.tokenizer, messages)])
-    pixels = ImageProcessor(model.vision_tower.image_spec, "pad")(image)[None]
-    return ids, torch.ones_like(ids), pixels
+    frames = model.image_processor("pad")(image)
+    return ids, torch.ones_like(ids), frames if model.config.tiling else frames[None]
+
+
+def example_size() -> list[tuple[int, int]]:
+    """[(height, width)] of the example image."""
+    width, height = Image.open(EXAMPLE_IMAGE).size
+    return [(height, width)]
 
 
 @torch.no_grad()
 def logits(model: MultimodalModel) -> torch.Tensor:
-    return model(*inputs(model)).logits
+    return model(*inputs(model), image_sizes=example_size()).logits
 
 
 def hf_llava_outputs(folder: Path, backend: str | None):
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    hf = LlavaForConditionalGeneration.from_pretrained(folder).eval()
+    hf = AutoModelForImageTextToText.from_pretrained(folder).eval()  # Llava, or LlavaNext for an anyres model
     processor = AutoProcessor.from_pretrained(folder, **({"backend": backend} if backend else {}))
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)

@@ -13,10 +13,20 @@ from pathlib import Path
 import pytest
 import torch
 
+from mipha_lab.config import AnyresTiling
 from mipha_lab.data.templates import get_template
 from mipha_lab.errors import ConfigError
 from mipha_lab.model import MultimodalModel, build_vlm
-from tests.interop_helpers import QUESTION, gelu_gemma, hf_llava_outputs, inputs, logits, released_name, write_released
+from tests.interop_helpers import (
+    QUESTION,
+    example_size,
+    gelu_gemma,
+    hf_llava_outputs,
+    inputs,
+    logits,
+    released_name,
+    write_released,
+)
 
 LAYOUTS = {
     "mipha-3b (phi-2, siglip)": ("mipha_phi", "tiny-siglip-so400m-384", "tiny-phi-2", {}),
@@ -26,9 +36,9 @@ LAYOUTS = {
 }
 
 
-def reference(vision: str, llm) -> MultimodalModel:
+def reference(vision: str, llm, tiling=None) -> MultimodalModel:
     torch.manual_seed(0)
-    return build_vlm(vision, llm() if callable(llm) else llm).eval()
+    return build_vlm(vision, llm() if callable(llm) else llm, tiling=tiling).eval()
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -119,17 +129,20 @@ def test_unknown_formats_and_misplaced_tensors_are_named(tmp_path):
 
 
 # ------------------------------------------------------------------ export to transformers' Llava
+ANYRES = AnyresTiling()  # LLaVA-NeXT's five grids; the example image (4:3) takes 2 x 2 tiles, unpadded
 EXPORTS = {
-    "siglip + phi-2": ("tiny-siglip-so400m-384", "tiny-phi-2", "phi", "<|endoftext|>"),
-    "clip + phi-2": ("tiny-clip-vit-l-336", "tiny-phi-2", "phi", "<|endoftext|>"),
-    "siglip + gemma (features scaled)": ("tiny-siglip-so400m-384", gelu_gemma, "gemma", "<eos>"),
+    "siglip + phi-2": ("tiny-siglip-so400m-384", "tiny-phi-2", "phi", "<|endoftext|>", None),
+    "clip + phi-2": ("tiny-clip-vit-l-336", "tiny-phi-2", "phi", "<|endoftext|>", None),
+    "siglip + gemma (features scaled)": ("tiny-siglip-so400m-384", gelu_gemma, "gemma", "<eos>", None),
+    "anyres clip + phi-2 -> LlavaNext": ("tiny-clip-vit-l-336", "tiny-phi-2", "phi", "<|endoftext|>", ANYRES),
+    "anyres siglip + phi-2 -> LlavaNext": ("tiny-siglip-so400m-384", "tiny-phi-2", "phi", "<|endoftext|>", ANYRES),
 }
 
 
 @pytest.mark.parametrize("case", list(EXPORTS))
 def test_export_hf_llava_gives_plain_transformers_the_same_logits_and_tokens(case, tmp_path):
-    vision, llm, template, end = EXPORTS[case]
-    ref = reference(vision, llm)
+    vision, llm, template, end, tiling = EXPORTS[case]
+    ref = reference(vision, llm, tiling)
     ref.save_pretrained(tmp_path / "ours")
     out = subprocess.run(
         [sys.executable, "-m", "mipha_lab.export", "hf-llava", str(tmp_path / "ours"), str(tmp_path / "hf")],
@@ -143,7 +156,7 @@ def test_export_hf_llava_gives_plain_transformers_the_same_logits_and_tokens(cas
     assert prompt == get_template(template).prompt([{"role": "user", "content": "<image>\n" + QUESTION}])
     assert (hf_logits - logits(ref)).abs().max() < 1e-4  # Phi's head bias, Gemma's feature scale folded in exactly
     ids, mask, pixels = inputs(ref)
-    assert hf_tokens == ref.generate(ids, mask, pixels, max_new_tokens=8)[0].tolist()
+    assert hf_tokens == ref.generate(ids, mask, pixels, max_new_tokens=8, image_sizes=example_size())[0].tolist()
     generation = json.loads((tmp_path / "hf/generation_config.json").read_text())
     assert generation["eos_token_id"] == ref.tokenizer.convert_tokens_to_ids(end)
 
