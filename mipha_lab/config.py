@@ -41,7 +41,7 @@ class AnyresTiling(StrictModel):
     kind: Literal["anyres"] = "anyres"
     # the allowed grids as (rows, columns) of encoder-sized tiles: the visual-token budget
     grids: list[tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]]] = Field(
-        default_factory=lambda: [tuple(grid) for grid in LLAVA_NEXT_GRIDS], min_length=1
+        default_factory=lambda: list(LLAVA_NEXT_GRIDS), min_length=1
     )
 
     @property

@@ -160,7 +160,9 @@ def to_llava(model: Any) -> tuple[Any, Any]:
     merge_lora(model)
     strategy, extra, template = _checked(model)
     if isinstance(model.config.tiling, SplitTiling):
-        raise ConfigError("hf-llava export: transformers' Llava models have no split tiling (Idefics3's); this model has it")
+        raise ConfigError(
+            "hf-llava export: transformers' Llava models have no split tiling (Idefics3's); this model has it"
+        )
     anyres = isinstance(model.config.tiling, AnyresTiling)
     tower, lm, tokenizer = model.vision_tower, model.lm, model.tokenizer
     if tokenizer is None:
@@ -171,21 +173,26 @@ def to_llava(model: Any) -> tuple[Any, Any]:
             f"the tokenizer's {IMAGE_TOKEN} id {image_id} is outside the LM's {lm.config.vocab_size} "
             "embeddings; Llava looks it up there, so this model cannot be exported as is"
         )
-    config_class = LlavaNextConfig if anyres else LlavaConfig
-    config = config_class(
-        vision_config=tower.backbone.config.to_dict(),
-        text_config=lm.config.to_dict(),
-        image_token_index=image_id,
-        image_seq_length=model.num_image_tokens,
-        projector_hidden_act="gelu",
-        vision_feature_select_strategy=strategy,
-        vision_feature_layer=tower.feature_layer,
-        multimodal_projector_bias=True,
-        tie_word_embeddings=bool(lm.config.tie_word_embeddings),
-        **({"image_grid_pinpoints": [list(pinpoint) for pinpoint in model.layout.pinpoints]} if anyres else {}),
-    )
+    settings: dict[str, Any] = {
+        "vision_config": tower.backbone.config.to_dict(),
+        "text_config": lm.config.to_dict(),
+        "image_token_index": image_id,
+        "image_seq_length": model.num_image_tokens,
+        "projector_hidden_act": "gelu",
+        "vision_feature_select_strategy": strategy,
+        "vision_feature_layer": tower.feature_layer,
+        "multimodal_projector_bias": True,
+        "tie_word_embeddings": bool(lm.config.tie_word_embeddings),
+    }
     end_id = tokenizer.convert_tokens_to_ids(template.end)
-    llava = (LlavaNextForConditionalGeneration if anyres else LlavaForConditionalGeneration)(config).eval()
+    llava: Any
+    if anyres:
+        pinpoints = [list(pinpoint) for pinpoint in model.layout.pinpoints]
+        config: Any = LlavaNextConfig(**settings, image_grid_pinpoints=pinpoints)
+        llava = LlavaNextForConditionalGeneration(config).eval()
+    else:
+        config = LlavaConfig(**settings)
+        llava = LlavaForConditionalGeneration(config).eval()
     parts = llava.model
     if anyres:
         with torch.no_grad():

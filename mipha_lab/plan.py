@@ -170,7 +170,11 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"({a['peak_tflops']:.0f} TFLOP/s peak bf16)",
         f"parameters: vision {p['vision']:,}, projector {p['projector']:,}, LM {p['llm']:,}, total {p['total']:,}; "
         f"{plan['visual_tokens']} visual tokens per image"
-        + (f" at most ({plan['frames_per_image']} encoder frames, counted at that budget)" if plan["frames_per_image"] > 1 else ""),
+        + (
+            f" at most ({plan['frames_per_image']} encoder frames, counted at that budget)"
+            if plan["frames_per_image"] > 1
+            else ""
+        ),
         "| stage | samples | steps | trainable | tokens/sample | TFLOP/sample | GiB/GPU | GPU hours |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 from mipha_lab.data.templates import encode_prompt, get_template
 from mipha_lab.model import MultimodalModel
+from mipha_lab.model.image_processing import ImageProcessor
 from mipha_lab.model.language import LLM
 from mipha_lab.serve.cli import EXAMPLE_IMAGE
 

@@ -19,10 +19,10 @@ from PIL import Image, UnidentifiedImageError
 
 from mipha_lab.constants import IMAGE_TOKEN, MAX_IMAGE_PIXELS
 from mipha_lab.data.image_files import ImageTooLarge, open_rgb
+from mipha_lab.data.image_placement import header_size, image_markup, placeholders
 from mipha_lab.data.problems import BadSamplePolicy, SampleError, Skipped
 from mipha_lab.data.templates import MaskError, Template, check_tokenizer, encode
 from mipha_lab.errors import ConfigError, InputError
-from mipha_lab.data.image_placement import header_size, image_markup, placeholders
 from mipha_lab.model.image_layout import ImageLayout, TiledProcessor
 from mipha_lab.model.image_processing import ImageProcessor, StackedProcessor
 from mipha_lab.model.tiling import Size

@@ -14,7 +14,15 @@ from torch import nn
 
 from mipha_lab.config import AnyresTiling, SplitTiling, Tiling
 from mipha_lab.model.image_processing import RESAMPLE, ImageProcessor, StackedProcessor
-from mipha_lab.model.tiling import Size, arrange_features, feature_count, grid_shape, split_grid, split_image, tile_image
+from mipha_lab.model.tiling import (
+    Size,
+    arrange_features,
+    feature_count,
+    grid_shape,
+    split_grid,
+    split_image,
+    tile_image,
+)
 
 
 class ImageLayout:

@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from mipha_lab.constants import IGNORE_INDEX
 from mipha_lab.config import AnyresTiling
+from mipha_lab.constants import IGNORE_INDEX
 from mipha_lab.errors import ConfigError, UnknownNameError
 from mipha_lab.model.adapters import restore_adapters
 from mipha_lab.model.build import components_from_config
@@ -26,8 +26,8 @@ from mipha_lab.model.image_processing import ImageProcessor, StackedProcessor, S
 from mipha_lab.model.lm_interface import LanguageModel
 from mipha_lab.model.packed_attention import PACKED_SDPA, PackedSegments, without_cudnn_attention
 from mipha_lab.model.spec import VLMConfig
-from mipha_lab.model.tiling import Size
 from mipha_lab.model.splice import Spliced, block_causal_mask, check_image_counts, splice
+from mipha_lab.model.tiling import Size
 from mipha_lab.model.vision import VisionTower
 from mipha_lab.model.weights import WEIGHTS_NAME, place_weights
 
@@ -303,7 +303,7 @@ class MultimodalModel(nn.Module):
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(folder)
         specs = self.vision_tower.image_specs
-        if len(specs) == 1:  # transformers has no processor for a fused tower's several
+        if len(specs) == 1 and self.config.tiling is None:  # transformers' processor would neither fuse nor tile
             processor = ImageProcessor(specs[0]).hf_config()
             (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
         return folder

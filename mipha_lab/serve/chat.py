@@ -112,7 +112,9 @@ class Conversation:
         pixels = None
         if self.image is not None:
             frames = self.processor(self.image)
-            pixels = (frames if self.model.config.tiling else frames[None]).to(device, next(self.model.parameters()).dtype)
+            pixels = (frames if self.model.config.tiling else frames[None]).to(
+                device, next(self.model.parameters()).dtype
+            )
         started = [False]
 
         def emit_stripped(piece: str) -> None:  # the reply as printed equals the stripped answer

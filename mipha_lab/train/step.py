@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from mipha_lab.constants import IGNORE_INDEX
 from mipha_lab.distributed import Distributed
 from mipha_lab.errors import MiphaLabError
 from mipha_lab.model.splice import count_targets
@@ -75,7 +76,12 @@ def global_counts(micro: list[dict[str, Any]], max_positions: int, dist: Distrib
 
 
 def batch_forward(model: Any, batch: dict[str, Any]) -> Any:
-    """The model's training call on a collated batch (the loss only, no logits)."""
+    """The model's training call on a collated batch (the loss only, no logits). A micro-batch whose samples
+    were all skipped (too long, unreadable) runs one unsupervised token instead: its loss is zero, and every
+    process still runs forward and backward (ZeRO-3 and DDP need all of them)."""
+    if not batch["ids"]:
+        ids = batch["input_ids"].new_zeros(1, 1)
+        return model(ids, torch.ones_like(ids), None, torch.full_like(ids, IGNORE_INDEX), return_logits=False)
     return model(
         batch["input_ids"],
         batch["attention_mask"],
