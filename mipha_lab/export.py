@@ -4,7 +4,8 @@ released Mipha / LLaVA-Phi checkpoint) written in another format.
 - `mipha-lab`: our format (config.json with resolved cards, one safetensors file, tokenizer,
   preprocessor) - for a released checkpoint, converted once so that later loads skip the checks;
 - `hf-llava`: transformers' `LlavaForConditionalGeneration` + `LlavaProcessor` (the door to vLLM,
-  SGLang and the wider ecosystem);
+  SGLang and the wider ecosystem); an anyres model becomes `LlavaNextForConditionalGeneration` +
+  `LlavaNextProcessor`;
 - `merged`: our format with every LoRA adapter folded into its base weights.
 
 hf-llava needs a Hugging Face vision tower (SigLIP or CLIP) at its native resolution and the
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -290,9 +292,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {export_mipha_lab(args.source, args.out, args.allow_pickle, args.overwrite)}: our format")
         elif args.format == "hf-llava":
             out = export_hf_llava(args.source, args.out, args.allow_pickle, args.overwrite)
+            (model_class,) = json.loads((out / "config.json").read_text())["architectures"]
+            processor_class = model_class.replace("ForConditionalGeneration", "Processor")
             print(
-                f"wrote {out}: LlavaForConditionalGeneration + LlavaProcessor (load with "
-                f"LlavaForConditionalGeneration.from_pretrained('{out}') and AutoProcessor.from_pretrained('{out}'))"
+                f"wrote {out}: {model_class} + {processor_class} (load with "
+                f"{model_class}.from_pretrained('{out}') and AutoProcessor.from_pretrained('{out}'))"
             )
         else:
             out, merged = export_merged(args.source, args.out, args.allow_pickle, args.overwrite)
