@@ -1,7 +1,8 @@
 """Tiled images through data, model, counts and plan: a split image's text is Idefics3's layout; images of mixed
 sizes (a variable number of tokens each) give the same loss padded, packed and one sample at a time; the
 dataset's lengths and loss counts are what the model splices; the FLOP count follows torch's; the planner
-budgets LlavaNext's own token count; micro trains and answers with each tiling."""
+budgets LlavaNext's own token count; batched generation and chat; micro trains and answers with each
+component of the design space (anyres, split, a fused encoder, pixel shuffle)."""
 
 from __future__ import annotations
 
@@ -171,8 +172,16 @@ def test_planner_budgets_llava_nexts_own_token_count(tmp_path):
     assert plan["visual_tokens"] == theirs == 2928 and plan["frames_per_image"] == 5
 
 
-@pytest.mark.parametrize("tiling", ["{kind: anyres, grids: [[1, 2], [2, 2]]}", "{kind: split, max_side: 2}"])
-def test_micro_trains_and_answers_with_each_tiling(tiling, tmp_path, data_root):
+DESIGN_SPACE = {  # each component of the design space, an override away from micro.yaml
+    "anyres": ["model.tiling={kind: anyres, grids: [[1, 2], [2, 2]]}"],
+    "split": ["model.tiling={kind: split, max_side: 2}"],
+    "fused encoder": ["model.vision=tiny-dinosiglip-384"],
+    "pixel shuffle": ["model.projector=pixel-shuffle", "model.projector_args={ratio: 2}"],
+}
+
+
+@pytest.mark.parametrize("component", list(DESIGN_SPACE))
+def test_micro_trains_and_answers_with_each_design_space_component(component, tmp_path, data_root):
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     out = subprocess.run(
         [
@@ -180,7 +189,7 @@ def test_micro_trains_and_answers_with_each_tiling(tiling, tmp_path, data_root):
             "-m",
             "mipha_lab.launch",
             str(REPO / "experiments/micro.yaml"),
-            f"model.tiling={tiling}",
+            *DESIGN_SPACE[component],
             "stages.0.max_steps=2",
             "stages.1.max_steps=4",
             "stages.0.max_length=320",
@@ -194,10 +203,15 @@ def test_micro_trains_and_answers_with_each_tiling(tiling, tmp_path, data_root):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     run = tmp_path / "runs" / "micro"
-    assert json.loads((run / "final/config.json").read_text())["tiling"]["kind"] == tiling.split(",")[0][7:]
-    assert "shapes-vqa,accuracy," in (run / "eval/summary.csv").read_text()  # answered through the tiled path
-    assert not (run / "final/preprocessor_config.json").exists()  # transformers' processor would not tile
+    config = json.loads((run / "final/config.json").read_text())
+    assert "shapes-vqa,accuracy," in (run / "eval/summary.csv").read_text()  # answered through the same path
     assert json.loads((run / "skipped-align.json").read_text())["total"] == 0  # the captions fit 320 positions
+    if component in ("anyres", "split"):
+        assert config["tiling"]["kind"] == component
+        assert not (run / "final/preprocessor_config.json").exists()  # transformers' processor would not tile
+    else:
+        assert component != "fused encoder" or config["vision"]["name"] == "tiny-dinosiglip-384"
+        assert component != "pixel shuffle" or config["projector"]["name"] == "pixel-shuffle"
 
 
 def test_a_micro_batch_of_skipped_samples_trains_on_nothing():
@@ -211,3 +225,49 @@ def test_a_micro_batch_of_skipped_samples_trains_on_nothing():
     out.loss_sum.backward()
     assert float(out.loss_sum.detach()) == 0.0 and int(out.num_supervised) == 0
     assert all(p.grad is not None for p in model.projector.parameters())  # the tower and projector ran
+
+
+@pytest.mark.parametrize("kind", list(TILINGS))
+@torch.no_grad()
+def test_a_batch_of_images_of_mixed_sizes_generates_as_each_alone(kind, records):
+    """Left padding after splicing, with a different number of visual tokens per image: each sample's first
+    generated logits equal its own, alone."""
+    from mipha_lab.data.image_placement import image_markup
+    from mipha_lab.data.templates import encode_prompt
+
+    model, template = tiled(TILINGS[kind]), get_template("phi")
+    images = [Image.new("RGB", (width, height), (60 * i, 90, 200 - 50 * i)) for i, (height, width) in enumerate(SIZES)]
+    messages = [{"role": "user", "content": "<image>\nwhat is it?"}]
+    prompts, frames, sizes = [], [], []
+    for image in images[:3]:
+        size = (image.height, image.width)
+        prompts.append(encode_prompt(template, model.tokenizer, messages, image_markup(model.layout, template, [size])))
+        frames.append(model.image_processor()(image))
+        sizes.append(size)
+
+    def first_logits(indices: list[int]) -> torch.Tensor:
+        width = max(len(prompts[i]) for i in indices)
+        ids = torch.zeros(len(indices), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, i in enumerate(indices):
+            ids[row, : len(prompts[i])], mask[row, : len(prompts[i])] = torch.tensor(prompts[i]), 1
+        pixels = torch.cat([frames[i] for i in indices])
+        out = model.generate(
+            ids, mask, pixels, image_sizes=[sizes[i] for i in indices], max_new_tokens=1, output_scores=True
+        )
+        return out.logits[0]
+
+    batched = first_logits([0, 1, 2])
+    assert len({len(p) for p in prompts}) > 1 or kind == "anyres"  # split: different markup per image
+    for row in range(3):
+        torch.testing.assert_close(batched[row], first_logits([row])[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", list(TILINGS))
+def test_chat_answers_about_a_tiled_image(kind):
+    from mipha_lab.serve.chat import Conversation
+
+    chat = Conversation(tiled(TILINGS[kind]), get_template("phi"), temperature=0.0, max_new_tokens=4)
+    chat.set_image(Image.new("RGB", (90, 40), (200, 30, 30)))
+    assert isinstance(chat.reply("What color is it?"), str) and len(chat.messages) == 2
+    assert isinstance(chat.reply("And the shape?"), str) and len(chat.messages) == 4
