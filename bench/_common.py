@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from mipha_lab.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from mipha_lab.data.batching import sample_item
 from mipha_lab.model import MultimodalModel, build_vlm
 from mipha_lab.train.step import batch_forward
 
@@ -90,7 +91,7 @@ def synthetic_item(index: int, shape: Shape, image_size: int, vocab: int, genera
     labels = ids.clone()
     labels[: shape.image + shape.text // 3 + 1] = IGNORE_INDEX
     pixels = torch.rand(1, 3, image_size, image_size, generator=generator) * 2 - 1 if shape.image else None
-    return {"id": str(index), "input_ids": ids, "labels": labels, "pixel_values": pixels, "length": shape.length}
+    return sample_item(str(index), ids, labels, pixels, [IMAGE_TOKENS] * shape.image)
 
 
 def synthetic_items(model: MultimodalModel, shapes: list[Shape], seed: int = 0) -> list[dict]:

@@ -39,7 +39,7 @@ def worker(steps: int) -> None:
 
     from mipha_lab.config import load_experiment
     from mipha_lab.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-    from mipha_lab.data.batching import collate_padded
+    from mipha_lab.data.batching import collate_padded, sample_item
     from mipha_lab.model import build_model
     from mipha_lab.train.policy import apply_policy
     from mipha_lab.train.step import batch_forward
@@ -59,7 +59,7 @@ def worker(steps: int) -> None:
         labels = ids.clone()
         labels[:60] = IGNORE_INDEX
         pixels = torch.randn(1, 3, size, size, generator=generator)
-        items.append({"id": str(index), "input_ids": ids, "labels": labels, "pixel_values": pixels})
+        items.append(sample_item(str(index), ids, labels, pixels, [model.num_image_tokens]))
     batch = collate_padded(items)
     times = []
     for step in range(steps + 2):

@@ -27,7 +27,7 @@ from PIL import Image
 from bench._common import parser
 from bench._results import report
 from mipha_lab.constants import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX
-from mipha_lab.data.batching import collate_padded
+from mipha_lab.data.batching import collate_padded, sample_item
 from mipha_lab.data.llava import LlavaDataset, read_records
 from mipha_lab.data.templates import PHI_SYSTEM, get_template
 from mipha_lab.model.image_layout import ImageLayout
@@ -133,7 +133,7 @@ class ReferenceDataset(torch.utils.data.Dataset):
             labels[cursor : cursor + instruction_len] = IGNORE_INDEX
             cursor += len(self.tokenizer_image_token(whole))
         labels[input_ids == IMAGE_TOKEN_INDEX] = IGNORE_INDEX
-        return {"id": row["id"], "input_ids": input_ids, "labels": labels, "pixel_values": pixels[None]}
+        return sample_item(row["id"], input_ids, labels, pixels[None], [729])
 
 
 def loader(dataset, workers: int):

@@ -91,6 +91,7 @@ from mipha_lab.data.batching import (
     plan_packed,
     plan_padded,
     real_token_fraction,
+    sample_item,
 )
 from mipha_lab.data.mixtures import MIXTURES
 from mipha_lab.distributed import Distributed
@@ -220,7 +221,13 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype, side: int, repeats: 
 
 
 def make_samples(
-    count: int, text_mean: int, supervised_share: float, vocab: int, images: torch.Tensor, seed: int
+    count: int,
+    text_mean: int,
+    supervised_share: float,
+    vocab: int,
+    images: torch.Tensor,
+    seed: int,
+    image_tokens: int,
 ) -> list[dict[str, Any]]:
     """Dataset items as the collators take them: one image, then text whose last tokens are supervised
     (answers come last); text lengths spread +-50% around the mean so that padding costs what it costs."""
@@ -232,14 +239,7 @@ def make_samples(
         ids[0] = IMAGE_TOKEN_INDEX
         labels = ids.clone()
         labels[: 1 + text - max(1, round(text * supervised_share))] = IGNORE_INDEX
-        items.append(
-            {
-                "id": f"sample-{index}",
-                "input_ids": ids,
-                "labels": labels,
-                "pixel_values": images[index % len(images)][None],
-            }
-        )
+        items.append(sample_item(f"sample-{index}", ids, labels, images[index % len(images)][None], [image_tokens]))
     return items
 
 
@@ -251,7 +251,7 @@ def mixture_stats(stage: StageConfig) -> SourceStats:
     return stats
 
 
-Sizes = list[tuple[int, int, int]]  # (text tokens, images, supervised tokens) of each sample, for FLOPs
+Sizes = list[tuple[int, int, int, int]]  # (text tokens, frames, supervised, visual tokens) per sample, for FLOPs
 
 
 def collated(
@@ -316,7 +316,7 @@ def train(
                 sync(device)
                 timed_from = time.perf_counter()
             batches = [batch for batch, _ in micro[step * accumulation : (step + 1) * accumulation]]
-            counts = global_counts(batches, model.num_image_tokens, model.config.max_positions, dist)
+            counts = global_counts(batches, model.config.max_positions, dist)
             losses.append(train_step(engine, batches, counts, dist).loss)
             if step >= settings.warmup_steps:
                 done += 1
@@ -419,7 +419,9 @@ def measure_stage(
     configurations = variants(key, stage, fused_loss)
     accumulation = max(1, stage.global_batch // (stage.micro_batch * RECIPE_GPUS))
     micro_batches = (settings.warmup_steps + settings.steps) * accumulation
-    items = make_samples(2 * micro_batches * stage.micro_batch, text_mean, share, vocab, images, seed=2)
+    items = make_samples(
+        2 * micro_batches * stage.micro_batch, text_mean, share, vocab, images, 2, model.num_image_tokens
+    )
     lengths = [len(item["input_ids"]) - 1 + model.num_image_tokens for item in items]
     apply_speed(model, with_speed(stage, False), experiment, device, 1)
     check = guarded(
@@ -508,7 +510,7 @@ def measure_generation(model: MultimodalModel, settings: Settings, device: torch
     images = torch.randn(settings.prompts, 3, side, side, generator=torch.Generator().manual_seed(4))
     images = images.to(device, settings.dtype)
     vocab = model.lm.vocab_size
-    items = make_samples(settings.prompts, settings.prompt_text_tokens, 0.0, vocab, images, seed=5)
+    items = make_samples(settings.prompts, settings.prompt_text_tokens, 0.0, vocab, images, 5, model.num_image_tokens)
     eos = model.language_model.config.eos_token_id
 
     def generate(chosen: list[dict[str, Any]], new_tokens: int) -> torch.Tensor:

@@ -134,7 +134,7 @@ def test_the_benchmark_times_the_trainers_step():
     param_groups, _ = gpu.apply_policy(model, stage)
     vocab = model.language_model.get_input_embeddings().weight.shape[0]
     side = model.vision_tower.image_size
-    items = gpu.make_samples(6, 40, 0.5, vocab, torch.randn(2, 3, side, side), seed=0)
+    items = gpu.make_samples(6, 40, 0.5, vocab, torch.randn(2, 3, side, side), 0, model.num_image_tokens)
     micro = gpu.collated(items, [[0, 1, 2], [3], [4, 5]], "padded", torch.device("cpu"))
     with torch.no_grad():
         outs = [gpu.forward(model, batch) for batch, _ in micro]

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from mipha_lab.config import CompileConfig, load_experiment
 from mipha_lab.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from mipha_lab.data.batching import collate_packed, collate_padded
+from mipha_lab.data.batching import collate_packed, collate_padded, sample_item
 from mipha_lab.errors import ConfigError
 from mipha_lab.model import build_model
 from mipha_lab.model.fused_loss import supervised_loss_sum
@@ -51,7 +51,7 @@ def items(model, count: int = 5, seed: int = 0) -> list[dict[str, Any]]:
             ids = torch.cat([torch.tensor([IMAGE_TOKEN_INDEX]), ids])
             labels = torch.cat([torch.tensor([IGNORE_INDEX]), labels])
             pixels = torch.randn(1, 3, size, size, generator=gen)
-        out.append({"id": f"s{index}", "input_ids": ids, "labels": labels, "pixel_values": pixels})
+        out.append(sample_item(f"s{index}", ids, labels, pixels, [model.num_image_tokens] * (pixels is not None)))
     return out
 
 

@@ -115,13 +115,13 @@ def test_in_sequence_end_tokens_are_real_tokens_even_when_pad_equals_eos():
     Here masks come from lengths: both end tokens are supervised and attended."""
     import torch
 
-    from mipha_lab.data.batching import collate_padded
+    from mipha_lab.data.batching import collate_padded, sample_item
 
     tokenizer = load_tokenizer(LLM.get("tiny-phi-2"))
     encoded = encode(get_template("phi"), tokenizer, CONVERSATION)
     short = encode(get_template("phi"), tokenizer, CONVERSATION[2:])
     items = [
-        {"id": str(i), "input_ids": torch.tensor(e.input_ids), "labels": torch.tensor(e.labels), "pixel_values": None}
+        sample_item(str(i), torch.tensor(e.input_ids), torch.tensor(e.labels), None)
         for i, e in enumerate([encoded, short])
     ]
     batch = collate_padded(items)

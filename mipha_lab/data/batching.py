@@ -139,6 +139,31 @@ def _split_skipped(items: Sequence[dict | Skipped]) -> tuple[list[dict], list[Sk
     return good, [item for item in items if isinstance(item, Skipped)]
 
 
+def sample_item(
+    sample_id: str,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    pixel_values: torch.Tensor | None,
+    image_tokens: Sequence[int] = (),
+    image_frames: Sequence[int] | None = None,
+    image_sizes: Sequence[tuple[int, int]] = (),
+) -> dict[str, Any]:
+    """One sample as the collators take it: its tokens (IMAGE_TOKEN_INDEX at each <image> placeholder), its
+    images' frames, and per placeholder the visual tokens it becomes, its encoder frames (1 each by default)
+    and its image's (height, width) (tiled models)."""
+    frames = [1] * len(image_tokens) if image_frames is None else list(image_frames)
+    return {
+        "id": sample_id,
+        "input_ids": input_ids,
+        "labels": labels,
+        "pixel_values": pixel_values,
+        "image_sizes": torch.tensor(list(image_sizes), dtype=torch.long).reshape(-1, 2),
+        "image_tokens": torch.tensor(list(image_tokens), dtype=torch.long),
+        "image_frames": torch.tensor(frames, dtype=torch.long),
+        "length": len(input_ids) + sum(image_tokens) - len(image_tokens),
+    }
+
+
 def _images(good: list[dict]) -> dict[str, Any]:
     """The batch's frames in order, the <image> placeholders per sample, and at each placeholder its visual
     tokens, its encoder frames and (tiled models) its image's (height, width)."""

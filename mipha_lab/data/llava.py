@@ -18,6 +18,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from mipha_lab.constants import IMAGE_TOKEN, MAX_IMAGE_PIXELS
+from mipha_lab.data.batching import sample_item
 from mipha_lab.data.image_files import ImageTooLarge, open_rgb
 from mipha_lab.data.image_placement import header_size, image_markup, placeholders
 from mipha_lab.data.problems import BadSamplePolicy, SampleError, Skipped
@@ -264,16 +265,8 @@ class LlavaDataset(torch.utils.data.Dataset):
                 pixels = processed[0][None] if len(processed) == 1 else torch.stack(processed)
             else:  # each image's frames, images in order
                 pixels = processed[0] if len(processed) == 1 else torch.cat(processed)
-        return {
-            "id": record.sample_id,
-            "input_ids": torch.tensor(encoded.input_ids),
-            "labels": torch.tensor(encoded.labels),
-            "pixel_values": pixels,
-            "image_sizes": torch.tensor(sizes, dtype=torch.long).reshape(-1, 2),
-            "image_tokens": torch.tensor(tokens, dtype=torch.long),
-            "image_frames": torch.tensor(frames, dtype=torch.long),
-            "length": length,
-        }
+        ids, labels = torch.tensor(encoded.input_ids), torch.tensor(encoded.labels)
+        return sample_item(record.sample_id, ids, labels, pixels, tokens, frames, sizes)
 
     def __getitem__(self, index: int) -> dict[str, Any] | Skipped:
         try:
