@@ -340,7 +340,7 @@ def train(
     first = settings.warmup_steps * accumulation
     timed = [size for _, sizes in micro[first : first + done * accumulation] for size in sizes]
     flops = flop_model.batch(timed)
-    tokens = sum(text + images * model.num_image_tokens for text, images, _ in timed)
+    tokens = sum(text + visual for text, _, _, visual in timed)
     achieved = flops.useful / seconds
     return {
         **figures,

@@ -378,6 +378,9 @@ class Experiment(StrictModel):
     seed: int = 0
     data_root: str = "./data"
     data_workers: int = 0  # DataLoader worker processes per rank
+    # keep each loaded sample (tokens and pixels) in memory up to this size, so later epochs skip decoding,
+    # preprocessing and tokenizing it again (per process: each data worker holds its own)
+    data_cache_mb: int = Field(0, ge=0)
     pin_memory: bool | None = None  # page-locked batches, copied to the GPU without blocking (default: on GPUs)
     # images with more pixels are skipped (reason image_too_large) before decoding; PIL's bomb guard by default
     max_image_pixels: int | None = Field(MAX_IMAGE_PIXELS, gt=0)
@@ -553,6 +556,7 @@ IGNORED_ON_RESUME = (
     "tracking",
     "resources",
     "data_workers",
+    "data_cache_mb",
     "extends_chain",
     "source",
     "runs_root",

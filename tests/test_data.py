@@ -6,6 +6,7 @@ import hashlib
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ from mipha_lab.data.batching import (
 )
 from mipha_lab.data.llava import LlavaDataset, read_records
 from mipha_lab.data.mixtures import MIXTURES, load_mixture, sample_indices
-from mipha_lab.data.problems import SampleError, SkipReport
+from mipha_lab.data.problems import SampleError, Skipped, SkipReport
 from mipha_lab.data.synthetic import generate
 from mipha_lab.data.templates import get_template
 from mipha_lab.errors import ConfigError
@@ -352,3 +353,35 @@ def test_plan_epoch_dispatches_and_packs_by_exact_lengths(shapes, model):
     assert sorted(i for b in grouped for i in b) == list(range(40))
     with pytest.raises(ValueError, match="allowed: padded, modality-grouped, packed"):
         plan_epoch("stacked", data, micro_batch=2, world_size=1, seed=0, epoch=0, max_length=128)
+
+
+def test_the_sample_cache_gives_what_loading_gives_within_its_budget(shapes, model):
+    """Later epochs read cached samples: the same tensors as a fresh load, the budget never exceeded, and
+    a skipped sample stays skipped with its reason."""
+    records, _ = load_mixture("shapes-instruct", shapes, seed=0)
+    records = [*records[:100], replace(records[100], images=("missing.png",))]
+    fresh = dataset(model, records)
+    cached = LlavaDataset(
+        records,
+        get_template("phi"),
+        model.tokenizer,
+        ImageProcessor(model.vision_tower.image_spec, "pad"),
+        max_length=2048,
+        layout=model.layout,
+        cache_mb=1,
+    )
+    for _ in range(2):  # the second pass reads the cache
+        for index in range(len(records)):
+            ours, theirs = cached[index], fresh[index]
+            if isinstance(theirs, Skipped):
+                assert isinstance(ours, Skipped) and ours.reason == theirs.reason == "missing_image"
+                continue
+            for key, value in theirs.items():
+                assert torch.equal(ours[key], value) if isinstance(value, torch.Tensor) else ours[key] == value, key
+    assert 0 < len(cached._cache) < len(records)  # 1 MiB holds some of the 100 samples (about 14 KB each), not all
+    held = sum(
+        sum(v.nbytes for v in item.values() if isinstance(v, torch.Tensor))
+        for item in cached._cache.values()
+        if isinstance(item, dict)
+    )
+    assert held <= 2**20

@@ -182,6 +182,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         policy: BadSamplePolicy = "skip",
         mask_first_answer_token: bool = False,
         max_image_pixels: int | None = MAX_IMAGE_PIXELS,
+        cache_mb: int = 0,
     ) -> None:
         if policy not in ("skip", "error"):
             raise ConfigError(f"bad-sample policy must be 'skip' or 'error', got {policy!r}")
@@ -192,6 +193,8 @@ class LlavaDataset(torch.utils.data.Dataset):
         self.mask_first_answer_token = mask_first_answer_token
         self.max_image_pixels = max_image_pixels
         self._token_lengths: list[int] | None = None
+        self._cache: dict[int, dict[str, Any] | Skipped] = {}
+        self._cache_room = cache_mb * 2**20  # bytes still free for cached samples
 
     def __len__(self) -> int:
         return len(self.records)
@@ -269,12 +272,28 @@ class LlavaDataset(torch.utils.data.Dataset):
         return sample_item(record.sample_id, ids, labels, pixels, tokens, frames, sizes)
 
     def __getitem__(self, index: int) -> dict[str, Any] | Skipped:
+        cached = self._cache.get(index)
+        if cached is not None:
+            return cached
         try:
-            return self.load(index)
+            item: dict[str, Any] | Skipped = self.load(index)
         except SampleError as err:
             if self.policy == "error":
                 raise
-            return Skipped(err.sample_id, err.reason, err.detail)
+            item = Skipped(err.sample_id, err.reason, err.detail)
+        self._keep(index, item)
+        return item
+
+    def _keep(self, index: int, item: dict[str, Any] | Skipped) -> None:
+        """Cache the sample while the budget allows (the same sample every epoch: loading is deterministic)."""
+        if not self._cache_room:
+            return
+        size = (
+            256 + sum(v.nbytes for v in item.values() if isinstance(v, torch.Tensor)) if isinstance(item, dict) else 256
+        )
+        if size <= self._cache_room:
+            self._cache[index] = item
+            self._cache_room -= size
 
 
 def read_records(

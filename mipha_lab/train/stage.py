@@ -48,6 +48,7 @@ def stage_dataset(model: MultimodalModel, stage: StageConfig, experiment: Experi
         policy=stage.bad_samples,
         mask_first_answer_token=experiment.quirks.mask_first_answer_token,
         max_image_pixels=experiment.max_image_pixels,
+        cache_mb=experiment.data_cache_mb,
     )
     return dataset, skipped
 
@@ -67,19 +68,25 @@ def gathered_state(model: MultimodalModel, dist: Distributed, zero3: bool) -> di
 def sample_sizes(batch: dict[str, Any]) -> list[tuple[int, int, int, int]]:
     """(text tokens without image placeholders, encoder frames, supervised tokens, visual tokens) of each sample
     of a batch; a packed row is split at its segment boundaries."""
-    supervised = batch["labels"] != IGNORE_INDEX
-    ids, valid = batch["input_ids"], batch["attention_mask"].bool()
+    valid = batch["attention_mask"].bool()
+    ids = batch["input_ids"]
+    if batch["segment_ids"] is None:
+        owner = torch.arange(len(ids))[:, None].expand_as(ids)
+    else:
+        owner = batch["segment_ids"].clamp(min=0)
+    samples = int(owner[valid].max()) + 1 if valid.any() else 0
     is_image = (ids == IMAGE_TOKEN_INDEX) & valid
-    owner = batch["segment_ids"] if batch["segment_ids"] is not None else torch.arange(len(ids))[:, None].expand_as(ids)
     owners = owner[is_image]  # the sample of each placeholder, in the batch's order of placeholders
-    frames, tokens = batch["image_frames"], batch["image_tokens"]
-    sizes = []
-    for sample in owner[valid].unique().tolist():
-        mine, where = owners == sample, (owner == sample) & valid
-        placed = int(mine.sum())
-        text = int(where.sum()) - placed
-        sizes.append((text, int(frames[mine].sum()), int(supervised[where].sum()), int(tokens[mine].sum())))
-    return sizes
+
+    def per_sample(where: torch.Tensor, values: torch.Tensor | None = None) -> list[int]:
+        index = owner[where] if values is None else owners
+        counts = torch.ones(len(index), dtype=torch.long) if values is None else values.long()
+        return torch.zeros(samples, dtype=torch.long).index_add_(0, index, counts).tolist()
+
+    positions, placed = per_sample(valid), per_sample(is_image)
+    supervised = per_sample(valid & (batch["labels"] != IGNORE_INDEX))
+    frames, tokens = per_sample(is_image, batch["image_frames"]), per_sample(is_image, batch["image_tokens"])
+    return [(n - p, f, s, t) for n, p, f, s, t in zip(positions, placed, frames, supervised, tokens, strict=True)]
 
 
 class StageRunner:
