@@ -117,7 +117,7 @@ class MultimodalModel(nn.Module):
         if self.tiles is None:
             return features
         if image_sizes is None:
-            raise ValueError("an anyres model needs each image's size (image_sizes) to place its tiles")
+            raise ValueError("an anyres model needs each image's (height, width) as image_sizes to place its tiles")
         sizes = [(int(h), int(w)) for h, w in (image_sizes.tolist() if torch.is_tensor(image_sizes) else image_sizes)]
         return self.tiles(features, sizes)
 
@@ -137,8 +137,10 @@ class MultimodalModel(nn.Module):
         """Token ids + images -> the LM's input embeddings (with labels, mask and positions)."""
         idx = self.config.image_token_index
         num_images = 0 if pixel_values is None else pixel_values.shape[0]
-        if self.tiles is not None and pixel_values is not None:
-            num_images = 0 if image_sizes is None else len(image_sizes)
+        if self.tiles is not None and pixel_values is not None:  # frames of several tiles per image
+            if image_sizes is None:
+                raise ValueError("an anyres model needs each image's (height, width) as image_sizes to place its tiles")
+            num_images = len(image_sizes)
         check_image_counts((input_ids == idx) & attention_mask.bool(), num_images, image_counts, sample_ids)
         text = self.lm.embeddings(input_ids.clamp(min=0))
         features = self.encode_images(pixel_values, image_sizes) if pixel_values is not None and num_images else None
