@@ -26,6 +26,7 @@ from mipha_lab.model import build_vlm
 from mipha_lab.model.splice import count_targets
 from mipha_lab.train.flops import sample_flops
 from mipha_lab.train.stage import sample_sizes
+from mipha_lab.train.step import batch_forward
 
 REPO = Path(__file__).resolve().parents[1]
 TILINGS = {"anyres": AnyresTiling(), "split": SplitTiling(max_side=3)}
@@ -95,26 +96,13 @@ def dataset(model, records) -> LlavaDataset:
     )
 
 
-def forward(model, batch):
-    return model(
-        batch["input_ids"],
-        batch["attention_mask"],
-        batch["pixel_values"],
-        batch["labels"],
-        image_counts=batch["image_counts"],
-        image_sizes=batch["image_sizes"],
-        segment_ids=batch["segment_ids"],
-        return_logits=False,
-    )
-
-
 @pytest.mark.parametrize("kind", list(TILINGS))
 @torch.no_grad()
 def test_mixed_sizes_give_one_loss_padded_packed_and_alone_with_exact_counts(kind, records):
     model = tiled(TILINGS[kind])
     data = dataset(model, records)
     items = [data[i] for i in range(len(data))]
-    alone = [forward(model, collate_padded([item])) for item in items]
+    alone = [batch_forward(model, collate_padded([item])) for item in items]
     for item, out, length in zip(items, alone, data.token_lengths(), strict=True):
         assert int(out.spliced.attention_mask.sum()) == length == item["length"]  # what packing budgets use
     tokens = [int(item["image_tokens"].sum()) for item in items[:4]]
@@ -123,7 +111,7 @@ def test_mixed_sizes_give_one_loss_padded_packed_and_alone_with_exact_counts(kin
     supervised = sum(int(out.num_supervised) for out in alone)
     for collate in (collate_padded, collate_packed):
         batch = collate(items)
-        out = forward(model, batch)
+        out = batch_forward(model, batch)
         assert int(out.num_supervised) == supervised
         expected_count = count_targets(
             batch["input_ids"],
@@ -148,7 +136,7 @@ def test_training_flops_of_a_tiled_image_match_torchs_count(kind, records):
         param.requires_grad_(True)
     batch = collate_padded([dataset(model, records)[0]])
     with FlopCounterMode(display=False) as counter:
-        forward(model, batch).loss.backward()
+        batch_forward(model, batch).loss.backward()
     ((text, frames, supervised, visual),) = sample_sizes(batch)
     ours = sample_flops(model, text, frames, supervised, visual_tokens=visual).useful
     measured = float(counter.get_total_flops())
@@ -218,7 +206,6 @@ def test_a_micro_batch_of_skipped_samples_trains_on_nothing():
     """Tiles make samples long: a micro-batch whose samples were all too long must not stop the run, and
     every process must still run forward and backward (ZeRO-3 gathers collectively)."""
     from mipha_lab.data.problems import Skipped
-    from mipha_lab.train.step import batch_forward
 
     model = tiled(TILINGS["split"]).train()
     out = batch_forward(model, collate_padded([Skipped("s0", "too_long", "999 positions > max length 128")]))
