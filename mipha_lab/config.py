@@ -279,6 +279,8 @@ class StageConfig(StrictModel):
     image_strategy: Literal["square", "pad", "resize-naive", "resize-crop"] = "square"
     max_length: int = Field(2048, gt=0)
     batching: Literal["padded", "modality-grouped", "packed"] = "padded"
+    max_images_per_row: int | None = Field(None, gt=0)  # packed: at most this many images in one packed row
+    loss_reduction: Literal["token", "sample", "square"] = "token"  # token losses weighted 1, 1/n, 1/sqrt(n)
     global_batch: int = Field(gt=0)
     micro_batch: int = Field(gt=0)
     epochs: float | None = Field(1.0, gt=0, allow_inf_nan=False)
@@ -297,6 +299,8 @@ class StageConfig(StrictModel):
             raise ValueError(f"global_batch {self.global_batch} is not a multiple of micro_batch {self.micro_batch}")
         if self.epochs is None and self.max_steps is None:
             raise ValueError("give epochs or max_steps")
+        if self.max_images_per_row is not None and self.batching != "packed":
+            raise ValueError(f"max_images_per_row caps packed rows; this stage's batching is {self.batching}")
         return self
 
 

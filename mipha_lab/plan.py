@@ -12,7 +12,6 @@ stage's LM recomputation (`auto` resolved as training would on the planned GPU).
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,14 @@ from typing import Any
 import torch
 
 from mipha_lab.config import Experiment, StageConfig
-from mipha_lab.data.mixtures import MIXTURES, ensure_generated, load_mixture, sample_indices
+from mipha_lab.data.mixtures import (
+    MIXTURES,
+    ensure_generated,
+    load_mixture,
+    missing_inputs,
+    read_source,
+    sample_indices,
+)
 from mipha_lab.data.templates import encode, get_template
 from mipha_lab.errors import ConfigError
 from mipha_lab.model import MultimodalModel, build_model
@@ -49,18 +55,18 @@ def stage_data(stage: StageConfig, experiment: Experiment) -> dict[str, float]:
     card = MIXTURES.get(stage.mixture)
     ensure_generated(card, root)  # synthetic data costs seconds: plan on the real thing
     for source in card.sources:
-        path = root / source.annotations
-        if path.is_file():
-            records = json.loads(path.read_text())
-            chosen = sample_indices(len(records), source, experiment.seed)
-            count = float(len(chosen))
-            with_image = sum(1 for i in chosen if records[i].get("image")) / max(count, 1.0)
+        missing = missing_inputs(source, root)
+        if not missing:
+            records, _ = read_source(source, root, experiment.seed, "skip")
+            count = float(len(records))
+            with_image = sum(1 for r in records if r.images) / max(count, 1.0)
         elif source.stats is not None:
             count = float(len(sample_indices(source.stats.samples, source, experiment.seed)))
+            count = min(count, float(source.cap or count))
             with_image = source.stats.image_fraction
         else:
             raise ConfigError(
-                f"mixture '{stage.mixture}': {path} is missing and source '{source.name}' declares no "
+                f"mixture '{stage.mixture}': {missing[0]} is missing and source '{source.name}' declares no "
                 "stats (samples, text_tokens, supervised_tokens) to plan without it"
             )
         if source.stats is not None:

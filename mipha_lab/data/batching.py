@@ -69,25 +69,35 @@ def plan_modality_grouped(
     return plan
 
 
-def plan_packed(token_lengths: Sequence[int], budget: int, seed: int, epoch: int) -> list[list[int]]:
+def plan_packed(
+    token_lengths: Sequence[int],
+    budget: int,
+    seed: int,
+    epoch: int,
+    image_counts: Sequence[int] | None = None,
+    max_images: int | None = None,
+) -> list[list[int]]:
     """Shuffle, then first-fit-decreasing within windows: each micro-batch is one row of at most
-    `budget` tokens (sequence lengths after splicing)."""
+    `budget` tokens (sequence lengths after splicing) and, given `max_images`, at most that many images
+    (a sample with more images than the cap gets a row of its own)."""
     order = list(range(len(token_lengths)))
     _rng(seed, epoch).shuffle(order)
+    images = image_counts if max_images is not None and image_counts is not None else [0] * len(order)
+    image_room = max_images if max_images is not None else 0
     rows: list[list[int]] = []
     window = 512
     for start in range(0, len(order), window):
         bins: list[list[int]] = []
-        space: list[int] = []
+        space: list[tuple[int, int]] = []  # (tokens, images) still free per row
         for index in sorted(order[start : start + window], key=lambda i: -token_lengths[i]):
-            size = min(token_lengths[index], budget)
-            slot = next((b for b, free in enumerate(space) if free >= size), None)
+            size, count = min(token_lengths[index], budget), images[index]
+            slot = next((b for b, (free, room) in enumerate(space) if free >= size and room >= count), None)
             if slot is None:
                 bins.append([index])
-                space.append(budget - size)
+                space.append((budget - size, image_room - count))
             else:
                 bins[slot].append(index)
-                space[slot] -= size
+                space[slot] = (space[slot][0] - size, space[slot][1] - count)
         rows += bins
     _rng(seed, epoch + 7919).shuffle(rows)
     return rows
@@ -102,15 +112,17 @@ def plan_epoch(
     seed: int,
     epoch: int,
     max_length: int,
+    max_images_per_row: int | None = None,
 ) -> list[list[int]]:
     """The epoch's micro-batches for the batching mode an experiment selects. A packed row holds up to
-    micro_batch x max_length positions."""
+    micro_batch x max_length positions (and `max_images_per_row` images)."""
     if batching == "padded":
         return plan_padded(len(dataset), micro_batch, seed, epoch)
     if batching == "modality-grouped":
         return plan_modality_grouped(dataset.lengths, micro_batch, world_size, seed, epoch)
     if batching == "packed":
-        return plan_packed(dataset.token_lengths(), micro_batch * max_length, seed, epoch)
+        counts = [len(record.images) for record in dataset.records]
+        return plan_packed(dataset.token_lengths(), micro_batch * max_length, seed, epoch, counts, max_images_per_row)
     raise ValueError(f"unknown batching {batching!r} (allowed: padded, modality-grouped, packed)")
 
 

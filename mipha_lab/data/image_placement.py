@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import IO
 
 from PIL import Image
 
@@ -15,9 +16,9 @@ from mipha_lab.model.image_layout import ImageLayout
 from mipha_lab.model.tiling import Size
 
 
-def header_size(path: str | Path) -> Size:
+def header_size(source: str | Path | IO[bytes]) -> Size:
     """(height, width) from the file's header (nothing decoded)."""
-    with Image.open(path) as image:
+    with Image.open(source) as image:
         width, height = image.size
     return height, width
 

@@ -12,13 +12,14 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from PIL import Image, UnidentifiedImageError
 
 from mipha_lab.constants import IMAGE_TOKEN, MAX_IMAGE_PIXELS
 from mipha_lab.data.batching import sample_item
+from mipha_lab.data.image_blobs import ArrowCell, Blob, TarMember, image_source
 from mipha_lab.data.image_files import ImageTooLarge, open_rgb
 from mipha_lab.data.image_placement import header_size, image_markup, placeholders
 from mipha_lab.data.problems import BadSamplePolicy, SampleError, Skipped
@@ -36,7 +37,7 @@ class Record:
     """One annotation, before any image is opened."""
 
     sample_id: str
-    images: tuple[str, ...]
+    images: tuple[str | Blob, ...]  # paths under `root`, or images inside shards / dataset tables
     messages: tuple[dict[str, str], ...]
     words: int  # whitespace word count of all turns: the original's cheap length
     root: str = ""  # the folder image paths are relative to
@@ -137,7 +138,9 @@ def normalize(raw: Any, index: int, source: str = "", root: str = "") -> Record:
             sample_id, "nothing_to_learn", "no assistant turn with text: the sample carries no answer to train on"
         )
     image = raw.get("image")
-    images = tuple([image] if isinstance(image, str) else image or [])
+    images = tuple([image] if isinstance(image, (str, TarMember, ArrowCell)) else image or [])
+    if not all(isinstance(entry, (str, TarMember, ArrowCell)) for entry in images):
+        raise SampleError(sample_id, "bad_conversation", f"'image' must be a path or a list of paths, got {image!r}")
     tags = sum(m["content"].count(IMAGE_TOKEN) for m in messages)
     if tags != len(images):
         raise SampleError(sample_id, "image_tag_mismatch", f"{tags} <image> tag(s) for {len(images)} image(s)")
@@ -150,15 +153,27 @@ def normalize(raw: Any, index: int, source: str = "", root: str = "") -> Record:
     return Record(sample_id, images, tuple(messages), words, root)
 
 
-def load_image(path: Path, sample_id: str, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Image.Image:
-    if not path.is_file():
-        raise SampleError(sample_id, "missing_image", str(path))
+def _opened(entry: str | Blob, root: str | Path, sample_id: str) -> str | Path | IO[bytes]:
     try:
-        return open_rgb(path, max_pixels)
+        source = image_source(entry, root)
+    except (OSError, KeyError, IndexError) as err:
+        raise SampleError(sample_id, "unreadable_image", f"{entry} ({err})") from None
+    if isinstance(source, (str, Path)) and not Path(source).is_file():
+        raise SampleError(sample_id, "missing_image", str(source))
+    return source
+
+
+def load_image(
+    entry: str | Blob, root: str | Path, sample_id: str, max_pixels: int | None = MAX_IMAGE_PIXELS
+) -> Image.Image:
+    """One of a record's images, decoded to RGB; raises SampleError with the reason."""
+    source = _opened(entry, root, sample_id)
+    try:
+        return open_rgb(source, max_pixels)
     except ImageTooLarge as err:
-        raise SampleError(sample_id, "image_too_large", f"{path} ({err})") from None
+        raise SampleError(sample_id, "image_too_large", f"{entry} ({err})") from None
     except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise SampleError(sample_id, "unreadable_image", f"{path} ({err})") from None
+        raise SampleError(sample_id, "unreadable_image", f"{entry} ({err})") from None
 
 
 class LlavaDataset(torch.utils.data.Dataset):
@@ -210,7 +225,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         if self.layout.tiling is None:
             return []
         try:
-            return [header_size(Path(record.root) / name) for name in record.images]
+            return [header_size(_opened(entry, record.root, record.sample_id)) for entry in record.images]
         except (OSError, UnidentifiedImageError, ValueError) as err:
             raise SampleError(record.sample_id, "unreadable_image", str(err)) from None
 
@@ -261,7 +276,7 @@ class LlavaDataset(torch.utils.data.Dataset):
             if self.processor is None:
                 raise ConfigError("this dataset has images but no image processor")
             images = [
-                load_image(Path(record.root) / name, record.sample_id, self.max_image_pixels) for name in record.images
+                load_image(entry, record.root, record.sample_id, self.max_image_pixels) for entry in record.images
             ]
             processed = [self.processor(image) for image in images]
             if self.layout.tiling is None:
@@ -296,18 +311,26 @@ class LlavaDataset(torch.utils.data.Dataset):
             self._cache_room -= size
 
 
+def normalize_all(
+    raw: Sequence[Any], source: str, image_root: str | Path = "", policy: BadSamplePolicy = "skip"
+) -> tuple[list[Record], list[Skipped]]:
+    """Raw records -> validated Records (bad ones raised or returned as Skipped)."""
+    records: list[Record] = []
+    skipped: list[Skipped] = []
+    for index, item in enumerate(raw):
+        try:
+            records.append(normalize(item, index, source, str(image_root)))
+        except SampleError as err:
+            if policy == "error":
+                raise SampleError(err.sample_id, err.reason, f"{err.detail} (in {source})") from None
+            skipped.append(Skipped(err.sample_id, err.reason, err.detail))
+    return records, skipped
+
+
 def read_records(
     annotation_path: str | Path, image_root: str | Path = "", policy: BadSamplePolicy = "skip"
 ) -> tuple[list[Record], list[Skipped]]:
-    """Annotations -> validated Records (bad ones raised or returned as Skipped)."""
+    """An annotation file -> validated Records (bad ones raised or returned as Skipped)."""
     raw, skipped = read_annotations(annotation_path, policy)
-    records: list[Record] = []
-    name = Path(annotation_path).name
-    for index, item in enumerate(raw):
-        try:
-            records.append(normalize(item, index, name, str(image_root)))
-        except SampleError as err:
-            if policy == "error":
-                raise SampleError(err.sample_id, err.reason, f"{err.detail} (in {annotation_path})") from None
-            skipped.append(Skipped(err.sample_id, err.reason, err.detail))
-    return records, skipped
+    records, bad = normalize_all(raw, str(annotation_path), image_root, policy)
+    return records, skipped + bad

@@ -22,15 +22,22 @@ FusedLoss = Literal["off", "chunked", "liger"]
 CHUNK_ROWS = 1024  # positions per chunk: 1024 x 51,200 fp32 logits are 200 MiB
 
 
-def _plain(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+def _plain(
+    head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    if weights is None:
+        return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+    return (F.cross_entropy(head(hidden).float(), targets, reduction="none") * weights).sum()
 
 
-def _chunked(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, rows: int) -> torch.Tensor:
+def _chunked(
+    head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, rows: int, weights: torch.Tensor | None
+) -> torch.Tensor:
     run = functools.partial(checkpoint, _plain, use_reentrant=False) if torch.is_grad_enabled() else _plain
     total = hidden.new_zeros((), dtype=torch.float32)
-    for part, part_targets in zip(hidden.split(rows), targets.split(rows), strict=True):
-        total = total + run(head, part, part_targets)
+    parts = weights.split(rows) if weights is not None else [None] * len(targets.split(rows))
+    for part, part_targets, part_weights in zip(hidden.split(rows), targets.split(rows), parts, strict=True):
+        total = total + run(head, part, part_targets, part_weights)
     return total
 
 
@@ -54,11 +61,22 @@ def _liger(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torc
 
 
 def supervised_loss_sum(
-    head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, kind: FusedLoss = "off", rows: int = CHUNK_ROWS
+    head: nn.Module,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    kind: FusedLoss = "off",
+    rows: int = CHUNK_ROWS,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Sum over positions of the cross-entropy of `head(hidden)` (N x width) against `targets` (N)."""
+    """Sum over positions of the cross-entropy of `head(hidden)` (N x width) against `targets` (N), each
+    position's term times its weight when `weights` (N) are given (the sample / square loss reductions)."""
     if kind == "chunked":
-        return _chunked(head, hidden, targets, rows)
+        return _chunked(head, hidden, targets, rows, weights)
     if kind == "liger":
+        if weights is not None:
+            raise ConfigError(
+                "speed.fused_loss: liger sums token losses unweighted; loss_reduction sample / square needs "
+                "fused_loss: chunked or off"
+            )
         return _liger(head, hidden, targets)
-    return _plain(head, hidden, targets)
+    return _plain(head, hidden, targets, weights)

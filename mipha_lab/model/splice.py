@@ -177,6 +177,27 @@ def image_token_counts(
     return torch.tensor([f.shape[0] for f in image_features], dtype=torch.long, device=device)
 
 
+LossReduction = Literal["token", "sample", "square"]
+
+
+def target_weights(
+    supervised: torch.Tensor, segment_ids: torch.Tensor | None, reduction: LossReduction
+) -> torch.Tensor:
+    """Each supervised position's weight in the loss (0 elsewhere), with n the supervised positions of its
+    sample (its row, or its segment of a packed row): 1 (`token`), 1/n (`sample`), 1/sqrt(n) (`square`).
+    The loss is sum(weight x token loss) / sum(weight) over the global batch."""
+    weights = supervised.float()
+    if reduction == "token":
+        return weights
+    rows = torch.arange(supervised.shape[0], device=supervised.device)[:, None].expand_as(supervised)
+    sample = rows if segment_ids is None else rows * (int(segment_ids.max()) + 2) + segment_ids + 1
+    counts = torch.zeros(int(sample.max()) + 1, device=supervised.device).index_add_(
+        0, sample[supervised], weights[supervised]
+    )
+    n = counts[sample].clamp(min=1.0)
+    return weights / (n if reduction == "sample" else n.sqrt())
+
+
 def count_targets(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
@@ -185,14 +206,16 @@ def count_targets(
     max_length: int | None = None,
     image_token_index: int = IMAGE_TOKEN_INDEX,
     segment_ids: torch.Tensor | None = None,
+    reduction: LossReduction = "token",
 ) -> torch.Tensor:
-    """How many positions the loss will average over once images are spliced in and the row (or each
-    packed sample) is truncated - known before any forward pass, so a global batch can be normalised
-    exactly."""
+    """The loss's denominator once images are spliced in and the row (or each packed sample) is truncated:
+    the supervised positions (`token`), the samples with any (`sample`), the sum of their square roots
+    (`square`) - known before any forward pass, so a global batch can be normalised exactly."""
     valid = attention_mask.bool()
     is_image = (input_ids == image_token_index) & valid
     start, kept_width, _ = spliced_positions(is_image, valid, tokens_per_image, max_length, segment_ids)
-    return ((labels != IGNORE_INDEX) & valid & ~is_image & (kept_width > 0) & (start >= 1)).sum()
+    supervised = (labels != IGNORE_INDEX) & valid & ~is_image & (kept_width > 0) & (start >= 1)
+    return target_weights(supervised, segment_ids, reduction).sum()
 
 
 def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,14 @@ from mipha_lab.model.image_processing import ImageProcessor, StackedProcessor, S
 from mipha_lab.model.lm_interface import LanguageModel
 from mipha_lab.model.packed_attention import PACKED_SDPA, PackedSegments, without_cudnn_attention
 from mipha_lab.model.spec import VLMConfig
-from mipha_lab.model.splice import Spliced, block_causal_mask, check_image_counts, splice
+from mipha_lab.model.splice import (
+    LossReduction,
+    Spliced,
+    block_causal_mask,
+    check_image_counts,
+    splice,
+    target_weights,
+)
 from mipha_lab.model.tiling import Size
 from mipha_lab.model.vision import VisionTower
 from mipha_lab.model.weights import WEIGHTS_NAME, place_weights
@@ -38,9 +45,9 @@ log = logging.getLogger(__name__)
 class VLMOutput:
     """What a forward pass returns: the loss (mean and sum over supervised tokens), logits, the inputs."""
 
-    loss: torch.Tensor | None  # mean over supervised tokens of this batch
-    loss_sum: torch.Tensor | None  # sum over supervised tokens (for global-batch normalisation)
-    num_supervised: torch.Tensor | None
+    loss: torch.Tensor | None  # mean over supervised tokens of this batch (weighted: see loss_reduction)
+    loss_sum: torch.Tensor | None  # (weighted) sum over supervised tokens (for global-batch normalisation)
+    num_supervised: torch.Tensor | None  # the weights' sum under loss_reduction sample / square
     logits: torch.Tensor | None  # (B, L, V) over the spliced sequence, when asked for
     spliced: Spliced
 
@@ -74,6 +81,7 @@ class MultimodalModel(nn.Module):
         self.truncated_samples = 0
         self.truncated_tokens = 0
         self.fused_loss: FusedLoss = "off"  # how the training loss runs the head (fused_loss.py); a stage sets it
+        self.loss_reduction: LossReduction = "token"  # how token losses are weighted (splice.target_weights)
         self.layout = ImageLayout(config.tiling, vision_tower.image_size, self.num_image_tokens)
         # anyres: the learned newline after each row of tiles' features (trained with the projector)
         self.tiles = AnyresArranger(self.layout, self.lm.width) if isinstance(config.tiling, AnyresTiling) else None
@@ -217,8 +225,14 @@ class MultimodalModel(nn.Module):
         if spliced.labels is not None:
             targets = spliced.labels[:, 1:]
             supervised = targets != IGNORE_INDEX
-            loss_sum = supervised_loss_sum(head, hidden[:, :-1][supervised], targets[supervised], self.fused_loss)
-            count = supervised.sum()
+            weights = None
+            if self.loss_reduction != "token":
+                segments = spliced.segment_ids[:, 1:] if spliced.segment_ids is not None else None
+                weights = target_weights(supervised, segments, self.loss_reduction)[supervised]
+            loss_sum = supervised_loss_sum(
+                head, hidden[:, :-1][supervised], targets[supervised], self.fused_loss, weights=weights
+            )
+            count = supervised.sum() if weights is None else weights.sum()
             loss = loss_sum / count.clamp(min=1)
         logits = head(hidden).float() if return_logits else None
         return VLMOutput(loss, loss_sum, count, logits, spliced)

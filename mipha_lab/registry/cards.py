@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import PrivateAttr
+from pydantic import Field, PrivateAttr, model_validator
 from typing_extensions import Self
 
 from mipha_lab.errors import ConfigError
@@ -152,14 +152,42 @@ class SourceStats(StrictModel):
     supervised_tokens: float  # mean tokens that carry a loss
 
 
+class ColumnFilter(StrictModel):
+    """Keep a sample when its column compares true with `value`; a list column (FineVision's per-turn
+    ratings) must compare true in every element."""
+
+    column: str
+    op: Literal[">=", ">", "<=", "<", "==", "!="]
+    value: float | str
+
+
 class SourceSpec(StrictModel):
-    """One annotation file of a mixture; paths are relative to the data root given at launch."""
+    """One source of a mixture; paths are relative to the data root given at launch (URLs stay URLs).
+
+    `kind` says how it is stored: `llava` (a JSON / JSONL file of conversations plus an image folder),
+    `hf` (a Hugging Face dataset: a `save_to_disk` folder or parquet / arrow files by glob) or
+    `webdataset` (tar shards by brace pattern)."""
 
     name: str
-    annotations: str
-    images: str | None = None
+    kind: Literal["llava", "hf", "webdataset"] = "llava"
+    annotations: str | None = None  # llava: the annotation file
+    images: str | None = None  # llava: the image folder; hf: the folder stored image paths are relative to
+    path: str | None = None  # hf: folder or glob; webdataset: shard pattern (local or fsspec URL)
+    format: Literal["llava", "cauldron"] = "llava"  # hf: which columns hold the conversation (hf_source.py)
+    columns: dict[str, str] = Field(
+        default_factory=dict
+    )  # hf: our column name -> the dataset's (conversations, image, images, texts, id)
     sample: Literal["all"] | FirstN | RandomN | Weight = "all"
+    where: list[ColumnFilter] = Field(default_factory=list)  # every filter must hold (applied before `sample`)
+    cap: int | None = Field(default=None, gt=0)  # at most this many samples (a seeded random subset)
     stats: SourceStats | None = None
+
+    @model_validator(mode="after")
+    def _located(self) -> Self:
+        needed = "annotations" if self.kind == "llava" else "path"
+        if getattr(self, needed) is None:
+            raise ValueError(f"source '{self.name}' of kind {self.kind} needs `{needed}`")
+        return self
 
 
 class MixtureCard(Card):

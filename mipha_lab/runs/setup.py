@@ -12,7 +12,7 @@ import yaml
 from huggingface_hub.constants import HF_HUB_CACHE
 
 from mipha_lab.config import AFTER_NONFINITE, Experiment, config_differences
-from mipha_lab.data.mixtures import MIXTURES, ensure_generated
+from mipha_lab.data.mixtures import MIXTURES, ensure_generated, identity_files, missing_inputs
 from mipha_lab.errors import ConfigError
 from mipha_lab.model.language import LLM
 from mipha_lab.model.vision import VISION
@@ -21,7 +21,12 @@ from mipha_lab.runs.folder import RunFolder, file_digest, latest_checkpoint
 
 def data_files(experiment: Experiment) -> list[Path]:
     root = Path(experiment.data_root)
-    return [root / source.annotations for stage in experiment.stages for source in MIXTURES.get(stage.mixture).sources]
+    return [
+        path
+        for stage in experiment.stages
+        for source in MIXTURES.get(stage.mixture).sources
+        for path in identity_files(source, root)
+    ]
 
 
 def hub_available(repo: str) -> bool:
@@ -44,10 +49,8 @@ def preflight(experiment: Experiment) -> None:
             continue
         origin = f" (from {card.url})" if card.url else ""
         for source in card.sources:
-            for path, kind in ((root / source.annotations, "file"), (root / (source.images or "."), "folder")):
-                exists = path.is_file() if kind == "file" else path.is_dir()
-                if not exists:
-                    missing.append(f"stage '{stage.name}', mixture '{stage.mixture}': {kind} {path}{origin}")
+            where = f"stage '{stage.name}', mixture '{stage.mixture}'"
+            missing += [f"{where}: {what}{origin}" for what in missing_inputs(source, root)]
     if experiment.model.pretrained:
         llm = LLM.get(experiment.model.llm)
         vision = VISION.get(experiment.model.vision)  # a card, or a class registered in Python (no hub weights)

@@ -130,6 +130,7 @@ class StageRunner:
             seed=self.experiment.seed,
             epoch=epoch,
             max_length=self.stage.max_length,
+            max_images_per_row=self.stage.max_images_per_row,
         )
 
     def total_steps(self, steps_per_epoch: int) -> int:
@@ -162,6 +163,7 @@ class StageRunner:
             load_rng(resume, dist.rank)
         param_groups, rows = apply_policy(self.model, stage, self.experiment.model.llm, self.experiment.quirks)
         self.recompute = apply_speed(self.model, stage, self.experiment, dist.device, dist.world_size)
+        self.model.loss_reduction = stage.loss_reduction
         self.flop_model = FlopModel(self.model, self.checkpointing())
         markdown = table_markdown(stage.name, rows)
         if dist.main:
@@ -270,7 +272,7 @@ class StageRunner:
         data_time = time.perf_counter() - start
         for batch in micro:
             report.add(batch["skipped"])
-        counts = global_counts(micro, model.config.max_positions, dist)
+        counts = global_counts(micro, model.config.max_positions, dist, model.loss_reduction)
         if counts.samples == 0:
             raise ConfigError(
                 f"stage '{self.stage.name}', step {step + 1}: every sample of the global batch was skipped "

@@ -2,7 +2,8 @@
 
 Each micro-batch's loss is (sum of its token losses) x world / (supervised tokens of the whole global
 batch), so gradients summed over accumulation and averaged over ranks are exactly those of the mean over
-every supervised token of the global batch. The loss is checked before the last micro-batch reaches the
+every supervised token of the global batch (under loss_reduction sample / square: token losses and the
+denominator weighted per sample, `splice.target_weights`). The loss is checked before the last micro-batch reaches the
 optimizer, so a non-finite batch never changes the weights.
 """
 
@@ -18,7 +19,7 @@ import torch
 from mipha_lab.constants import IGNORE_INDEX
 from mipha_lab.distributed import Distributed
 from mipha_lab.errors import MiphaLabError
-from mipha_lab.model.splice import count_targets
+from mipha_lab.model.splice import LossReduction, count_targets
 from mipha_lab.train.engine import Engine
 
 
@@ -34,7 +35,8 @@ class NonFiniteLoss(MiphaLabError):
 class GlobalCounts:
     """What the whole global batch (every rank, every micro-batch) holds."""
 
-    targets: float  # supervised tokens after splicing and truncation: the loss's denominator
+    targets: float  # the loss's denominator: supervised tokens after splicing and truncation (their weights'
+    # sum under loss_reduction sample / square)
     tokens: float  # positions after splicing
     samples: float
     images: float
@@ -50,7 +52,9 @@ class StepFigures:
     optimizer_s: float  # clipping and the update
 
 
-def global_counts(micro: list[dict[str, Any]], max_positions: int, dist: Distributed) -> GlobalCounts:
+def global_counts(
+    micro: list[dict[str, Any]], max_positions: int, dist: Distributed, reduction: LossReduction = "token"
+) -> GlobalCounts:
     """Counted on every rank and summed, before any forward: the normalisation needs the global total.
     Each <image> placeholder becomes the visual tokens the batch records for it (`image_tokens`)."""
     local = [
@@ -63,6 +67,7 @@ def global_counts(micro: list[dict[str, Any]], max_positions: int, dist: Distrib
                     b["image_tokens"],
                     max_positions,
                     segment_ids=b.get("segment_ids"),
+                    reduction=reduction,
                 )
             )
             for b in micro

@@ -83,9 +83,9 @@ def test_an_image_over_the_pixel_limit_is_a_counted_skip(tmp_path):
 
     Image.new("RGB", (300, 200)).save(tmp_path / "big.png")
     with pytest.raises(SampleError) as caught:
-        load_image(tmp_path / "big.png", "s1", max_pixels=50_000)
+        load_image("big.png", tmp_path, "s1", max_pixels=50_000)
     assert caught.value.reason == "image_too_large" and "60,000 pixels" in caught.value.detail
-    assert load_image(tmp_path / "big.png", "s1", max_pixels=60_000).size == (300, 200)
+    assert load_image("big.png", tmp_path, "s1", max_pixels=60_000).size == (300, 200)
 
 
 @pytest.mark.parametrize("jsonl", [True, False])
