@@ -12,6 +12,7 @@ stage's LM recomputation (`auto` resolved as training would on the planned GPU).
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from mipha_lab.data.mixtures import (
     read_source,
     sample_indices,
 )
+from mipha_lab.data.streaming import StreamedRecords, stream_count
 from mipha_lab.data.templates import encode, get_template
 from mipha_lab.errors import ConfigError
 from mipha_lab.model import MultimodalModel, build_model
@@ -56,7 +58,11 @@ def stage_data(stage: StageConfig, experiment: Experiment) -> dict[str, float]:
     ensure_generated(card, root)  # synthetic data costs seconds: plan on the real thing
     for source in card.sources:
         missing = missing_inputs(source, root)
-        if not missing:
+        if not missing and source.stream:  # counted from the manifest, measured on the stream's first samples
+            count = float(stream_count(source, root))
+            head = list(itertools.islice(StreamedRecords(card.model_copy(update={"sources": [source]}), root, 0), 500))
+            with_image = sum(1 for r in head if r.images) / max(len(head), 1)
+        elif not missing:
             records, _ = read_source(source, root, experiment.seed, "skip")
             count = float(len(records))
             with_image = sum(1 for r in records if r.images) / max(count, 1.0)
@@ -88,7 +94,7 @@ def measured_tokens(stage: StageConfig, experiment: Experiment) -> tuple[float, 
     records, _ = load_mixture(stage.mixture, experiment.data_root, experiment.seed, "skip")
     tokenizer, template = load_tokenizer(LLM.get(experiment.model.llm)), get_template(stage.template)
     text = answers = 0
-    sample = records[:2000]
+    sample = list(itertools.islice(iter(records), 2000))
     for record in sample:
         encoded = encode(template, tokenizer, record.messages, sample_id=record.sample_id)
         text += len(encoded.input_ids) - len(record.images)

@@ -15,6 +15,7 @@ import torch
 
 from mipha_lab.constants import IGNORE_INDEX
 from mipha_lab.data.problems import Skipped
+from mipha_lab.errors import ConfigError
 
 Batching = Literal["padded", "modality-grouped", "packed"]
 
@@ -116,6 +117,12 @@ def plan_epoch(
 ) -> list[list[int]]:
     """The epoch's micro-batches for the batching mode an experiment selects. A packed row holds up to
     micro_batch x max_length positions (and `max_images_per_row` images)."""
+    if getattr(dataset, "streamed", False):  # the stream is shuffled already: its order, in batches
+        if batching != "padded":
+            raise ConfigError(
+                f"a streamed mixture is batched `padded` (its lengths are not known ahead), not {batching}"
+            )
+        return [list(range(i, min(i + micro_batch, len(dataset)))) for i in range(0, len(dataset), micro_batch)]
     if batching == "padded":
         return plan_padded(len(dataset), micro_batch, seed, epoch)
     if batching == "modality-grouped":

@@ -25,7 +25,11 @@ from mipha_lab.errors import ConfigError
 
 Layout = Literal["llava", "cauldron"]
 TEXT_COLUMN = {"llava": "conversations", "cauldron": "texts"}
-BATCH_ROWS = 4096
+BLOCK_ROWS = 4096  # rows read at a time (and the unit a streamed source shuffles)
+
+
+def block_count(rows: int) -> int:
+    return -(-rows // BLOCK_ROWS)
 
 
 def _image_column(table: Any, names: Mapping[str, str], layout: Layout) -> str | None:
@@ -65,10 +69,16 @@ def _cauldron_turns(texts: Any, images: int, sample_id: str) -> list[dict[str, s
 
 
 def hf_rows(
-    location: str, layout: Layout, columns: Mapping[str, str], extra: Sequence[str], label: str
+    location: str,
+    layout: Layout,
+    columns: Mapping[str, str],
+    extra: Sequence[str],
+    label: str,
+    blocks: Sequence[int] | None = None,
 ) -> Iterator[dict[str, Any] | SampleError]:
     """Each row as a LLaVA-style record (`id`, `conversations`, `image`: a list) plus the `extra` columns
-    (for the card's filters), or the SampleError that makes it unusable."""
+    (for the card's filters), or the SampleError that makes it unusable; in row order, or block by block
+    (BLOCK_ROWS rows each) in the order `blocks` gives."""
     try:
         table = load_dataset_at(location).data
     except (FileNotFoundError, ValueError) as err:
@@ -83,8 +93,9 @@ def hf_rows(
             f"source '{label}': {location} has no column {missing[0]!r} (columns: {', '.join(table.column_names)}; "
             f"map names with `columns:` in the card)"
         )
-    for start in range(0, table.num_rows, BATCH_ROWS):
-        stop = min(start + BATCH_ROWS, table.num_rows)
+    for block in range(block_count(table.num_rows)) if blocks is None else blocks:
+        start = block * BLOCK_ROWS
+        stop = min(start + BLOCK_ROWS, table.num_rows)
         rows = table.select(list(dict.fromkeys(wanted))).slice(start, stop - start).to_pylist()
         row_images = _images_of_rows(table, image, location, start, stop)
         for offset, (row, images) in enumerate(zip(rows, row_images, strict=True)):

@@ -96,6 +96,11 @@ def open_table(location: str) -> Any:
 Blob = TarMember | ArrowCell
 
 
+def location(root: str | Path, value: str) -> str:
+    """A card's path under the data root; URLs (`s3://`, `https://`, ...) as they are."""
+    return value if "://" in value else str(Path(root) / value)
+
+
 def image_source(entry: str | Blob, root: str | Path) -> str | Path | IO[bytes]:
     """What PIL opens for one of a record's images: a path under `root`, or the blob's bytes."""
     if isinstance(entry, str):

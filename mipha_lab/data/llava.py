@@ -202,17 +202,23 @@ class LlavaDataset(torch.utils.data.Dataset):
         if policy not in ("skip", "error"):
             raise ConfigError(f"bad-sample policy must be 'skip' or 'error', got {policy!r}")
         check_tokenizer(template, tokenizer)
-        self.records = list(records)
+        self.streamed = bool(getattr(records, "streamed", False))  # data/streaming.py: one epoch at a time
+        self.records = records if self.streamed else list(records)
         self.template, self.tokenizer, self.processor = template, tokenizer, processor
         self.max_length, self.layout, self.policy = max_length, layout, policy
         self.mask_first_answer_token = mask_first_answer_token
         self.max_image_pixels = max_image_pixels
         self._token_lengths: list[int] | None = None
         self._cache: dict[int, dict[str, Any] | Skipped] = {}
-        self._cache_room = cache_mb * 2**20  # bytes still free for cached samples
+        self._cache_room = 0 if self.streamed else cache_mb * 2**20  # bytes still free for cached samples
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def start_epoch(self, epoch: int) -> None:
+        """A streamed mixture's positions hold other samples in each epoch; indexed records do not change."""
+        if self.streamed:
+            self.records.start_epoch(epoch)  # type: ignore[attr-defined]
 
     @property
     def lengths(self) -> list[int]:

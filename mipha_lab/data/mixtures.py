@@ -18,8 +18,10 @@ from typing import Any
 
 from mipha_lab.data import synthetic
 from mipha_lab.data.hf_source import hf_rows
+from mipha_lab.data.image_blobs import location
 from mipha_lab.data.llava import Record, normalize_all, read_annotations
 from mipha_lab.data.problems import BadSamplePolicy, SampleError, Skipped
+from mipha_lab.data.streaming import StreamedRecords, check_streamed
 from mipha_lab.data.webdataset_source import shard_urls, webdataset_rows
 from mipha_lab.errors import ConfigError
 from mipha_lab.registry import Registry
@@ -77,11 +79,6 @@ def ensure_generated(card: MixtureCard, data_root: Path) -> None:
             if missing():
                 log.info("generating the synthetic shapes data into %s", data_root / "shapes")
                 synthetic.generate(data_root / "shapes")
-
-
-def location(root: Path, value: str) -> str:
-    """A card's path under the data root; URLs (`s3://`, `https://`, ...) as they are."""
-    return value if "://" in value else str(root / value)
 
 
 def _rows(source: SourceSpec, root: Path, policy: BadSamplePolicy) -> tuple[list[Any], list[Skipped], str]:
@@ -145,11 +142,14 @@ def read_source(
 
 def load_mixture(
     mixture: str | MixtureCard, data_root: str | Path, seed: int = 0, policy: BadSamplePolicy = "skip"
-) -> tuple[list[Record], list[Skipped]]:
-    """The mixture's records in a deterministic order, and the samples skipped while reading."""
+) -> tuple[list[Record] | StreamedRecords, list[Skipped]]:
+    """The mixture's records in a deterministic order, and the samples skipped while reading (a streamed
+    mixture's bad samples are met, and skipped, as training reaches them)."""
     card = MIXTURES.get(mixture) if isinstance(mixture, str) else mixture
     root = Path(data_root)
     ensure_generated(card, root)
+    if check_streamed(card):
+        return StreamedRecords(card, root, seed), []
     records: list[Record] = []
     skipped: list[Skipped] = []
     for source in card.sources:

@@ -18,6 +18,7 @@ import io
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,7 @@ def sample_members(record: Record) -> dict[str, bytes]:
     return members
 
 
-def write_shards(records: list[Record], out: Path, shard_bytes: int) -> tuple[list[dict[str, Any]], list[Skipped]]:
+def write_shards(records: Sequence[Record], out: Path, shard_bytes: int) -> tuple[list[dict[str, Any]], list[Skipped]]:
     """Shards of about `shard_bytes` each (a sample is never split); returns the manifest rows and the
     samples whose images could not be read."""
     import webdataset
@@ -74,7 +75,7 @@ def write_shards(records: list[Record], out: Path, shard_bytes: int) -> tuple[li
     skipped: list[Skipped] = []
     writer: Any = None
     written = 0
-    for record in tqdm(records, desc="shards", unit="sample", disable=None):
+    for record in tqdm(records, total=len(records), desc="shards", unit="sample", disable=None):
         try:
             members = sample_members(record)
         except SampleError as err:

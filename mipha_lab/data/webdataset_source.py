@@ -45,21 +45,24 @@ def _members(shard: str) -> Iterator[tuple[str, list[tuple[str, tarfile.TarInfo,
         handle = fsspec.open(shard, "rb").open()
     except FileNotFoundError:
         raise ConfigError(f"shard {shard} does not exist") from None
-    with handle, tarfile.open(fileobj=handle, mode="r:") as tar:
-        key: str | None = None
-        fields: list[tuple[str, tarfile.TarInfo, bytes | None]] = []
-        for info in tar:
-            if not info.isfile():
-                continue
-            member_key, field = split_name(info.name)
-            if member_key != key and key is not None:
+    try:
+        with handle, tarfile.open(fileobj=handle, mode="r:") as tar:
+            key: str | None = None
+            fields: list[tuple[str, tarfile.TarInfo, bytes | None]] = []
+            for info in tar:
+                if not info.isfile():
+                    continue
+                member_key, field = split_name(info.name)
+                if member_key != key and key is not None:
+                    yield key, fields
+                    fields = []
+                key = member_key
+                payload = tar.extractfile(info).read() if field == "json" else None  # type: ignore[union-attr]
+                fields.append((field, info, payload))
+            if key is not None:
                 yield key, fields
-                fields = []
-            key = member_key
-            payload = tar.extractfile(info).read() if field == "json" else None  # type: ignore[union-attr]
-            fields.append((field, info, payload))
-        if key is not None:
-            yield key, fields
+    except tarfile.TarError as err:
+        raise ConfigError(f"shard {shard}: not a readable tar file ({err})") from None
 
 
 def _record(shard: str, key: str, fields: list[tuple[str, tarfile.TarInfo, bytes | None]]) -> dict[str, Any]:
@@ -90,11 +93,31 @@ def _record(shard: str, key: str, fields: list[tuple[str, tarfile.TarInfo, bytes
     return {**record, "id": str(record.get("id", sample_id)), "image": images}
 
 
-def webdataset_rows(pattern: str) -> Iterator[dict[str, Any] | SampleError]:
-    """Every sample of the shards as a LLaVA-style record whose images are TarMembers, or its SampleError."""
-    for shard in shard_urls(pattern):
+def webdataset_rows(pattern: str, shards: list[str] | None = None) -> Iterator[dict[str, Any] | SampleError]:
+    """Every sample of the shards (all of `pattern`'s, or `shards` in that order) as a LLaVA-style record
+    whose images are TarMembers, or its SampleError. Reads one shard at a time, front to back."""
+    for shard in shard_urls(pattern) if shards is None else shards:
         for key, fields in _members(shard):
             try:
                 yield _record(shard, key, fields)
             except SampleError as err:
                 yield err
+
+
+def manifest_counts(pattern: str) -> dict[str, int]:
+    """Samples per shard from the `manifest.json` beside the shards (`python -m mipha_lab.data.shards`
+    writes it): what a streamed source needs to know its epoch length without reading every shard."""
+    shards = shard_urls(pattern)
+    folder = shards[0].rsplit("/", 1)[0] if "/" in shards[0] else "."
+    try:
+        with fsspec.open(f"{folder}/manifest.json", "rt") as handle:
+            listed = {row["name"]: int(row["samples"]) for row in json.load(handle)["shards"]}
+    except FileNotFoundError:
+        raise ConfigError(
+            f"a streamed webdataset source needs {folder}/manifest.json with each shard's sample count "
+            "(python -m mipha_lab.data.shards writes one)"
+        ) from None
+    missing = [s for s in shards if s.rsplit("/", 1)[-1] not in listed]
+    if missing:
+        raise ConfigError(f"{folder}/manifest.json does not list shard {missing[0]}")
+    return {shard: listed[shard.rsplit("/", 1)[-1]] for shard in shards}

@@ -180,6 +180,7 @@ class SourceSpec(StrictModel):
     sample: Literal["all"] | FirstN | RandomN | Weight = "all"
     where: list[ColumnFilter] = Field(default_factory=list)  # every filter must hold (applied before `sample`)
     cap: int | None = Field(default=None, gt=0)  # at most this many samples (a seeded random subset)
+    stream: bool = False  # hf / webdataset: read front to back through a shuffle buffer (data/streaming.py)
     stats: SourceStats | None = None
 
     @model_validator(mode="after")
@@ -187,6 +188,11 @@ class SourceSpec(StrictModel):
         needed = "annotations" if self.kind == "llava" else "path"
         if getattr(self, needed) is None:
             raise ValueError(f"source '{self.name}' of kind {self.kind} needs `{needed}`")
+        if self.stream and (self.kind == "llava" or self.where or self.sample != "all"):
+            raise ValueError(
+                f"source '{self.name}': a streamed source is a Hugging Face dataset or shards, with `cap` but no "
+                "`where` or `sample` rule (those need the index a stream does not build)"
+            )
         return self
 
 

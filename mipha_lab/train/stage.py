@@ -225,6 +225,7 @@ class StageRunner:
         step, epoch, position, offset = start
         last_save, first_loss = time.time(), None
         while step < total:
+            self.dataset.start_epoch(epoch)
             sampler = RankBatchSampler(self.plan(epoch), dist.rank, dist.world_size, start=position)
             # own generator: creating the loader must not draw from the global RNG (bitwise resume)
             loader = torch.utils.data.DataLoader(
