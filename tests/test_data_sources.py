@@ -338,3 +338,22 @@ def test_the_step_normalises_by_the_same_weights(root, model):
         finally:
             model.loss_reduction = "token"
     assert np.isclose(counts.samples, 5)
+
+
+@pytest.mark.slow
+def test_a_packed_stage_trains_with_an_image_cap_and_the_square_loss(tmp_path, data_root):
+    from tests.test_resume import launch, losses
+
+    overrides = [
+        "stages.instruct.batching=packed",
+        "stages.instruct.max_images_per_row=3",
+        "stages.instruct.loss_reduction=square",
+        "stages.instruct.max_steps=6",
+    ]
+    done = launch(tmp_path, data_root, *overrides)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = losses(tmp_path / "runs/micro")
+    assert len(rows) == 5 + 6 and all(math.isfinite(loss) for _, loss in rows)
+    refused = launch(tmp_path, data_root, "stages.instruct.max_images_per_row=3", "run_name=padded")
+    assert refused.returncode == 2 and "max_images_per_row caps packed rows" in refused.stderr
+    assert "Traceback" not in refused.stderr
