@@ -1,4 +1,5 @@
-"""Dataloader throughput: our dataset + collator against a LLaVA-style LazySupervisedDataset.
+"""Dataloader throughput: our dataset + collator against a LLaVA-style LazySupervisedDataset, and the same
+samples read from WebDataset shards against the JSON + image folder.
 
 Same synthetic 640x480 JPEGs processed to 384 px (SigLIP card, `pad`), the `phi` template, the same
 number of loader processes; the outputs are checked equal (ids and labels exactly, pixels to 1e-5)
@@ -29,6 +30,8 @@ from bench._results import report
 from mipha_lab.constants import IGNORE_INDEX, IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from mipha_lab.data.batching import collate_padded, sample_item
 from mipha_lab.data.llava import LlavaDataset, read_records
+from mipha_lab.data.mixtures import read_source
+from mipha_lab.data.shards import shard_pattern, write_shards
 from mipha_lab.data.templates import PHI_SYSTEM, get_template
 from mipha_lab.model.image_layout import ImageLayout
 from mipha_lab.model.image_processing import ImageProcessor
@@ -37,6 +40,7 @@ from mipha_lab.model.language import (
     load_tokenizer,
 )
 from mipha_lab.model.vision import VISION
+from mipha_lab.registry.cards import SourceSpec
 
 WORDS = [
     "the",
@@ -154,26 +158,38 @@ def main(argv: list[str] | None = None) -> int:
     args = cli.parse_args(argv)
     samples, repeats = args.samples or (24 if args.smoke else 400), args.repeats or (1 if args.smoke else 3)
     tokenizer = load_tokenizer(LLM.get("tiny-phi-2"))
+
+    def ours_over(records: list) -> LlavaDataset:
+        processor = ImageProcessor(VISION.get("siglip-so400m-384").image, "pad")
+        layout = ImageLayout(None, 384, 729)
+        return LlavaDataset(records, get_template("phi"), tokenizer, processor, max_length=4096, layout=layout)
+
     with tempfile.TemporaryDirectory() as tmp:
         path = make_data(Path(tmp), samples)
+        start = time.perf_counter()
         records, _ = read_records(path, Path(tmp) / "images")
-        ours = LlavaDataset(
-            records,
-            get_template("phi"),
-            tokenizer,
-            ImageProcessor(VISION.get("siglip-so400m-384").image, "pad"),
-            max_length=4096,
-            layout=ImageLayout(None, 384, 729),
-        )
+        index_json_s = time.perf_counter() - start
+        ours = ours_over(records)
         reference = ReferenceDataset(path, Path(tmp) / "images", tokenizer)
         for a, b in zip(loader(ours, 0), loader(reference, 0), strict=True):
             assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
             assert float((a["pixel_values"] - b["pixel_values"]).abs().max()) < 1e-5
-        ours_rate, ref_rate = [], []
+        # the same samples as WebDataset shards (python -m mipha_lab.data.shards): identical tensors first
+        shards, _ = write_shards(records, Path(tmp) / "shards", 32 * 2**20)
+        start = time.perf_counter()
+        pattern = str(Path(tmp) / "shards" / shard_pattern(len(shards)))
+        sharded_records, _ = read_source(SourceSpec(name="shards", kind="webdataset", path=pattern), Path(tmp))
+        index_shards_s = time.perf_counter() - start
+        sharded = ours_over(sharded_records)
+        for a, b in zip(loader(ours, 0), loader(sharded, 0), strict=True):
+            assert all(torch.equal(a[k], b[k]) for k in ("input_ids", "labels", "pixel_values"))
+        ours_rate, ref_rate, shard_rate = [], [], []
         for _ in range(repeats):  # interleaved, best of each: this machine is noisy
             ref_rate.append(throughput(reference, args.workers))
             ours_rate.append(throughput(ours, args.workers))
+            shard_rate.append(throughput(sharded, args.workers))
     ratio = max(ours_rate) / max(ref_rate)
+    shards_ratio = max(shard_rate) / max(ours_rate)
     figures = {
         "ratio": round(ratio, 3),
         "ours_samples_per_s": round(max(ours_rate), 2),
@@ -181,6 +197,14 @@ def main(argv: list[str] | None = None) -> int:
         "samples": samples,
         "workers": args.workers,
         "identical_outputs": True,
+        "shards": {
+            "ratio_vs_json_and_folder": round(shards_ratio, 3),
+            "samples_per_s": round(max(shard_rate), 2),
+            "files": len(shards),
+            "index_s": round(index_shards_s, 3),
+            "json_index_s": round(index_json_s, 3),
+            "identical_tensors": True,
+        },
         "smoke": args.smoke,
     }
     return report(
@@ -188,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         figures,
         args.out,
         f"{ratio:.2f}x (samples/s of our dataset+collator over a LLaVA-style reference; "
-        f"{max(ours_rate):.1f} vs {max(ref_rate):.1f})",
+        f"{max(ours_rate):.1f} vs {max(ref_rate):.1f}); from {len(shards)} shard(s) {shards_ratio:.2f}x "
+        f"the JSON + {samples} image files ({max(shard_rate):.1f} samples/s)",
     )
 
 
