@@ -14,7 +14,7 @@ from mipha_lab.eval.shapes import CHANCE
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(2400)  # ~7 minutes on 2 idle cores; a loaded machine was seen to take over 10
+@pytest.mark.timeout(2400)  # ~6 minutes on 2 idle cores; a loaded machine was seen to take over 10
 def test_demo_trains_and_beats_the_thresholds(tmp_path):
     env = {**os.environ, "WANDB_MODE": "offline"}
     start = time.time()
