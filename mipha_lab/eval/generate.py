@@ -76,7 +76,7 @@ def answer_questions(
         if chunk:
             for q, text in zip(
                 chunk,
-                _generate(model, template, [prompts[id(q)] for q in chunk], pixels, sizes, max_new_tokens),
+                generate_batch(model, template, [prompts[id(q)] for q in chunk], pixels, sizes, max_new_tokens),
                 strict=False,
             ):
                 done[answer_key(q.question_id, q.text)] = _record(q, text, model_id)
@@ -101,15 +101,19 @@ def _record(question: Any, text: str, model_id: str, metadata: dict | None = Non
     }
 
 
-def _generate(
+def generate_batch(
     model: Any,
     template: Template,
     prompts: list[list[int]],
     pixels: list[torch.Tensor],
     sizes: list[tuple[int, int]],
     max_new_tokens: int,
+    stops: Sequence[str] = (),
+    temperature: float = 0.0,
+    top_p: float = 1.0,
 ) -> list[str]:
-    """Answers to a batch of prompts; `pixels` holds each image's frames, `sizes` each image's (height, width)."""
+    """Answers to a batch of prompts; `pixels` holds each image's frames, `sizes` each image's (height, width);
+    each answer ends before the template's stop strings and `stops`."""
     width = max(map(len, prompts))
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -121,13 +125,15 @@ def _generate(
         mask.to(device),
         torch.cat(pixels).to(device) if pixels else None,
         max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
         image_sizes=sizes,
-        stop_strings=template.stop_strings,
+        stop_strings=[*template.stop_strings, *stops],
     )
     texts = []
     for tokens in out:
         text = model.tokenizer.decode(tokens, skip_special_tokens=True)
-        for stop in template.stop_strings:
+        for stop in [*template.stop_strings, *stops]:
             text = text.split(stop)[0]
         texts.append(text.strip())
     return texts

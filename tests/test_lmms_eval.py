@@ -1,0 +1,129 @@
+"""A mipha-lab model inside lmms-eval, offline: a local task built from the synthetic shapes (POPE-style
+questions scored by lmms-eval's own stock POPE functions), `python -m lmms_eval --model mipha_lab` end to
+end; its answers must be exactly our `answer_questions`' for the same prompts, and its scores follow from
+them by lmms-eval's rule."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (pip install 'mipha-lab[lmms-eval]')")
+
+from mipha_lab.data.templates import get_template
+from mipha_lab.eval.benchmarks import llava_questions
+from mipha_lab.eval.generate import answer_questions
+from mipha_lab.model import build_vlm, load_model
+from tests.test_resume import launch
+
+QUESTIONS = 24
+SUFFIX = "\nAnswer the question using a single word or phrase."
+TASK = """task: shapes_pope_local
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_visual: !function utils.doc_to_visual
+doc_to_text: !function utils.pope_doc_to_text
+doc_to_target: answer
+generation_kwargs: {{max_new_tokens: 8, temperature: 0, do_sample: false}}
+process_results: !function utils.pope_process_results
+metric_list:
+  - {{metric: pope_accuracy, aggregation: !function utils.pope_aggregate_accuracy, higher_is_better: true}}
+  - {{metric: pope_f1_score, aggregation: !function utils.pope_aggregate_f1_score, higher_is_better: true}}
+lmms_eval_specific_kwargs:
+  default: {{pre_prompt: "", post_prompt: "\\nAnswer the question using a single word or phrase."}}
+"""
+UTILS = """from PIL import Image
+from lmms_eval.tasks.pope.utils import (  # lmms-eval's stock POPE scoring
+    pope_aggregate_accuracy,
+    pope_aggregate_f1_score,
+    pope_doc_to_text,
+    pope_process_results,
+)
+
+
+def doc_to_visual(doc):
+    return [Image.open(doc["image_path"]).convert("RGB")]
+"""
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory, data_root) -> Path:
+    """The first QUESTIONS shapes-pope questions as an lmms-eval task folder (`--include_path`)."""
+    folder = tmp_path_factory.mktemp("task")
+    pope = data_root / "shapes/eval/shapes-pope"
+    labels = {}
+    for split in (pope / "annotations").glob("*.json"):
+        labels.update({row["question_id"]: row["label"] for row in map(json.loads, split.read_text().splitlines())})
+    rows = [json.loads(line) for line in (pope / "questions.jsonl").read_text().splitlines()][:QUESTIONS]
+    with (folder / "test.jsonl").open("w") as out:
+        for row in rows:
+            assert row["text"].endswith(SUFFIX)
+            doc = {
+                "question_id": row["question_id"],
+                "question": row["text"].removesuffix(SUFFIX),
+                "answer": labels[row["question_id"]],
+                "image_path": str(data_root / "shapes/images" / row["image"]),
+            }
+            out.write(json.dumps(doc) + "\n")
+    (folder / "shapes_pope_local.yaml").write_text(TASK.format(data=folder / "test.jsonl"))
+    (folder / "utils.py").write_text(UTILS)
+    return folder
+
+
+def run_lmms_eval(model: Path, task: Path, out: Path) -> tuple[dict, list[dict]]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    command = ["--model", "mipha_lab", "--model_args", f"pretrained={model},batch_size=8"]
+    command += ["--tasks", "shapes_pope_local", "--include_path", str(task), "--log_samples", "--output_path", str(out)]
+    done = subprocess.run(
+        [sys.executable, "-m", "lmms_eval", *command], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (results,) = out.glob("*/*_results.json")
+    (samples,) = out.glob("*/*_samples_shapes_pope_local.jsonl")
+    rows = sorted(map(json.loads, samples.read_text().splitlines()), key=lambda row: row["doc_id"])
+    return json.loads(results.read_text())["results"]["shapes_pope_local"], rows
+
+
+def our_answers(model_path: Path, data_root: Path) -> list[str]:
+    model = load_model(model_path).eval()
+    paths = {"questions": data_root / "shapes/eval/shapes-pope/questions.jsonl", "images": data_root / "shapes/images"}
+    questions = llava_questions(paths)[:QUESTIONS]
+    template = get_template(model.config.template)
+    answers = answer_questions(model, template, questions, batch_size=8, max_new_tokens=8, progress=False)
+    return [a["text"] for a in answers]
+
+
+@pytest.mark.slow
+def test_lmms_eval_runs_a_micro_trained_model_and_scores_its_answers(tmp_path, data_root, task):
+    run = launch(tmp_path, data_root, "eval.benchmarks=[]")
+    assert run.returncode == 0, run.stderr[-3000:]
+    model = tmp_path / "runs/micro"
+    scores, rows = run_lmms_eval(model, task, tmp_path / "lmms")
+    answers = [row["filtered_resps"] for row in rows]
+    assert answers == our_answers(model, data_root)
+    targets = [row["target"] for row in rows]
+    correct = [a.lower().strip() == t for a, t in zip(answers, targets, strict=True)]  # lmms-eval's POPE rule
+    assert scores["pope_accuracy,none"] == pytest.approx(sum(correct) / QUESTIONS)
+    print(f"lmms-eval on micro: {scores}")
+
+
+@pytest.mark.slow
+def test_lmms_eval_gives_our_answers_word_for_word(tmp_path, data_root, task):
+    """A random-init tiny model answers with varied tokens: every prompt and image must reach it as ours do."""
+    torch.manual_seed(0)
+    model = build_vlm("tiny-siglip-so400m-384", "tiny-phi-2-scratch", template="phi")
+    model.save_pretrained(tmp_path / "random")
+    _, rows = run_lmms_eval(tmp_path / "random", task, tmp_path / "lmms")
+    answers = [row["filtered_resps"] for row in rows]
+    assert len(set(answers)) > 3  # not a constant answer
+    assert answers == our_answers(tmp_path / "random", data_root)
