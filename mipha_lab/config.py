@@ -313,10 +313,19 @@ class EngineConfig(StrictModel):
     deterministic: bool = False
 
 
+class HarnessConfig(StrictModel):
+    """lmms-eval tasks run after training with the `mipha_lab` model (the lmms-eval extra)."""
+
+    tasks: list[str] = Field(min_length=1)  # lmms-eval task names: mmstar, ai2d, ...
+    include_path: str | None = None  # a folder of local task YAMLs (lmms-eval's --include_path)
+    limit: int | None = Field(None, gt=0)  # only the first N documents of each task
+
+
 class EvalConfig(StrictModel):
     """The benchmarks a run is evaluated on after training, and how."""
 
     benchmarks: list[str] = Field(default_factory=list)
+    harness: HarnessConfig | None = None  # lmms-eval's tasks, beside ours (eval/harness.py)
     batch_size: int = Field(16, gt=0)
     max_new_tokens: int | None = None  # default: each benchmark's own
     image_strategy: Literal["square", "pad", "resize-naive", "resize-crop"] = "pad"

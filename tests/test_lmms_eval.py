@@ -17,7 +17,7 @@ import torch
 pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (pip install 'mipha-lab[lmms-eval]')")
 
 from mipha_lab.data.templates import get_template
-from mipha_lab.eval.benchmarks import llava_questions
+from mipha_lab.eval.benchmarks import headline_scores, llava_questions
 from mipha_lab.eval.generate import answer_questions
 from mipha_lab.model import build_vlm, load_model
 from tests.test_resume import launch
@@ -80,14 +80,8 @@ def task(tmp_path_factory, data_root) -> Path:
     return folder
 
 
-def run_lmms_eval(model: Path, task: Path, out: Path) -> tuple[dict, list[dict]]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    command = ["--model", "mipha_lab", "--model_args", f"pretrained={model},batch_size=8"]
-    command += ["--tasks", "shapes_pope_local", "--include_path", str(task), "--log_samples", "--output_path", str(out)]
-    done = subprocess.run(
-        [sys.executable, "-m", "lmms_eval", *command], capture_output=True, text=True, timeout=600, env=env
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+def logged(out: Path) -> tuple[dict, list[dict]]:
+    """lmms-eval's results for the task and its per-sample log, by document."""
     (results,) = out.glob("*/*_results.json")
     (samples,) = out.glob("*/*_samples_shapes_pope_local.jsonl")
     rows = sorted(map(json.loads, samples.read_text().splitlines()), key=lambda row: row["doc_id"])
@@ -104,26 +98,50 @@ def our_answers(model_path: Path, data_root: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_lmms_eval_runs_a_micro_trained_model_and_scores_its_answers(tmp_path, data_root, task):
-    run = launch(tmp_path, data_root, "eval.benchmarks=[]")
+def test_an_experiment_runs_lmms_eval_after_training_and_its_scores_follow_from_our_answers(tmp_path, data_root, task):
+    """`eval.harness` on the micro experiment: lmms-eval's answers are `answer_questions`' for the same
+    prompts, its accuracy is lmms-eval's rule applied to them, and the run's scores show it, marked."""
+    harness = f"eval.harness={{tasks: [shapes_pope_local], include_path: '{task}', limit: {QUESTIONS}}}"
+    run = launch(tmp_path, data_root, "eval.benchmarks=[]", harness)
     assert run.returncode == 0, run.stderr[-3000:]
-    model = tmp_path / "runs/micro"
-    scores, rows = run_lmms_eval(model, task, tmp_path / "lmms")
+    folder = tmp_path / "runs/micro"
+    scores, rows = logged(folder / "eval/lmms-eval")
     answers = [row["filtered_resps"] for row in rows]
-    assert answers == our_answers(model, data_root)
+    assert answers == our_answers(folder, data_root)
     targets = [row["target"] for row in rows]
     correct = [a.lower().strip() == t for a, t in zip(answers, targets, strict=True)]  # lmms-eval's POPE rule
     assert scores["pope_accuracy,none"] == pytest.approx(sum(correct) / QUESTIONS)
-    print(f"lmms-eval on micro: {scores}")
+    assert headline_scores(folder / "eval") == {"shapes_pope_local (lmms-eval)": scores["pope_accuracy,none"]}
+    assert "shapes_pope_local (pope_accuracy, lmms-eval)" in (folder / "eval/summary.md").read_text()
+    print(f"lmms-eval on the micro model: {scores}")
 
 
 @pytest.mark.slow
-def test_lmms_eval_gives_our_answers_word_for_word(tmp_path, data_root, task):
-    """A random-init tiny model answers with varied tokens: every prompt and image must reach it as ours do."""
+def test_eval_run_puts_lmms_eval_beside_ours_with_the_same_answers_word_for_word(tmp_path, data_root, task):
+    """A random-init tiny model answers with varied tokens: `eval run --benchmarks shapes-pope
+    --lmms-eval-tasks ...` gives lmms-eval exactly the prompts and images our own answering gets."""
     torch.manual_seed(0)
     model = build_vlm("tiny-siglip-so400m-384", "tiny-phi-2-scratch", template="phi")
     model.save_pretrained(tmp_path / "random")
-    _, rows = run_lmms_eval(tmp_path / "random", task, tmp_path / "lmms")
-    answers = [row["filtered_resps"] for row in rows]
-    assert len(set(answers)) > 3  # not a constant answer
-    assert answers == our_answers(tmp_path / "random", data_root)
+    command = ["mipha_lab.eval", "run", str(tmp_path / "random"), "--benchmarks", "shapes-pope"]
+    command += ["--lmms-eval-tasks", "shapes_pope_local", "--lmms-eval-include-path", str(task)]
+    command += [
+        "--data-root",
+        str(data_root),
+        "--limit",
+        str(QUESTIONS),
+        "--batch-size",
+        "8",
+        "--out",
+        str(tmp_path / "eval"),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    done = subprocess.run([sys.executable, "-m", *command], capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _, rows = logged(tmp_path / "eval/lmms-eval")
+    theirs = [row["filtered_resps"] for row in rows]
+    ours = [json.loads(line)["text"] for line in (tmp_path / "eval/shapes-pope/answers.jsonl").read_text().splitlines()]
+    assert len(set(theirs)) > 3  # not a constant answer
+    assert theirs == ours
+    summary = (tmp_path / "eval/summary.md").read_text()
+    assert "shapes-pope (mean_f1)" in summary and "shapes_pope_local (pope_accuracy, lmms-eval)" in summary

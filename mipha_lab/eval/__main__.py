@@ -1,5 +1,6 @@
 """`python -m mipha_lab.eval run MODEL_OR_RUN --benchmarks pope,mme --data-root DIR [--batch-size N]
-[--limit K] [--out DIR] [--cluster PROFILE [--wait]]`: answer and score (as a cluster job with --cluster);
+[--limit K] [--out DIR] [--cluster PROFILE [--wait]] [--lmms-eval-tasks mmstar,ai2d]`: answer and score (as a
+cluster job with --cluster), and run lmms-eval's tasks with the same model (their headlines marked);
 `python -m mipha_lab.eval score BENCHMARK --answers A.jsonl --<file> PATH ...`: score an answer file (LLaVA's
 format) with the official rules; the files each benchmark's scorer reads are its flags
 (`python -m mipha_lab.eval score BENCHMARK --help`), for example
@@ -28,9 +29,10 @@ from typing import Any
 from mipha_lab.cluster.profile import load_profile
 from mipha_lab.cluster.submit import submit_command
 from mipha_lab.distributed import init_distributed
-from mipha_lab.errors import exit_status
+from mipha_lab.errors import ConfigError, exit_status
 from mipha_lab.eval.benchmarks import BENCHMARKS
-from mipha_lab.eval.runner import run_benchmarks
+from mipha_lab.eval.harness import run_harness
+from mipha_lab.eval.runner import run_benchmarks, write_summary
 from mipha_lab.eval.scoring.answers import ScoreInputError, read_answers
 from mipha_lab.model import load_model
 from mipha_lab.registry.user_modules import import_modules
@@ -52,6 +54,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     With --nproc N (or under torchrun / SLURM) each process answers a share; rank 0 merges and scores."""
 
     names = [n.strip() for n in args.benchmarks.split(",") if n.strip()]
+    tasks = [t.strip() for t in args.lmms_eval_tasks.split(",") if t.strip()]
+    if not names and not tasks:
+        raise ConfigError("name --benchmarks, --lmms-eval-tasks or both")
     for name in names:
         BENCHMARKS.get(name)  # an unknown name fails before the model loads, with suggestions
     model_path = Path(args.model)
@@ -72,6 +77,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
                 *child,
             ]
         )
+    if tasks:  # its own process, before ours: the summary then shows both
+        include = args.lmms_eval_include_path
+        run_harness(model_path, tasks, out, batch_size=args.batch_size, include_path=include, limit=args.limit)
+        if not names:
+            write_summary(out, {})
+            return 0
     dist = init_distributed(process_group=int(os.environ.get("WORLD_SIZE", "1")) > 1)
     import_modules(args.imports, "--import")
     model = load_model(model_path).to(dist.device)
@@ -137,8 +148,15 @@ def main(argv: list[str] | None = None) -> int:
     runner = commands.add_parser("run", help="answer and score benchmarks with a model or run folder")
     runner.add_argument("model", help="a run folder (its final/) or a saved model folder")
     runner.add_argument(
-        "--benchmarks", required=True, help="comma-separated names (python -m mipha_lab.registry list benchmark)"
+        "--benchmarks", default="", help="comma-separated names (python -m mipha_lab.registry list benchmark)"
     )
+    runner.add_argument(
+        "--lmms-eval-tasks",
+        default="",
+        metavar="TASKS",
+        help="comma-separated lmms-eval tasks run with the mipha_lab model (needs the lmms-eval extra)",
+    )
+    runner.add_argument("--lmms-eval-include-path", default=None, help="a folder of local lmms-eval task YAMLs")
     runner.add_argument("--data-root", default="./data", help="holds eval/<benchmark>/ (LLaVA's layout) and shapes/")
     runner.add_argument("--batch-size", type=int, default=16)
     runner.add_argument("--limit", type=int, default=None, help="only the first K questions of each benchmark")

@@ -17,6 +17,7 @@ from PIL import Image
 from mipha_lab.data.image_files import open_rgb
 from mipha_lab.errors import ConfigError
 from mipha_lab.eval import submission
+from mipha_lab.eval.harness import harness_headlines
 from mipha_lab.eval.scoring.answers import read_json, read_jsonl
 from mipha_lab.eval.scoring.gqa import score_gqa
 from mipha_lab.eval.scoring.mmbench import options, read_table, score_mmbench
@@ -350,15 +351,18 @@ PAPER_ORDER = ("vqav2", "gqa", "scienceqa-img", "textvqa", "pope", "mme", "mmben
 
 
 def headline_scores(eval_folder: Path) -> dict[str, float]:
-    """The headline figure of each benchmark in a run's eval/summary.csv (written by eval.runner); {} without one."""
+    """The headline figure of each benchmark in a run's eval/summary.csv (written by eval.runner), then each
+    lmms-eval task's, marked `(lmms-eval)`; {} without any."""
 
     summary = Path(eval_folder) / "summary.csv"
+    harness = {task: value for task, (_, value) in harness_headlines(Path(eval_folder)).items()}
     if not summary.is_file():
-        return {}
+        return harness
     with summary.open() as handle:
         rows = list(csv.DictReader(handle))
-    return {
+    ours = {
         r["benchmark"]: float(r["value"])
         for r in rows
         if r["benchmark"] in BENCHMARKS and BENCHMARKS.get(r["benchmark"]).headline == r["metric"]
     }
+    return {**ours, **harness}

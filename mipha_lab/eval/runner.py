@@ -14,6 +14,7 @@ from mipha_lab.data.templates import get_template
 from mipha_lab.distributed import Distributed
 from mipha_lab.eval.benchmarks import BENCHMARKS, PAPER_ORDER, Benchmark
 from mipha_lab.eval.generate import answer_key, answer_questions
+from mipha_lab.eval.harness import MARK, harness_headlines, run_harness
 from mipha_lab.eval.scoring.answers import ScoreInputError, read_jsonl
 from mipha_lab.model import load_model
 from mipha_lab.model.image_processing import Strategy
@@ -156,11 +157,15 @@ def run_benchmarks(model: Any, names: list[str], data_root: str | Path, out: Pat
 
 def write_summary(folder: Path, results: dict[str, dict[str, Any]]) -> None:
     """Headline figures in the paper's column order (VQAv2, GQA, SQA-I, TextVQA, POPE, MME-P, MMB), then
-    the others; every figure of every benchmark in summary.csv."""
+    the others, then lmms-eval's tasks (marked); every figure of every benchmark in summary.csv."""
     order = [n for n in PAPER_ORDER if n in results] + [n for n in results if n not in PAPER_ORDER]
-    header = "| " + " | ".join(f"{n} ({BENCHMARKS.get(n).headline})" for n in order) + " |"
-    values = "| " + " | ".join(str(results[n].get(BENCHMARKS.get(n).headline, "-")) for n in order) + " |"
-    table = "\n".join([header, "|" + "---:|" * len(order), values]) + "\n"
+    harness = harness_headlines(folder)
+    header = [f"{n} ({BENCHMARKS.get(n).headline})" for n in order]
+    header += [f"{task.removesuffix(MARK)} ({metric}, lmms-eval)" for task, (metric, _) in harness.items()]
+    values = [str(results[n].get(BENCHMARKS.get(n).headline, "-")) for n in order]
+    values += [f"{value:g}" for _, value in harness.values()]
+    table = "\n".join(["| " + " | ".join(header) + " |", "|" + "---:|" * len(header), "| " + " | ".join(values) + " |"])
+    table += "\n"
     (folder / "summary.md").write_text(table)
     with (folder / "summary.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
@@ -184,10 +189,20 @@ def _flatten(scores: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
 def evaluate_run(experiment: Experiment, run: RunFolder) -> None:
     """The experiment's `eval:` block on the run's final/ model; scores under <run>/eval/."""
     e = experiment.eval
-    if not e.benchmarks:
+    if not e.benchmarks and e.harness is None:
         return
     status = run.read_status() or {}
     run.status("evaluating", step=status.get("step"))
+    if e.harness is not None:  # first: the summary our benchmarks write then shows its tasks too
+        h = e.harness
+        run_harness(
+            run.path, h.tasks, run.path / "eval", batch_size=e.batch_size, include_path=h.include_path, limit=h.limit
+        )
+        if not e.benchmarks:
+            write_summary(run.path / "eval", {})
+    if not e.benchmarks:
+        run.status("done", step=status.get("step"))
+        return
     run_benchmarks(
         load_model(run.path),
         e.benchmarks,
