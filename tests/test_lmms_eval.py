@@ -145,3 +145,38 @@ def test_eval_run_puts_lmms_eval_beside_ours_with_the_same_answers_word_for_word
     assert theirs == ours
     summary = (tmp_path / "eval/summary.md").read_text()
     assert "shapes-pope (mean_f1)" in summary and "shapes_pope_local (pope_accuracy, lmms-eval)" in summary
+
+
+def test_loglikelihood_is_the_language_models_own_log_probability(tmp_path):
+    """Text-only documents: the continuation's log-probability after the templated prompt equals what the
+    transformers LM itself gives for the same ids (log-softmax of its logits), and `is_greedy` agrees."""
+    from lmms_eval.api.instance import Instance
+
+    from mipha_lab.data.templates import encode_prompt
+    from mipha_lab.eval.lmms_eval_model import MiphaLab
+
+    torch.manual_seed(0)
+    build_vlm("tiny-siglip-so400m-384", "tiny-phi-2-scratch", template="phi").save_pretrained(tmp_path / "m")
+    harness = MiphaLab.create_from_arg_string(f"pretrained={tmp_path / 'm'},batch_size=4", {"batch_size": 1})
+    assert harness.batch_size == 4  # the model args win over lmms-eval's --batch_size
+    harness.task_dict = {"t": {"test": [{"answer": " yes"}, {"answer": " no"}]}}
+    requests = [
+        Instance(
+            request_type="loglikelihood",
+            arguments=("Is it red?", lambda doc: doc["answer"], lambda doc: [], i, "t", "test"),
+            idx=i,
+            metadata={"task": "t", "doc_id": i, "repeats": 1},
+        )
+        for i in range(2)
+    ]
+    results = harness.loglikelihood(requests)
+    lm = harness.model.language_model
+    for (logprob, greedy), doc in zip(results, harness.task_dict["t"]["test"], strict=True):
+        prompt = encode_prompt(harness.template, harness.model.tokenizer, [{"role": "user", "content": "Is it red?"}])
+        target = harness.model.tokenizer(doc["answer"], add_special_tokens=False).input_ids
+        ids = torch.tensor([prompt + target])
+        with torch.no_grad():
+            logits = lm(input_ids=ids).logits[0, len(prompt) - 1 : -1].log_softmax(-1)
+        expected = logits.gather(1, torch.tensor(target)[:, None]).sum()
+        assert logprob == pytest.approx(float(expected), abs=1e-4)
+        assert greedy == bool((logits.argmax(-1) == torch.tensor(target)).all())

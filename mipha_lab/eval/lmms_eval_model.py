@@ -1,6 +1,6 @@
 """A mipha-lab model inside lmms-eval: `python -m lmms_eval --model mipha_lab --model_args pretrained=RUN`.
 
-Registered through the `lmms_eval.models` entry point (pyproject.toml) as `MANIFEST`; needs the
+Registered through the `lmms_eval.models` entry point (pyproject.toml) by `manifest`; needs the
 `lmms-eval` extra. Each document's images go in as that many images (`<image>` tags where the task put
 them, else one per image before the text, as our own `eval run` does), through the model's own template,
 left-padded batches and greedy decoding unless the task's `gen_kwargs` ask for a temperature; the
@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
-from lmms_eval.models.registry_v2 import ModelManifest
 from lmms_eval.utils import simple_parse_args_string
 from PIL import Image
 
@@ -28,7 +27,13 @@ from mipha_lab.errors import ConfigError
 from mipha_lab.eval.generate import generate_batch
 from mipha_lab.model import load_model
 
-MANIFEST = ModelManifest(model_id="mipha_lab", simple_class_path="mipha_lab.eval.lmms_eval_model.MiphaLab")
+
+def manifest() -> Any:
+    """The entry point's payload. A function, imported late: lmms-eval loads its entry points while its
+    model registry initialises, which importing ModelManifest here at module level would re-enter."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return ModelManifest(model_id="mipha_lab", simple_class_path="mipha_lab.eval.lmms_eval_model.MiphaLab")
 
 
 class MiphaLab(lmms):
