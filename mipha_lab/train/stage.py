@@ -305,7 +305,7 @@ class StageRunner:
             "images_per_s": counts.images / elapsed,
             "time": {"data": data_time, "forward_backward": figures.compute_s, "optimizer": figures.optimizer_s},
             "peak_memory_mb": peak_memory_mb(dist.device),
-            "supervised_tokens": int(counts.targets),
+            "supervised_tokens": int(counts.supervised),
             "flops": flops_useful,
             "recompute_flops": flops_recompute,
             "mfu": flops_useful / (elapsed * peak * dist.world_size) if peak else None,

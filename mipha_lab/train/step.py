@@ -40,6 +40,7 @@ class GlobalCounts:
     tokens: float  # positions after splicing
     samples: float
     images: float
+    supervised: float  # supervised tokens (equal to `targets` under the token reduction)
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,9 @@ def global_counts(
 ) -> GlobalCounts:
     """Counted on every rank and summed, before any forward: the normalisation needs the global total.
     Each <image> placeholder becomes the visual tokens the batch records for it (`image_tokens`)."""
-    local = [
-        sum(
+
+    def targets(kind: LossReduction) -> float:
+        return sum(
             float(
                 count_targets(
                     b["input_ids"],
@@ -67,15 +69,20 @@ def global_counts(
                     b["image_tokens"],
                     max_positions,
                     segment_ids=b.get("segment_ids"),
-                    reduction=reduction,
+                    reduction=kind,
                 )
             )
             for b in micro
             if b["input_ids"].numel()
-        ),
+        )
+
+    supervised = targets("token")
+    local = [
+        supervised if reduction == "token" else targets(reduction),
         sum(float(b["attention_mask"].sum()) + float((b["image_tokens"] - 1).sum()) for b in micro),
         sum(float(len(b["ids"])) for b in micro),
         sum(float(b["image_counts"].sum()) for b in micro),
+        supervised,
     ]
     return GlobalCounts(*dist.all_sum(local))
 
