@@ -50,7 +50,7 @@ def data_root(tmp_path_factory) -> Path:
 def slurm(tmp_path_factory):
     """A real single-node Slurm cluster for the session (tests/local_slurm.py); SLURM_CONF points at it.
     A cluster that cannot start fails the tests that need it, with the reason: never a skip."""
-    from local_slurm import LocalSlurm, SlurmUnavailable
+    from tests.local_slurm import LocalSlurm, SlurmUnavailable
 
     cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"))
     try:

@@ -95,15 +95,20 @@ KINDS = {
     "llava": {"annotations": "first.json", "images": "shapes/images"},
     "hf": {"kind": "hf", "path": "hf-folder", "columns": {"image": "picture"}},
     "parquet": {"kind": "hf", "path": "parquet/*.parquet", "columns": {"image": "picture"}},
+    "arrow": {"kind": "hf", "path": "hf-folder/*.arrow", "columns": {"image": "picture"}},  # the folder's files
     "cauldron": {"kind": "hf", "path": "cauldron", "format": "cauldron"},
     "webdataset": {"kind": "webdataset", "path": "shards/shard-{000000..000999}.tar"},
+    "webdataset-url": {"kind": "webdataset", "path": ""},  # the same shards through fsspec, by file:// URL
 }
 
 
 def records_of(root: Path, kind: str, **extra):
     spec = {**KINDS[kind], **extra}
+    pattern = json.loads((root / "shards/manifest.json").read_text())["pattern"]
     if kind == "webdataset":
-        spec["path"] = "shards/" + json.loads((root / "shards/manifest.json").read_text())["pattern"]
+        spec["path"] = f"shards/{pattern}"
+    if kind == "webdataset-url":
+        spec["path"] = f"file://{root}/shards/{pattern}"
     return read_source(SourceSpec(name=kind, **spec), root)
 
 
@@ -118,7 +123,7 @@ def dataset(model, records) -> LlavaDataset:
     return LlavaDataset(records, get_template("phi"), model.tokenizer, processor, max_length=2048, layout=model.layout)
 
 
-@pytest.mark.parametrize("kind", ["hf", "parquet", "cauldron", "webdataset"])
+@pytest.mark.parametrize("kind", ["hf", "parquet", "arrow", "cauldron", "webdataset", "webdataset-url"])
 def test_each_kind_yields_the_samples_of_the_llava_json_it_was_made_from(root, model, kind):
     reference, _ = records_of(root, "llava")
     found, skipped = records_of(root, kind)
