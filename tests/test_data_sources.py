@@ -31,6 +31,7 @@ from mipha_lab.errors import ConfigError
 from mipha_lab.model import build_vlm
 from mipha_lab.model.image_processing import ImageProcessor
 from mipha_lab.registry.cards import MixtureCard, SourceSpec
+from mipha_lab.train.step import batch_forward, global_counts
 
 SAMPLES = 40
 SIZE = ["--shard-mb", "0.06"]  # a few shards of ~13 samples
@@ -300,14 +301,7 @@ def test_loss_reductions_packed_equal_padded_equal_the_formula(root, model, redu
     model.loss_reduction = reduction
     try:
         for batch in (collate_padded(items), collate_packed(items)):
-            out = model(
-                batch["input_ids"],
-                batch["attention_mask"],
-                batch["pixel_values"],
-                batch["labels"],
-                segment_ids=batch["segment_ids"],
-                return_logits=False,
-            )
+            out = batch_forward(model, batch)  # the trainer's call
             losses.append(out.loss_sum / out.num_supervised)
     finally:
         model.loss_reduction = "token"
@@ -320,7 +314,6 @@ def test_loss_reductions_packed_equal_padded_equal_the_formula(root, model, redu
 def test_the_step_normalises_by_the_same_weights(root, model):
     """global_counts (before any forward) gives the forward's denominator for every reduction."""
     from mipha_lab.distributed import Distributed
-    from mipha_lab.train.step import global_counts
 
     records, _ = records_of(root, "llava")
     data = dataset(model, records[:5])
@@ -331,14 +324,7 @@ def test_the_step_normalises_by_the_same_weights(root, model):
         try:
             for batch in (collate_padded(items), collate_packed(items)):
                 counts = global_counts([batch], model.config.max_positions, single, reduction)
-                out = model(
-                    batch["input_ids"],
-                    batch["attention_mask"],
-                    batch["pixel_values"],
-                    batch["labels"],
-                    segment_ids=batch["segment_ids"],
-                    return_logits=False,
-                )
+                out = batch_forward(model, batch)
                 assert counts.targets == pytest.approx(float(out.num_supervised), rel=1e-6)
         finally:
             model.loss_reduction = "token"

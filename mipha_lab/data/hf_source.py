@@ -93,10 +93,11 @@ def hf_rows(
             f"source '{label}': {location} has no column {missing[0]!r} (columns: {', '.join(table.column_names)}; "
             f"map names with `columns:` in the card)"
         )
+    text_table = table.select(list(dict.fromkeys(wanted)))  # the text columns only: no image bytes read
     for block in range(block_count(table.num_rows)) if blocks is None else blocks:
         start = block * BLOCK_ROWS
         stop = min(start + BLOCK_ROWS, table.num_rows)
-        rows = table.select(list(dict.fromkeys(wanted))).slice(start, stop - start).to_pylist()
+        rows = text_table.slice(start, stop - start).to_pylist()
         row_images = _images_of_rows(table, image, location, start, stop)
         for offset, (row, images) in enumerate(zip(rows, row_images, strict=True)):
             sample_id = str(row.get(id_column, f"{label}#{start + offset}"))

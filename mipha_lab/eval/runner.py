@@ -198,9 +198,8 @@ def evaluate_run(experiment: Experiment, run: RunFolder) -> None:
         run_harness(
             run.path, h.tasks, run.path / "eval", batch_size=e.batch_size, include_path=h.include_path, limit=h.limit
         )
-        if not e.benchmarks:
-            write_summary(run.path / "eval", {})
     if not e.benchmarks:
+        write_summary(run.path / "eval", {})  # lmms-eval's tasks alone
         run.status("done", step=status.get("step"))
         return
     run_benchmarks(
