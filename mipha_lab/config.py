@@ -319,6 +319,9 @@ class HarnessConfig(StrictModel):
     tasks: list[str] = Field(min_length=1)  # lmms-eval task names: mmstar, ai2d, ...
     include_path: str | None = None  # a folder of local task YAMLs (lmms-eval's --include_path)
     limit: int | None = Field(None, gt=0)  # only the first N documents of each task
+    # tasks that are one of our benchmarks under another name (task -> benchmark), scored by our official
+    # scorer from their sample logs too; lmms-eval's own pope, mme, gqa, ... are known already
+    score_as: dict[str, str] = Field(default_factory=dict)
 
 
 class EvalConfig(StrictModel):

@@ -28,7 +28,7 @@ def _deterministic():
     yield
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_fixtures() -> Path:
     """The golden data beside the clone (read in place, never copied into the repository)."""
     if not SHARED_FIXTURES.is_dir():

@@ -19,6 +19,8 @@ pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (pip install
 from mipha_lab.data.templates import get_template
 from mipha_lab.eval.benchmarks import headline_scores, llava_questions
 from mipha_lab.eval.generate import answer_questions
+from mipha_lab.eval.scoring.answers import read_jsonl
+from mipha_lab.eval.scoring.pope import score_pope, split_name
 from mipha_lab.model import build_vlm, load_model
 from tests.test_resume import launch
 
@@ -61,9 +63,10 @@ def task(tmp_path_factory, data_root) -> Path:
     """The first QUESTIONS shapes-pope questions as an lmms-eval task folder (`--include_path`)."""
     folder = tmp_path_factory.mktemp("task")
     pope = data_root / "shapes/eval/shapes-pope"
-    labels = {}
+    labels, splits = {}, {}
     for split in (pope / "annotations").glob("*.json"):
-        labels.update({row["question_id"]: row["label"] for row in map(json.loads, split.read_text().splitlines())})
+        for row in read_jsonl(split):
+            labels[row["question_id"]], splits[row["question_id"]] = row["label"], split_name(split)
     rows = [json.loads(line) for line in (pope / "questions.jsonl").read_text().splitlines()][:QUESTIONS]
     with (folder / "test.jsonl").open("w") as out:
         for row in rows:
@@ -72,6 +75,7 @@ def task(tmp_path_factory, data_root) -> Path:
                 "question_id": row["question_id"],
                 "question": row["text"].removesuffix(SUFFIX),
                 "answer": labels[row["question_id"]],
+                "category": splits[row["question_id"]],  # as lmms-lab's POPE names the split
                 "image_path": str(data_root / "shapes/images" / row["image"]),
             }
             out.write(json.dumps(doc) + "\n")
@@ -100,8 +104,10 @@ def our_answers(model_path: Path, data_root: Path) -> list[str]:
 @pytest.mark.slow
 def test_an_experiment_runs_lmms_eval_after_training_and_its_scores_follow_from_our_answers(tmp_path, data_root, task):
     """`eval.harness` on the micro experiment: lmms-eval's answers are `answer_questions`' for the same
-    prompts, its accuracy is lmms-eval's rule applied to them, and the run's scores show it, marked."""
-    harness = f"eval.harness={{tasks: [shapes_pope_local], include_path: '{task}', limit: {QUESTIONS}}}"
+    prompts, its accuracy is lmms-eval's rule applied to them, our official POPE scorer reads its log
+    (`score_as`), and the run's scores show both, marked."""
+    harness = f"eval.harness={{tasks: [shapes_pope_local], include_path: '{task}', limit: {QUESTIONS}, "
+    harness += "score_as: {shapes_pope_local: pope}}"
     run = launch(tmp_path, data_root, "eval.benchmarks=[]", harness)
     assert run.returncode == 0, run.stderr[-3000:]
     folder = tmp_path / "runs/micro"
@@ -111,9 +117,23 @@ def test_an_experiment_runs_lmms_eval_after_training_and_its_scores_follow_from_
     targets = [row["target"] for row in rows]
     correct = [a.lower().strip() == t for a, t in zip(answers, targets, strict=True)]  # lmms-eval's POPE rule
     assert scores["pope_accuracy,none"] == pytest.approx(sum(correct) / QUESTIONS)
-    assert headline_scores(folder / "eval") == {"shapes_pope_local (lmms-eval)": scores["pope_accuracy,none"]}
-    assert "shapes_pope_local (pope_accuracy, lmms-eval)" in (folder / "eval/summary.md").read_text()
-    print(f"lmms-eval on the micro model: {scores}")
+    ours = tmp_path / "ours/answers.jsonl"
+    ours.parent.mkdir()
+    ids = [row["pope_accuracy"]["question_id"] for row in rows]  # lmms-eval's stock POPE logs the question id
+    ours.write_text(
+        "".join(json.dumps({"question_id": i, "text": a}) + "\n" for i, a in zip(ids, answers, strict=True))
+    )
+    official = official_scores_of_our_answers(ours, data_root)
+    assert headline_scores(folder / "eval") == {
+        "shapes_pope_local (lmms-eval)": scores["pope_accuracy,none"],
+        "shapes_pope_local (lmms-eval answers, official scorer)": official["f1"],
+    }
+    summary = (folder / "eval/summary.md").read_text()
+    assert (
+        "| shapes_pope_local (pope_accuracy, lmms-eval) | shapes_pope_local (f1, lmms-eval answers, official scorer) |"
+        in summary
+    )
+    print(f"lmms-eval on the micro model: {scores}; official POPE scorer on its log: {official}")
 
 
 @pytest.mark.slow
@@ -125,6 +145,7 @@ def test_eval_run_puts_lmms_eval_beside_ours_with_the_same_answers_word_for_word
     model.save_pretrained(tmp_path / "random")
     command = ["mipha_lab.eval", "run", str(tmp_path / "random"), "--benchmarks", "shapes-pope"]
     command += ["--lmms-eval-tasks", "shapes_pope_local", "--lmms-eval-include-path", str(task)]
+    command += ["--lmms-eval-score-as", "shapes_pope_local=pope"]
     command += [
         "--data-root",
         str(data_root),
@@ -145,6 +166,21 @@ def test_eval_run_puts_lmms_eval_beside_ours_with_the_same_answers_word_for_word
     assert theirs == ours
     summary = (tmp_path / "eval/summary.md").read_text()
     assert "shapes-pope (mean_f1)" in summary and "shapes_pope_local (pope_accuracy, lmms-eval)" in summary
+    assert "shapes_pope_local (f1, lmms-eval answers, official scorer)" in summary
+    official = json.loads((tmp_path / "eval/lmms-eval/official.json").read_text())["shapes_pope_local"]
+    assert official["scores"] == official_scores_of_our_answers(tmp_path / "eval/shapes-pope/answers.jsonl", data_root)
+
+
+def official_scores_of_our_answers(answers: Path, data_root: Path) -> dict:
+    """The POPE scorer on LLaVA's file layout (golden-tested) for the questions answered, pooled as one split
+    (they mix splits; the lmms-eval log does not say which)."""
+    pope = data_root / "shapes/eval/shapes-pope"
+    questions = [{**q, "category": "all"} for q in read_jsonl(pope / "questions.jsonl")[:QUESTIONS]]
+    labels = {row["question_id"]: row for split in (pope / "annotations").glob("*.json") for row in read_jsonl(split)}
+    cut = answers.parent / "pooled"
+    cut.mkdir()
+    (cut / "shapes_pope_all.json").write_text("".join(json.dumps(labels[q["question_id"]]) + "\n" for q in questions))
+    return score_pope(questions, read_jsonl(answers), cut)["all"]
 
 
 def test_loglikelihood_is_the_language_models_own_log_probability(tmp_path):

@@ -1,6 +1,7 @@
 """`python -m mipha_lab.eval run MODEL_OR_RUN --benchmarks pope,mme --data-root DIR [--batch-size N]
-[--limit K] [--out DIR] [--cluster PROFILE [--wait]] [--lmms-eval-tasks mmstar,ai2d]`: answer and score (as a
-cluster job with --cluster), and run lmms-eval's tasks with the same model (their headlines marked);
+[--limit K] [--out DIR] [--cluster PROFILE [--wait]] [--lmms-eval-tasks mmstar,ai2d,pope]`: answer and score (as a
+cluster job with --cluster), and run lmms-eval's tasks with the same model (their headlines marked; a task that
+is one of the paper's benchmarks is also scored from its sample log by our official scorer);
 `python -m mipha_lab.eval score BENCHMARK --answers A.jsonl --<file> PATH ...`: score an answer file (LLaVA's
 format) with the official rules; the files each benchmark's scorer reads are its flags
 (`python -m mipha_lab.eval score BENCHMARK --help`), for example
@@ -9,6 +10,10 @@ format) with the official rules; the files each benchmark's scorer reads are its
   score mme           --questions Q.jsonl --ground-truth DIR --answers A.jsonl
   score gqa           --annotations testdev_balanced_questions.json --answers A.jsonl
   score vqav2-val     --questions v2_OpenEnded_mscoco_val2014_questions.json --annotations ANN.json --answers A.jsonl
+
+`python -m mipha_lab.eval score-lmms-eval SAMPLES.jsonl [--as BENCHMARK] [--data-root DIR]`: an lmms-eval
+per-sample log (`<date>_samples_<task>.jsonl`) scored by our official scorer (VQAv2 and TextVQA read their
+official annotations under --data-root: lmms-eval logs its ground truth already normalised).
 
 Figures are percentages rounded to 2 decimals. With --json, stdout holds only one JSON object.
 Answers that cannot be scored as given (missing, duplicate or misordered ids) are refused with the
@@ -28,11 +33,12 @@ from typing import Any
 
 from mipha_lab.cluster.profile import load_profile
 from mipha_lab.cluster.submit import submit_command
+from mipha_lab.config import HarnessConfig
 from mipha_lab.distributed import init_distributed
 from mipha_lab.errors import ConfigError, exit_status
 from mipha_lab.eval.benchmarks import BENCHMARKS
-from mipha_lab.eval.harness import run_harness
-from mipha_lab.eval.runner import run_benchmarks, write_summary
+from mipha_lab.eval.lmms_eval_log import score_log
+from mipha_lab.eval.runner import run_benchmarks, run_lmms_eval, write_summary
 from mipha_lab.eval.scoring.answers import ScoreInputError, read_answers
 from mipha_lab.model import load_model
 from mipha_lab.registry.user_modules import import_modules
@@ -78,8 +84,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             ]
         )
     if tasks:  # its own process, before ours: the summary then shows both
-        include = args.lmms_eval_include_path
-        run_harness(model_path, tasks, out, batch_size=args.batch_size, include_path=include, limit=args.limit)
+        harness = HarnessConfig(
+            tasks=tasks,
+            include_path=args.lmms_eval_include_path,
+            limit=args.limit,
+            score_as=task_benchmarks(args.lmms_eval_score_as),
+        )
+        run_lmms_eval(model_path, harness, out, batch_size=args.batch_size, data_root=args.data_root)
         if not names:
             write_summary(out, {})
             return 0
@@ -99,6 +110,15 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         check_batch_invariance=args.check_batch_invariance,
     )
     return 0
+
+
+def task_benchmarks(text: str) -> dict[str, str]:
+    """`--lmms-eval-score-as shapes_pope=pope,my_mme=mme` as {task: benchmark}."""
+    pairs = [pair.strip() for pair in text.split(",") if pair.strip()]
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--lmms-eval-score-as: expected TASK=BENCHMARK pairs, got {pair!r}")
+    return dict(pair.split("=", 1) for pair in pairs)
 
 
 def without(argv: list[str], option: str, takes_value: bool = True) -> list[str]:
@@ -157,6 +177,12 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated lmms-eval tasks run with the mipha_lab model (needs the lmms-eval extra)",
     )
     runner.add_argument("--lmms-eval-include-path", default=None, help="a folder of local lmms-eval task YAMLs")
+    runner.add_argument(
+        "--lmms-eval-score-as",
+        default="",
+        metavar="TASK=BENCHMARK,...",
+        help="lmms-eval tasks our official scorers read too, beyond lmms-eval's own pope, mme, gqa, ...",
+    )
     runner.add_argument("--data-root", default="./data", help="holds eval/<benchmark>/ (LLaVA's layout) and shapes/")
     runner.add_argument("--batch-size", type=int, default=16)
     runner.add_argument("--limit", type=int, default=None, help="only the first K questions of each benchmark")
@@ -198,11 +224,18 @@ def main(argv: list[str] | None = None) -> int:
             )
         one.add_argument("--answers", type=Path, required=True, help="the answers, LLaVA's jsonl format")
         one.add_argument("--json", action="store_true", help="stdout holds only the scores as one JSON object")
+    rescore = commands.add_parser("score-lmms-eval", help="score an lmms-eval sample log with our official scorer")
+    rescore.add_argument("samples", type=Path, help="<date>_samples_<task>.jsonl, written by lmms-eval --log_samples")
+    rescore.add_argument("--as", dest="benchmark", help="the benchmark, if the task's name is not a known one")
+    rescore.add_argument("--data-root", type=Path, default=None, help="holds eval/vqav2/ and eval/textvqa/ annotations")
+    rescore.add_argument("--json", action="store_true", help="stdout holds only the scores as one JSON object")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.command == "run":
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
         return exit_status(lambda: run(args, argv))
+    if args.command == "score-lmms-eval":
+        return exit_status(lambda: score_lmms_eval(args))
     return exit_status(lambda: score(args))
 
 
@@ -215,6 +248,14 @@ def score(args: argparse.Namespace) -> int:
         raise ScoreInputError(f"{benchmark.name}: no such file or folder: {', '.join(missing)}")
     scores = benchmark.score(paths, read_answers(args.answers))
     print(json.dumps(scores) if args.json else format_scores(scores))
+    return 0
+
+
+def score_lmms_eval(args: argparse.Namespace) -> int:
+    """An lmms-eval sample log through our official scorer for the benchmark it is."""
+    name, scores = score_log(args.samples, args.benchmark, args.data_root)
+    title = f"{name} (official scorer, lmms-eval's answers)"
+    print(json.dumps(scores) if args.json else f"{title}\n{format_scores(scores)}")
     return 0
 
 

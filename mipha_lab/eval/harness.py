@@ -4,7 +4,9 @@ lmms-eval runs as its own process (`python -m lmms_eval --model mipha_lab`, the 
 lmms_eval_model.py), so its heavy imports and global state stay out of ours. Its output stays as it
 wrote it under `<eval>/lmms-eval/`; each task's headline - the first metric lmms-eval reports for it - is
 kept in `lmms-eval/headlines.json` and shown beside our benchmarks, marked `(lmms-eval)`: its scoring
-rules are not the official tools' (README, "Which harness for which number").
+rules are not the official tools'. A task that is one of the paper's benchmarks is scored again from its
+per-sample log by our official scorer (lmms_eval_log.py, kept in `lmms-eval/official.json`) and shown
+beside, marked `(lmms-eval answers, official scorer)` (README, "Which harness for which number").
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from typing import Any
 from mipha_lab.errors import ConfigError, MiphaLabError
 
 HEADLINES = Path("lmms-eval") / "headlines.json"
+OFFICIAL = Path("lmms-eval") / "official.json"
 MARK = " (lmms-eval)"
+OFFICIAL_MARK = " (lmms-eval answers, official scorer)"
 
 
 def _headline(results: dict[str, Any]) -> tuple[str, float] | None:
@@ -40,8 +44,9 @@ def run_harness(
     batch_size: int = 16,
     include_path: str | None = None,
     limit: int | None = None,
-) -> dict[str, dict[str, Any]]:
-    """Run the tasks; returns {task: {metric, value}} and writes it to `<eval_folder>/lmms-eval/headlines.json`."""
+) -> Path:
+    """Run the tasks, keep their headlines in `<eval_folder>/lmms-eval/headlines.json`; returns lmms-eval's
+    results file (its sample logs lie beside it)."""
     if importlib.util.find_spec("lmms_eval") is None:
         raise ConfigError("lmms-eval tasks need lmms-eval: pip install 'mipha-lab[lmms-eval]'")
     out = eval_folder / "lmms-eval"
@@ -62,14 +67,22 @@ def run_harness(
         found = _headline(figures)
         if found is not None:
             headlines[task] = {"metric": found[0], "value": found[1], "results": str(written[-1])}
-    previous = json.loads((eval_folder / HEADLINES).read_text()) if (eval_folder / HEADLINES).is_file() else {}
-    (eval_folder / HEADLINES).write_text(json.dumps({**previous, **headlines}, indent=2) + "\n")
-    return headlines
+    (eval_folder / HEADLINES).write_text(json.dumps({**_read(eval_folder / HEADLINES), **headlines}, indent=2) + "\n")
+    return written[-1]
 
 
 def harness_headlines(eval_folder: Path) -> dict[str, tuple[str, float]]:
-    """{`task (lmms-eval)`: (metric, value)} from a run's eval folder; {} without lmms-eval results."""
-    path = Path(eval_folder) / HEADLINES
-    if not path.is_file():
-        return {}
-    return {task + MARK: (row["metric"], row["value"]) for task, row in json.loads(path.read_text()).items()}
+    """{`task (lmms-eval)`: (metric, value)}, then {`task (lmms-eval answers, official scorer)`: ...} for the
+    tasks our scorers read again (each beside its task), from a run's eval folder; {} without lmms-eval results."""
+    tables = [(_read(Path(eval_folder) / file), mark) for file, mark in ((HEADLINES, MARK), (OFFICIAL, OFFICIAL_MARK))]
+    tasks = dict.fromkeys(task for rows, _ in tables for task in rows)
+    return {
+        task + mark: (rows[task]["metric"], rows[task]["value"])
+        for task in tasks
+        for rows, mark in tables
+        if task in rows
+    }
+
+
+def _read(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}

@@ -9,12 +9,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mipha_lab.config import Experiment
+from mipha_lab.config import Experiment, HarnessConfig
 from mipha_lab.data.templates import get_template
 from mipha_lab.distributed import Distributed
+from mipha_lab.errors import ConfigError
 from mipha_lab.eval.benchmarks import BENCHMARKS, PAPER_ORDER, Benchmark
 from mipha_lab.eval.generate import answer_key, answer_questions
-from mipha_lab.eval.harness import MARK, harness_headlines, run_harness
+from mipha_lab.eval.harness import harness_headlines, run_harness
+from mipha_lab.eval.lmms_eval_log import SCORERS, score_harness_logs
 from mipha_lab.eval.scoring.answers import ScoreInputError, read_jsonl
 from mipha_lab.model import load_model
 from mipha_lab.model.image_processing import Strategy
@@ -161,7 +163,7 @@ def write_summary(folder: Path, results: dict[str, dict[str, Any]]) -> None:
     order = [n for n in PAPER_ORDER if n in results] + [n for n in results if n not in PAPER_ORDER]
     harness = harness_headlines(folder)
     header = [f"{n} ({BENCHMARKS.get(n).headline})" for n in order]
-    header += [f"{task.removesuffix(MARK)} ({metric}, lmms-eval)" for task, (metric, _) in harness.items()]
+    header += [key.replace(" (", f" ({metric}, ", 1) for key, (metric, _) in harness.items()]  # task (metric, mark)
     values = [str(results[n].get(BENCHMARKS.get(n).headline, "-")) for n in order]
     values += [f"{value:g}" for _, value in harness.values()]
     table = "\n".join(["| " + " | ".join(header) + " |", "|" + "---:|" * len(header), "| " + " | ".join(values) + " |"])
@@ -174,6 +176,19 @@ def write_summary(folder: Path, results: dict[str, dict[str, Any]]) -> None:
             for metric, value in _flatten(results[name]):
                 writer.writerow([name, metric, value])
     print(table, end="")
+
+
+def run_lmms_eval(
+    model: Path, harness: HarnessConfig, eval_folder: Path, *, batch_size: int, data_root: str | Path | None
+) -> None:
+    """lmms-eval's tasks on the model, then our official scorers on the logs of those that are our benchmarks."""
+    unknown = {task: name for task, name in harness.score_as.items() if name not in SCORERS}
+    if unknown:
+        raise ConfigError(f"eval.harness.score_as {unknown}: the official scorers here are {sorted(SCORERS)}")
+    results = run_harness(
+        model, harness.tasks, eval_folder, batch_size=batch_size, include_path=harness.include_path, limit=harness.limit
+    )
+    score_harness_logs(results, eval_folder, harness.score_as, Path(data_root) if data_root is not None else None)
 
 
 def _flatten(scores: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
@@ -194,10 +209,7 @@ def evaluate_run(experiment: Experiment, run: RunFolder) -> None:
     status = run.read_status() or {}
     run.status("evaluating", step=status.get("step"))
     if e.harness is not None:  # first: the summary our benchmarks write then shows its tasks too
-        h = e.harness
-        run_harness(
-            run.path, h.tasks, run.path / "eval", batch_size=e.batch_size, include_path=h.include_path, limit=h.limit
-        )
+        run_lmms_eval(run.path, e.harness, run.path / "eval", batch_size=e.batch_size, data_root=experiment.data_root)
     if not e.benchmarks:
         write_summary(run.path / "eval", {})  # lmms-eval's tasks alone
         run.status("done", step=status.get("step"))

@@ -81,7 +81,8 @@ def check_ids(answer_keys: Sequence[Hashable], expected: Sequence[Hashable], wha
     missing = [k for k in expected if k not in counts]
     if missing:
         raise ScoreInputError(f"{what}: no answer for {_sample(missing)}")
-    extra = [k for k in answer_keys if k not in set(expected)]
+    known = set(expected)
+    extra = [k for k in answer_keys if k not in known]
     if extra:
         raise ScoreInputError(f"{what}: answers for unknown questions {_sample(extra)}")
     if ordered and answer_keys != list(expected):

@@ -60,31 +60,40 @@ def score_mme(
     gold = read_ground_truth(ground_truth)
     key = lambda row, text: (row["question_id"], text)  # noqa: E731 - an image has two questions
     check_ids([key(a, a["prompt"]) for a in answers], [key(q, q["text"]) for q in questions], "mme answers")
-    per_subtask: dict[str, list[tuple[str, str, str]]] = defaultdict(list)
+    rows = []
     for answer in answers:
         subtask, image = answer["question_id"].split("/")[0], answer["question_id"].split("/")[-1]
         question = official_question(answer["prompt"], subtask, image, gold)
         if (subtask, image, question) not in gold:
             raise ScoreInputError(f"mme: no ground truth for {answer['question_id']} {question!r}")
-        row = (image, gold[(subtask, image, question)].lower(), mme_prediction(answer["text"]))
-        per_subtask[subtask].append(row)
+        rows.append({**answer, "subtask": subtask, "image": image, "gold": gold[(subtask, image, question)]})
+    return score_mme_answers(rows, records)
+
+
+def score_mme_answers(rows: list[dict[str, Any]], records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The official calculation on rows {question_id, prompt, subtask, image, gold (Yes/No), text}, the two
+    questions of an image one after the other within their subtask."""
+    per_subtask: dict[str, list[tuple[str, str, str]]] = defaultdict(list)
+    for answer in rows:
+        row = (answer["image"], answer["gold"].strip().lower(), mme_prediction(answer["text"]))
+        per_subtask[answer["subtask"]].append(row)
         if records is not None:
             records.append(
                 {
                     "question_id": answer["question_id"],
                     "prompt": answer["prompt"],
-                    "subtask": subtask,
+                    "subtask": answer["subtask"],
                     "prediction": row[2],
                     "gold": row[1],
                     "correct": row[1] == row[2],
                 }
             )
     scores = {}
-    for subtask, rows in per_subtask.items():
-        if len(rows) % 2 or any(rows[i][0] != rows[i + 1][0] for i in range(0, len(rows), 2)):
+    for subtask, pairs in per_subtask.items():
+        if len(pairs) % 2 or any(pairs[i][0] != pairs[i + 1][0] for i in range(0, len(pairs), 2)):
             raise ScoreInputError(f"mme: subtask '{subtask}': answers must come two per image, in pairs")
-        correct = [gold_answer == predicted for _, gold_answer, predicted in rows]
-        both = [correct[i] and correct[i + 1] for i in range(0, len(rows), 2)]
+        correct = [gold_answer == predicted for _, gold_answer, predicted in pairs]
+        both = [correct[i] and correct[i + 1] for i in range(0, len(pairs), 2)]
         scores[subtask] = 100 * sum(correct) / len(correct) + 100 * sum(both) / len(both)
     unknown = set(scores) - set(PERCEPTION) - set(COGNITION)
     if unknown:

@@ -38,24 +38,38 @@ def score_scienceqa(
     when given, receives one row per question."""
     predicted = {str(a["question_id"]): a["text"] for a in answers}
     check_ids([str(a["question_id"]) for a in answers], [str(q["id"]) for q in questions], "scienceqa answers")
-    img, every = [], []
+    items = []
     for q in questions:
         gold = q["conversations"][1]["value"].strip()
-        gold = parse_letter(gold) if gold not in OPTIONS else gold
-        letter = parse_letter(predicted[str(q["id"])])
-        valid = letter in OPTIONS[: number_of_choices(q["conversations"][0]["value"])]
-        correct = float(valid and letter == gold)
+        items.append(
+            {
+                "question_id": str(q["id"]),
+                "text": predicted[str(q["id"])],
+                "gold": parse_letter(gold) if gold not in OPTIONS else gold,
+                "choices": number_of_choices(q["conversations"][0]["value"]),
+                "image": bool(q.get("image")),
+            }
+        )
+    return score_letters(items, records)
+
+
+def score_letters(items: list[dict[str, Any]], records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The official rule on items {question_id, text (the answer), gold letter, choices (how many), image}."""
+    img, every = [], []
+    for item in items:
+        letter = parse_letter(item["text"])
+        correct = float(letter in OPTIONS[: item["choices"]] and letter == item["gold"])
         every.append(correct)
         if records is not None:
             records.append(
                 {
-                    "question_id": str(q["id"]),
+                    "question_id": item["question_id"],
                     "prediction": letter,
-                    "gold": gold,
+                    "gold": item["gold"],
                     "correct": bool(correct),
-                    "image": bool(q.get("image")),
+                    "image": item["image"],
                 }
             )
-        if q.get("image"):
+        if item["image"]:
             img.append(correct)
     return {"img_accuracy": percent(sum(img) / max(len(img), 1)), "accuracy": percent(sum(every) / len(every))}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 from mipha_lab.eval.scoring.answers import ScoreInputError, check_ids, percent
@@ -114,15 +114,25 @@ def score_textvqa(
 ) -> dict[str, Any]:
     """LLaVA's TextVQA scoring: answers matched on (image id, question), both sides EvalAI-processed;
     `records`, when given, receives one row per question (its VQA accuracy as `score`)."""
-    gold = {(a["image_id"], a["question"].lower()): a for a in annotations["data"]}
     keys = [(a["question_id"], textvqa_question(a["prompt"])) for a in answers]
+    gold = {(a["image_id"], a["question"].lower()): a for a in annotations["data"]}
+    return score_textvqa_keyed(gold, answers, keys, records)
+
+
+def score_textvqa_keyed(
+    gold: Mapping[Any, dict[str, Any]],
+    answers: list[dict[str, Any]],
+    keys: Sequence[Hashable],
+    records: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The answers against the annotations (TextVQA_0.5.1_val.json's `data` rows) their keys name."""
     check_ids(keys, list(gold), "textvqa answers")
     scores = [vqa_accuracy(a["text"], gold[k]["answers"], normalize_evalai) for a, k in zip(answers, keys, strict=True)]
     if records is not None:
         records.extend(
             {
                 "question_id": a["question_id"],
-                "question": k[1],
+                "question": gold[k]["question"].lower(),
                 "prediction": normalize_evalai(a["text"]),
                 "score": score,
             }
