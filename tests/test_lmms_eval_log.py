@@ -277,3 +277,15 @@ def test_harness_logs_beside_a_results_file_are_scored_and_the_rest_left(logged,
         "my_pope",
         "pope_random",
     ]
+
+
+def test_lmms_evals_own_figures_on_the_same_answers_differ_where_the_readme_says(logged):
+    """The table "Which harness for which number", measured: on LLaVA-1.5-13B's clean Yes/No answers the POPE
+    F1 and MME agree, while lmms-eval's yes-ratio counts ground-truth labels (50.00; official 43.30)."""
+    (results,) = logged["golden_pope_adversarial"].parent.glob("*_results.json")
+    figures = json.loads(results.read_text())["results"]
+    adversarial = figures["golden_pope_adversarial"]
+    assert round(100 * adversarial["pope_f1_score,none"], 2) == 84.46
+    assert round(100 * adversarial["pope_yes_ratio,none"], 2) == 50.0
+    assert round(figures["golden_mme"]["mme_perception_score,none"], 2) == 1531.32
+    assert round(100 * figures["golden_sqa"]["exact_match,none"], 2) == 71.64
