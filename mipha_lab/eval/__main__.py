@@ -12,8 +12,8 @@ format) with the official rules; the files each benchmark's scorer reads are its
   score vqav2-val     --questions v2_OpenEnded_mscoco_val2014_questions.json --annotations ANN.json --answers A.jsonl
 
 `python -m mipha_lab.eval score-lmms-eval SAMPLES.jsonl [--as BENCHMARK] [--data-root DIR]`: an lmms-eval
-per-sample log (`<date>_samples_<task>.jsonl`) scored by our official scorer (VQAv2 and TextVQA read their
-official annotations under --data-root: lmms-eval logs its ground truth already normalised).
+per-sample log (`<date>_samples_<task>.jsonl`) scored by our official scorer (TextVQA reads the official
+annotations under --data-root: its log has no ground-truth answers; a vqav2_val log cannot be scored).
 
 Figures are percentages rounded to 2 decimals. With --json, stdout holds only one JSON object.
 Answers that cannot be scored as given (missing, duplicate or misordered ids) are refused with the
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     rescore = commands.add_parser("score-lmms-eval", help="score an lmms-eval sample log with our official scorer")
     rescore.add_argument("samples", type=Path, help="<date>_samples_<task>.jsonl, written by lmms-eval --log_samples")
     rescore.add_argument("--as", dest="benchmark", help="the benchmark, if the task's name is not a known one")
-    rescore.add_argument("--data-root", type=Path, default=None, help="holds eval/vqav2/ and eval/textvqa/ annotations")
+    rescore.add_argument("--data-root", type=Path, default=None, help="holds eval/textvqa/'s annotations")
     rescore.add_argument("--json", action="store_true", help="stdout holds only the scores as one JSON object")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
