@@ -28,6 +28,7 @@ from mipha_lab.cluster.profile import load_profile
 from mipha_lab.cluster.submit import submit_cells, wait_for
 from mipha_lab.config import load_scale
 from mipha_lab.errors import MiphaLabError, exit_status
+from mipha_lab.eval.runner import check_eval
 from mipha_lab.pipeline import train_and_evaluate
 from mipha_lab.plan import format_plan, plan_experiment
 from mipha_lab.runs.status import follow_hint, print_status
@@ -133,7 +134,10 @@ def experiment_cells(args: argparse.Namespace) -> list:
     """The runs the command line asks for: files, globs, folders, sweeps, at --scale, times --seeds."""
 
     scale = load_scale(args.scale) if args.scale else None
-    return expand_all(args.experiments, args.overrides, scale, args.seeds)
+    cells = expand_all(args.experiments, args.overrides, scale, args.seeds)
+    for cell in cells:
+        check_eval(cell.experiment.eval)
+    return cells
 
 
 def train_here(args: argparse.Namespace) -> int:

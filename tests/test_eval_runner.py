@@ -154,3 +154,15 @@ def test_batch_invariance_check_and_an_unreadable_image(trained, tmp_path):
     alone = answer_questions(model, get_template("phi"), questions[:1], batch_size=1, max_new_tokens=4)
     assert answers[0]["metadata"] == answers[2]["metadata"] == {}
     assert answers[0]["text"] == answers[2]["text"] == alone[0]["text"]
+
+
+def test_a_misnamed_benchmark_or_scorer_fails_before_training(tmp_path, data_root):
+    """A typo in `eval:` is found when the run starts, not after it trained: no run folder is made."""
+    from tests.test_resume import launch
+
+    run = launch(tmp_path, data_root, "eval.benchmarks=[popee]")
+    assert run.returncode == 2 and "popee" in run.stderr and "pope" in run.stderr, run.stderr[-2000:]
+    harness = "eval.harness={tasks: [my_pope], score_as: {my_pope: popee}}"
+    run = launch(tmp_path, data_root, harness)
+    assert run.returncode == 2 and "eval.harness.score_as {'my_pope': 'popee'}" in run.stderr, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr and not (tmp_path / "runs").exists()

@@ -42,6 +42,8 @@ lmms_eval_specific_kwargs:
   default: {{pre_prompt: "", post_prompt: "{post}", format: default, ocr: false}}
 """
 UTILS = """from lmms_eval.tasks.gqa.utils import gqa_doc_to_text
+from lmms_eval.tasks.mmbench.cn_utils import mmbench_doc_to_text as mmbench_cn_doc_to_text
+from lmms_eval.tasks.mmbench.cn_utils import mmbench_process_results as mmbench_cn_process_results
 from lmms_eval.tasks.mmbench.en_utils import mmbench_doc_to_text, mmbench_process_results
 from lmms_eval.tasks.mme.utils import mme_aggregate_results, mme_doc_to_text, mme_process_results
 from lmms_eval.tasks.pope.utils import pope_aggregate_f1_score, pope_aggregate_yes_ratio, pope_doc_to_text
@@ -166,6 +168,10 @@ def logged(shared_fixtures: Path, tmp_path_factory) -> dict[str, Path]:
     add_task(folder, logs, "golden_mmbench", *mmbench_docs(golden / "mmbench"), doc_to_text="mmbench_doc_to_text",
              target="answer", process="process_results: !function utils.mmbench_process_results",
              metrics=COUNTED.format("gpt_eval_score") + "\n" + COUNTED.format("submission"), post=LETTER)  # fmt: skip
+    add_task(folder, logs, "golden_mmbench_cn", *mmbench_docs(golden / "mmbench"), doc_to_text="mmbench_cn_doc_to_text",
+             target="answer", process="process_results: !function utils.mmbench_cn_process_results",
+             metrics=COUNTED.format("gpt_eval_score") + "\n" + COUNTED.format("submission"),
+             post="\\n请直接使用所提供的选项字母作为答案回答。")  # fmt: skip
     add_task(folder, logs, "toy_gqa", GQA_DOCS, GQA_SAID, doc_to_text="gqa_doc_to_text", target="answer", process="",
              metrics=EXACT, post=SHORT)  # fmt: skip
     add_task(folder, logs, "toy_textvqa", [{**d, "ocr_tokens": []} for d in TEXTVQA[:2]], TEXTVQA_SAID,
@@ -208,6 +214,12 @@ def test_mmbench_log_gives_the_official_circular_numbers(logged, tmp_path):
     originals = tmp_path / "x_samples_mmbench_en_dev.jsonl"  # a dev set without its rotated copies
     originals.write_text("".join(json.dumps(r) + "\n" for r in rows if r["gpt_eval_score"]["index"] < 1_000_000))
     assert score_log(originals) == ("mmbench", {"original_rows": 75.43})  # no CircularEval claimed
+
+
+def test_mmbench_cn_log_reads_its_options_from_the_cn_prompt(logged):
+    """The English dev rows through lmms-eval's MMBench-CN task functions (its prompt, its logged metric)."""
+    scores = {"circular": 67.69, "all_rows": 76.45, "original_rows": 75.43}
+    assert score_log(logged["golden_mmbench_cn"], "mmbench-cn") == ("mmbench-cn", scores)
 
 
 def test_gqa_log_uses_the_official_exact_match_not_lmms_evals_punctuation_stripping(logged):

@@ -11,7 +11,6 @@ beside, marked `(lmms-eval answers, official scorer)` (README, "Which harness fo
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -19,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mipha_lab.errors import ConfigError, MiphaLabError
+from mipha_lab.errors import MiphaLabError
 
 HEADLINES = Path("lmms-eval") / "headlines.json"
 OFFICIAL = Path("lmms-eval") / "official.json"
@@ -47,8 +46,6 @@ def run_harness(
 ) -> Path:
     """Run the tasks, keep their headlines in `<eval_folder>/lmms-eval/headlines.json`; returns lmms-eval's
     results file (its sample logs lie beside it)."""
-    if importlib.util.find_spec("lmms_eval") is None:
-        raise ConfigError("lmms-eval tasks need lmms-eval: pip install 'mipha-lab[lmms-eval]'")
     out = eval_folder / "lmms-eval"
     out.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "lmms_eval", "--model", "mipha_lab"]

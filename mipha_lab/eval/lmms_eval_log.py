@@ -49,6 +49,7 @@ TASKS = {  # lmms-eval 0.7.3's tasks for the paper's benchmarks -> ours
     "textvqa_val": "textvqa",
     "mmbench_en_dev": "mmbench",
     "mmbench_en_dev_static": "mmbench",
+    "mmbench_cn_dev": "mmbench-cn",
 }
 UNSCORABLE = {
     "vqav2_val": "lmms-eval's vqav2_val logs neither the question id nor the ten answers; score VQAv2 val with "
@@ -203,6 +204,7 @@ SCORERS: dict[str, Callable[[list[Sample], Path | None], dict[str, Any]]] = {
     "scienceqa-img": _scienceqa,
     "textvqa": _textvqa,
     "mmbench": _mmbench,
+    "mmbench-cn": _mmbench,
 }
 
 

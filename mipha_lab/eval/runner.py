@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
-from mipha_lab.config import Experiment, HarnessConfig
+from mipha_lab.config import EvalConfig, Experiment, HarnessConfig
 from mipha_lab.data.templates import get_template
 from mipha_lab.distributed import Distributed
 from mipha_lab.errors import ConfigError
@@ -178,13 +179,27 @@ def write_summary(folder: Path, results: dict[str, dict[str, Any]]) -> None:
     print(table, end="")
 
 
+def check_eval(e: EvalConfig) -> None:
+    """The `eval:` block's names, checked before training: a typo must not cost a trained run."""
+    for name in e.benchmarks:
+        BENCHMARKS.get(name)  # an unknown name fails with suggestions
+    if e.harness is not None:
+        check_harness(e.harness)
+
+
+def check_harness(harness: HarnessConfig) -> None:
+    if importlib.util.find_spec("lmms_eval") is None:
+        raise ConfigError("lmms-eval tasks need lmms-eval: pip install 'mipha-lab[lmms-eval]'")
+    unknown = {task: name for task, name in harness.score_as.items() if name not in SCORERS}
+    if unknown:
+        raise ConfigError(f"eval.harness.score_as {unknown}: the official scorers here are {sorted(SCORERS)}")
+
+
 def run_lmms_eval(
     model: Path, harness: HarnessConfig, eval_folder: Path, *, batch_size: int, data_root: str | Path | None
 ) -> None:
     """lmms-eval's tasks on the model, then our official scorers on the logs of those that are our benchmarks."""
-    unknown = {task: name for task, name in harness.score_as.items() if name not in SCORERS}
-    if unknown:
-        raise ConfigError(f"eval.harness.score_as {unknown}: the official scorers here are {sorted(SCORERS)}")
+    check_harness(harness)
     results = run_harness(
         model, harness.tasks, eval_folder, batch_size=batch_size, include_path=harness.include_path, limit=harness.limit
     )
