@@ -64,14 +64,16 @@ def run_harness(
         found = _headline(figures)
         if found is not None:
             headlines[task] = {"metric": found[0], "value": found[1], "results": str(written[-1])}
-    (eval_folder / HEADLINES).write_text(json.dumps({**_read(eval_folder / HEADLINES), **headlines}, indent=2) + "\n")
+    kept = {**read_if_present(eval_folder / HEADLINES), **headlines}
+    (eval_folder / HEADLINES).write_text(json.dumps(kept, indent=2) + "\n")
     return written[-1]
 
 
 def harness_headlines(eval_folder: Path) -> dict[str, tuple[str, float]]:
     """{`task (lmms-eval)`: (metric, value)}, then {`task (lmms-eval answers, official scorer)`: ...} for the
     tasks our scorers read again (each beside its task), from a run's eval folder; {} without lmms-eval results."""
-    tables = [(_read(Path(eval_folder) / file), mark) for file, mark in ((HEADLINES, MARK), (OFFICIAL, OFFICIAL_MARK))]
+    marked = ((HEADLINES, MARK), (OFFICIAL, OFFICIAL_MARK))
+    tables = [(read_if_present(Path(eval_folder) / file), mark) for file, mark in marked]
     tasks = dict.fromkeys(task for rows, _ in tables for task in rows)
     return {
         task + mark: (rows[task]["metric"], rows[task]["value"])
@@ -81,5 +83,6 @@ def harness_headlines(eval_folder: Path) -> dict[str, tuple[str, float]]:
     }
 
 
-def _read(path: Path) -> dict[str, Any]:
+def read_if_present(path: Path) -> dict[str, Any]:
+    """A kept JSON table (headlines.json, official.json), {} before the first run wrote it."""
     return json.loads(path.read_text()) if path.is_file() else {}

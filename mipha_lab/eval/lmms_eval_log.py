@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from mipha_lab.eval.benchmarks import BENCHMARKS
-from mipha_lab.eval.harness import OFFICIAL
+from mipha_lab.eval.harness import OFFICIAL, read_if_present
 from mipha_lab.eval.scoring.answers import ScoreInputError, percent, read_json
 from mipha_lab.eval.scoring.gqa import gqa_prediction
 from mipha_lab.eval.scoring.mmbench import CIRCULAR, score_rows
@@ -251,6 +251,5 @@ def score_harness_logs(
         scored[task] = {"benchmark": name, "metric": metric, "value": value, "scores": scores, "samples": str(path)}
         log.info("%s: %s %s = %.2f by the official %s scorer", task, name, metric, value, name)
     file = eval_folder / OFFICIAL
-    previous = json.loads(file.read_text()) if file.is_file() else {}
-    file.write_text(json.dumps({**previous, **scored}, indent=2) + "\n")
+    file.write_text(json.dumps({**read_if_present(file), **scored}, indent=2) + "\n")
     return scored
